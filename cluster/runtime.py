@@ -1,0 +1,53 @@
+"""Ray runtime: a local Ray bound to 127.0.0.1 with its own temp dir, or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from engine.config import RayConfig
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+# Set before ray is imported anywhere in this process.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes a local node bind to 127.0.0.1
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: the repo on the path and quiet, bounded threading."""
+    keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def init(cfg: RayConfig) -> None:
+    """Start (or join) Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env()}
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        _temp_dir=cfg.temp_dir,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        logging_level="WARNING",
+    )
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,353 @@
+"""The one typed config schema: frozen dataclasses, loaded from YAML plus `key=value` overrides.
+
+Every field carries a docstring; every section checks itself in `__post_init__`. Unknown keys and
+bad values raise `ConfigError` naming the dotted field and what to do about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the field and the fix."""
+
+
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {msg}")
+
+
+MODES = ("letter", "per_choice")
+POOLS = ("last", "mean")
+LABEL_SOURCES = ("gold", "logit", "probe")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "arc_easy"
+    """Name used in reports and to pick a hub adapter ('arc_easy', 'arc_challenge', 'mmlu', 'aqua_rat')."""
+    source: str = "../shared/data/arc_easy"
+    """A local folder holding `<split>.jsonl` or `<split>.parquet` in the shared schema, or a hub id."""
+    hub_config: Optional[str] = None
+    """Hub dataset config name, e.g. 'ARC-Easy' for allenai/ai2_arc or 'all' for cais/mmlu."""
+    train_split: str = "train"
+    """Split the probes and the student are fitted on."""
+    validation_split: str = "validation"
+    """Split that picks the probe layer and C. Never used for the final numbers."""
+    test_split: str = "test"
+    """Split every reported accuracy is measured on."""
+    train_fraction: float = 1.0
+    """Fraction of the train split kept (stratified by answer, seeded): the data-limited setting."""
+    limit: Optional[int] = None
+    """Keep at most this many rows per split (first rows, before `train_fraction`). For smoke runs."""
+    max_train: Optional[int] = None
+    """Extract at most this many train rows: a seeded sample stratified by answer (null = all)."""
+    max_validation: Optional[int] = None
+    """Extract at most this many validation rows, sampled like `max_train`."""
+    max_test: Optional[int] = None
+    """Extract at most this many test rows, sampled like `max_train`."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.train_fraction <= 1.0, "data.train_fraction", "must be in (0, 1], e.g. 0.1")
+        for name in ("limit", "max_train", "max_validation", "max_test"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name}", "must be a positive int or null")
+        _check(bool(self.source), "data.source", "set a local folder or a hub id")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    mode: str = "per_choice"
+    """'letter': choices listed with labels, one state at 'Answer:'; 'per_choice': one sequence per choice."""
+    answer_format: str = " {letter}"
+    """How a choice label is written, with {letter} (A, B, ...) or {number} (1, 2, ...): ' {letter}',
+    '{letter}', '({letter})', '{number}.'. Letter mode scores the first token of ' '+label."""
+    pool: str = "last"
+    """Per-choice mode: the state at the choice's last token ('last') or the mean over its tokens ('mean')."""
+    max_length: int = 512
+    """Longest prompt in tokens; longer ones are cut from the left of the question."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in MODES, "prompt.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.pool in POOLS, "prompt.pool", f"must be one of {POOLS}, got {self.pool!r}")
+        _check(
+            ("{letter}" in self.answer_format) != ("{number}" in self.answer_format),
+            "prompt.answer_format",
+            "must contain exactly one of {letter} or {number}, e.g. ' {letter}'",
+        )
+        _check(self.max_length >= 16, "prompt.max_length", "must be at least 16")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "smollm2-135m-instruct"
+    """'smollm2-135m-instruct' (the packaged GGUF, converted once), a local HF folder, or a hub id."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    dtype: str = "bfloat16"
+    """Weights and compute dtype of the teacher forward."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    cache_dir: str = "~/.cache/probe-kd/models"
+    """Where converted models are cached."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "teacher.dtype", f"must be one of {DTYPES}")
+        _check(bool(self.model), "teacher.model", "name a model folder, hub id or 'smollm2-135m-instruct'")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    layers: tuple[int, ...] = ()
+    """Teacher layers to store, 1-based (layer i = output of block i). Empty: every layer."""
+    batch_size: int = 64
+    """Sequences per forward."""
+    chunk_rows: int = 1024
+    """Rows per Zarr chunk and per unit of work. Each actor writes whole chunks only."""
+    replicas: int = 1
+    """Teacher actors."""
+    cpus_per_replica: int = 2
+    """CPUs each teacher actor reserves (and torch threads it uses)."""
+    gpus_per_replica: float = 0
+    """GPUs each teacher actor reserves."""
+
+    def __post_init__(self) -> None:
+        _check(all(i >= 1 for i in self.layers), "extract.layers", "layers are 1-based, e.g. [8, 16, 24]")
+        _check(len(set(self.layers)) == len(self.layers), "extract.layers", "remove duplicate layers")
+        for name in ("batch_size", "chunk_rows", "replicas", "cpus_per_replica"):
+            _check(getattr(self, name) >= 1, f"extract.{name}", "must be >= 1")
+        _check(self.gpus_per_replica >= 0, "extract.gpus_per_replica", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    cs: tuple[float, ...] = (0.01,)
+    """Inverse regularisation strengths tried; the best (layer, C) on validation wins."""
+    folds: int = 5
+    """Cross-fitting folds: each train row is labelled by a probe that never saw it."""
+    max_iter: int = 300
+    """Solver iterations for logistic regression."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.cs) > 0 and all(c > 0 for c in self.cs), "probe.cs", "give positive values, e.g. [0.01, 0.1]")
+        _check(self.folds >= 2, "probe.folds", "must be >= 2")
+        _check(self.max_iter >= 1, "probe.max_iter", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    enabled: bool = True
+    """Score the teacher with vLLM on the test split and report its accuracy."""
+    max_questions: Optional[int] = None
+    """Score at most this many test questions (a seeded stratified sample); null scores them all."""
+    dtype: str = "bfloat16"
+    """vLLM dtype."""
+    tensor_parallel_size: int = 1
+    """GPUs vLLM shards the teacher over (1 on CPU)."""
+    kv_cache_gb: int = 2
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM may take on a GPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "baseline.dtype", f"must be one of {DTYPES}")
+        _check(self.tensor_parallel_size >= 1, "baseline.tensor_parallel_size", "must be >= 1")
+        _check(self.kv_cache_gb >= 1, "baseline.kv_cache_gb", "must be >= 1")
+        _check(self.max_questions is None or self.max_questions > 0, "baseline.max_questions", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "teacher"
+    """'teacher': the teacher's first `num_layers` blocks with a fresh head; else a local folder or hub id."""
+    num_layers: Optional[int] = 4
+    """Keep only the first N transformer blocks of the student model (null keeps all)."""
+    label_sources: tuple[str, ...] = ("gold", "logit", "probe")
+    """Supervision each trained student gets: 'gold', 'logit' (teacher scores) or 'probe'."""
+    soft: bool = True
+    """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
+    temperature: float = 1.0
+    """Softmax temperature for soft teacher/probe labels and the student's KL term."""
+    alpha: float = 1.0
+    """Weight of the teacher/probe term; (1 - alpha) goes to gold cross-entropy."""
+    epochs: int = 2
+    """Passes over the train split."""
+    batch_size: int = 16
+    """Questions per step, per worker."""
+    lr: float = 5e-5
+    """AdamW learning rate (linear warm-up over 10% of steps, then linear decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_length: int = 256
+    """Longest student input in tokens."""
+    num_workers: int = 1
+    """Ray Train workers (DDP)."""
+    cpus_per_worker: int = 2
+    """CPUs per Ray Train worker."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL) rather than CPUs (gloo)."""
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
+        _check(not bad and self.label_sources, "student.label_sources", f"choose from {LABEL_SOURCES}, got {bad}")
+        _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
+        _check(self.temperature > 0, "student.temperature", "must be > 0")
+        _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")
+        for name in ("epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
+            _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
+        _check(self.lr > 0, "student.lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None
+    """Cluster address ('auto' or 'ray://host:port'); null starts a local Ray bound to 127.0.0.1."""
+    num_cpus: Optional[int] = None
+    """CPUs of a local Ray (null: all)."""
+    temp_dir: str = "/tmp/probe-kd-ray"
+    """Temp dir of a local Ray."""
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = "runs/default"
+    """Where the run's store, probes, students and report go."""
+    seed: int = 0
+    """Seed for subsets, folds and student init."""
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out_dir), "out_dir", "set an output folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from plain data, with type checks
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, name + ".")
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), name, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key. Valid keys here: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        _check(isinstance(node, dict), dotted, "is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'student.epochs=3' -> ('student.epochs', 3). Values are parsed as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{text!r}: overrides are key=value, e.g. student.epochs=3")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    data = json.loads(json.dumps(data or {}))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return _build(Config, data)
+
+
+def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a YAML config and apply `key=value` overrides. Relative paths in it stay as written."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: no such file {str(p)!r}; pass a YAML file such as configs/default.yaml")
+        data = yaml.safe_load(p.read_text()) or {}
+        _check(isinstance(data, dict), "config", f"{p} must hold a YAML mapping")
+    return from_dict(data, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (or any JSON-able value)."""
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def store_identity(cfg: Config) -> dict:
+    """The fields that decide what an activation store holds. A store made under other values is refused."""
+    return {
+        "teacher.model": cfg.teacher.model,
+        "teacher.revision": cfg.teacher.revision,
+        "teacher.dtype": cfg.teacher.dtype,
+        "extract.layers": list(cfg.extract.layers),
+        "prompt": to_dict(cfg.prompt),
+        "data.dataset": cfg.data.dataset,
+        "data.source": cfg.data.source,
+        "data.hub_config": cfg.data.hub_config,
+        "data.limit": cfg.data.limit,
+        "data.max_train": cfg.data.max_train,
+        "data.max_validation": cfg.data.max_validation,
+        "data.max_test": cfg.data.max_test,
+        "seed": cfg.seed,
+        "extract.chunk_rows": cfg.extract.chunk_rows,
+    }

@@ -1,0 +1,101 @@
+"""Student label matrices: (Q, C_max) float32, each row summing to 1 over the question's present choices
+and 0 elsewhere. Sources: 'gold' (one-hot answers), 'logit' (the teacher's own choice scores) and
+'probe' (out-of-fold probe probabilities). Hard labels are the one-hot argmax of the soft ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.metrics import accuracy, softmax_rows
+
+SOURCES = ("gold", "logit", "probe")
+
+
+def _present(n_choices: np.ndarray, width: int) -> np.ndarray:
+    return np.arange(width)[None, :] < np.asarray(n_choices)[:, None]
+
+
+def _renorm(p: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """Zero absent choices and renormalise; a row with no mass becomes uniform over its present choices."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, None)
+    if present is None:
+        present = np.ones(p.shape, dtype=bool)
+    p = np.where(present, np.nan_to_num(p, nan=0.0, posinf=0.0), 0.0)
+    s = p.sum(axis=1, keepdims=True)
+    uniform = present / np.maximum(present.sum(axis=1, keepdims=True), 1)
+    return np.where(s > 0, p / np.where(s > 0, s, 1.0), uniform).astype(np.float32)
+
+
+def _fit_width(a: np.ndarray, width: int, fill: float) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape[1] >= width:
+        return a[:, :width]
+    return np.concatenate([a, np.full((len(a), width - a.shape[1]), fill)], axis=1)
+
+
+def gold_targets(answer: np.ndarray, n_choices: np.ndarray, width: int | None = None) -> np.ndarray:
+    """One-hot gold answers, (Q, width) float32 (width defaults to max n_choices)."""
+    answer, n_choices = np.asarray(answer, dtype=np.int64), np.asarray(n_choices, dtype=np.int64)
+    width = int(n_choices.max()) if width is None else int(width)
+    if len(answer) and (np.any(answer < 0) or np.any(answer >= n_choices) or np.any(n_choices > width)):
+        raise ValueError("gold_targets: every answer must index one of its question's choices, within width")
+    out = np.zeros((len(answer), width), dtype=np.float32)
+    out[np.arange(len(answer)), answer] = 1.0
+    return out
+
+
+def logit_targets(teacher_logp: np.ndarray, n_choices: np.ndarray | None = None) -> np.ndarray:
+    """Softmax of the teacher's choice log-scores over present choices (-inf marks absent ones)."""
+    z = np.asarray(teacher_logp, dtype=np.float64)
+    present = np.isfinite(z) if n_choices is None else _present(n_choices, z.shape[1])
+    return _renorm(softmax_rows(np.where(present, z, -np.inf)), present)
+
+
+def probe_targets(oof_probs: np.ndarray, n_choices: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold probe probabilities, renormalised over present choices."""
+    p = np.asarray(oof_probs, dtype=np.float64)
+    return _renorm(p, None if n_choices is None else _present(n_choices, p.shape[1]))
+
+
+def hard(targets: np.ndarray) -> np.ndarray:
+    """One-hot of each row's argmax (same shape, float32)."""
+    t = np.asarray(targets)
+    out = np.zeros(t.shape, dtype=np.float32)
+    if t.size:
+        out[np.arange(len(t)), t.argmax(axis=1)] = 1.0
+    return out
+
+
+def label_agreement(targets: np.ndarray, answer: np.ndarray) -> float:
+    """How often a label source's argmax is the gold answer: how clean the labels are on train."""
+    return accuracy(targets, answer)
+
+
+def make_targets(
+    source: str,
+    *,
+    answer: np.ndarray,
+    n_choices: np.ndarray,
+    teacher_logp: np.ndarray | None = None,
+    probe_probs: np.ndarray | None = None,
+    soft: bool = True,
+) -> np.ndarray:
+    """(Q, max n_choices) float32 labels from `source`; hard (one-hot argmax) unless `soft`. Gold is one-hot."""
+    n_choices = np.asarray(n_choices, dtype=np.int64)
+    width = int(n_choices.max()) if len(n_choices) else 0
+    if source == "gold":
+        return gold_targets(answer, n_choices, width)
+    if source == "logit":
+        if teacher_logp is None:
+            raise ValueError("make_targets('logit') needs teacher_logp")
+        t = logit_targets(_fit_width(teacher_logp, width, -np.inf), n_choices)
+    elif source == "probe":
+        if probe_probs is None:
+            raise ValueError("make_targets('probe') needs probe_probs")
+        t = probe_targets(_fit_width(probe_probs, width, 0.0), n_choices)
+    else:
+        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
+    if len(t) != len(n_choices):
+        raise ValueError(f"make_targets({source!r}): {len(t)} label rows for {len(n_choices)} questions")
+    return t if soft else hard(t)

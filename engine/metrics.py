@@ -1,0 +1,65 @@
+"""Metrics over (Q, C_max) choice-probability matrices: zeros (probs) or -inf (logits) mark absent choices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def accuracy(probs: np.ndarray, answer: np.ndarray) -> float:
+    """Fraction of rows whose argmax is the gold answer (nan for no rows). Ties go to the first choice."""
+    probs, answer = np.asarray(probs), np.asarray(answer)
+    if len(answer) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(probs, axis=1) == answer))
+
+
+def ece(probs: np.ndarray, answer: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error of the max-prob confidence, `n_bins` equal-width bins (lo, hi].
+
+    ECE = sum_b (n_b / N) |acc_b - conf_b|; a confidence of exactly 0 falls in the first bin.
+    """
+    probs, answer = np.asarray(probs, dtype=np.float64), np.asarray(answer)
+    if len(answer) == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == answer).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        m = bins == b
+        total += m.sum() * abs(correct[m].mean() - conf[m].mean())
+    return float(total / len(answer))
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row softmax over finite entries; -inf entries (absent choices) get 0. An all -inf row gives zeros."""
+    z = np.asarray(logits, dtype=np.float64)
+    finite = np.isfinite(z)
+    top = np.where(finite, z, -np.inf).max(axis=1, keepdims=True) if z.size else np.zeros((len(z), 1))
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(finite, np.exp(np.where(finite, z - top, 0.0)), 0.0)
+    s = e.sum(axis=1, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+def nll(probs: np.ndarray, answer: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-probability of the gold answer (clipped at `eps`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    p = probs[np.arange(len(answer)), np.asarray(answer)]
+    return float(-np.mean(np.log(np.maximum(p, eps))))
+
+
+def ci95(values) -> tuple[float, float]:
+    """(mean, half-width) of a t-based 95% interval over seeds; half-width 0 for a single value."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    mean = float(v.mean())
+    if len(v) == 1:
+        return mean, 0.0
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, half

@@ -1,0 +1,258 @@
+"""Linear probes on frozen teacher states: fitting, scoring, cross-fitting, selection and calibration.
+
+Two readouts, following `Sequences.mode`:
+
+* letter: one row per question; StandardScaler + multinomial logistic regression over the answer
+  index. A fold may lack some classes: `classes_` are mapped to their choice columns, absent choices
+  get 0 and each row is renormalised over the question's present choices.
+* per_choice: one row per (question, choice); StandardScaler + binary logistic regression on "this
+  row is the correct choice". A question's probabilities are the softmax over its rows'
+  `decision_function` values (a conditional-logit style readout).
+
+Cross-fitting splits QUESTIONS into folds (stratified by answer, seeded), so every row of a question
+is on the same side and a probe never labels a question it was fitted on. The (layer, C) is chosen on
+validation accuracy only; test accuracy is reported, never used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from engine.metrics import accuracy, softmax_rows
+from engine.sequences import Sequences
+
+
+def make_probe(C: float, max_iter: int, seed: int) -> Pipeline:
+    """StandardScaler + LogisticRegression (lbfgs; multinomial for more than two classes)."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+
+
+def question_folds(answer: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(Q,) fold id in [0, folds) per question, stratified by answer and seeded.
+
+    Each answer class is shuffled by `seed` and dealt round-robin, continuing where the previous
+    class stopped, so fold sizes differ by at most one overall and per class.
+    """
+    answer = np.asarray(answer)
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    if len(answer) < folds:
+        raise ValueError(f"{len(answer)} questions cannot fill {folds} folds; lower probe.folds")
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(answer), dtype=np.int64)
+    offset = 0
+    for cls in np.unique(answer):
+        members = rng.permutation(np.flatnonzero(answer == cls))
+        out[members] = (offset + np.arange(len(members))) % folds
+        offset = (offset + len(members)) % folds
+    return out
+
+
+def _rows_of(seqs: Sequences, questions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `questions` and, for each, the position of its question within `questions`."""
+    questions = np.asarray(questions, dtype=np.int64)
+    pos = np.full(seqs.n_questions, -1, dtype=np.int64)
+    pos[questions] = np.arange(len(questions))
+    rows = np.flatnonzero(pos[seqs.row_question] >= 0)
+    return rows, pos[seqs.row_question[rows]]
+
+
+def _all(seqs: Sequences, questions: np.ndarray | None) -> np.ndarray:
+    return np.arange(seqs.n_questions) if questions is None else np.asarray(questions, dtype=np.int64)
+
+
+def probe_targets_for_rows(seqs: Sequences, rows: np.ndarray) -> np.ndarray:
+    """Letter: the answer index of each row's question. Per-choice: 1 where the row is the gold choice."""
+    gold = seqs.answer[seqs.row_question[rows]]
+    if seqs.mode == "letter":
+        return gold.astype(np.int64)
+    return (seqs.row_choice[rows] == gold).astype(np.int64)
+
+
+def fit_probe(
+    X_rows: np.ndarray, seqs: Sequences, questions: np.ndarray | None, C: float, max_iter: int, seed: int
+) -> Pipeline:
+    """Fit a probe on the rows of `questions` (all questions when None); X_rows is (R, hidden) over all rows."""
+    rows, _ = _rows_of(seqs, _all(seqs, questions))
+    y = probe_targets_for_rows(seqs, rows)
+    if len(np.unique(y)) < 2:
+        raise ValueError(
+            f"probe: the {len(rows)} training rows hold a single class ({np.unique(y)}); "
+            "use more train questions or fewer folds"
+        )
+    probe = make_probe(C, max_iter, seed)
+    probe.fit(np.asarray(X_rows)[rows], y)
+    return probe
+
+
+def choice_probs(
+    probe: Pipeline, X_rows: np.ndarray, seqs: Sequences, questions: np.ndarray | None = None
+) -> np.ndarray:
+    """(Q_sel, C_max) choice probabilities of `questions` (all when None), zeros beyond n_choices."""
+    questions = _all(seqs, questions)
+    rows, pos = _rows_of(seqs, questions)
+    width = seqs.max_choices
+    present = np.arange(width)[None, :] < seqs.n_choices[questions][:, None]
+    X = np.asarray(X_rows)[rows]
+    if seqs.mode == "letter":
+        out = np.zeros((len(questions), width))
+        if len(rows):
+            proba = probe.predict_proba(X)
+            cols = np.asarray(probe.classes_, dtype=np.int64)
+            keep = cols < width
+            out[np.ix_(pos, cols[keep])] = proba[:, keep]
+        out = np.where(present, out, 0.0)
+        s = out.sum(axis=1, keepdims=True)
+        uniform = present / np.maximum(present.sum(axis=1, keepdims=True), 1)
+        return np.where(s > 0, out / np.where(s > 0, s, 1.0), uniform)
+    logits = np.full((len(questions), width), -np.inf)
+    if len(rows):
+        logits[pos, seqs.row_choice[rows]] = probe.decision_function(X)
+    return softmax_rows(np.where(present, logits, -np.inf))
+
+
+def fit_predict(
+    X_rows: np.ndarray, seqs: Sequences, fit_questions: np.ndarray, predict_questions: np.ndarray,
+    C: float, max_iter: int, seed: int,
+) -> np.ndarray:
+    """Fit on `fit_questions`, return choice probabilities of `predict_questions` (must not overlap)."""
+    overlap = np.intersect1d(fit_questions, predict_questions)
+    if len(overlap):
+        raise ValueError(f"fit and predict questions overlap ({len(overlap)} shared, e.g. {overlap[0]})")
+    probe = fit_probe(X_rows, seqs, fit_questions, C, max_iter, seed)
+    return choice_probs(probe, X_rows, seqs, predict_questions)
+
+
+@dataclass
+class ProbeResult:
+    """One (layer, C) job: validation picks, test reports."""
+
+    layer: int
+    C: float
+    val_acc: float
+    test_acc: float
+    val_probs: np.ndarray | None = field(default=None, repr=False)
+    test_probs: np.ndarray | None = field(default=None, repr=False)
+    fit_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("val_probs")
+        d.pop("test_probs")
+        return d
+
+
+def fit_and_score(
+    train_X: np.ndarray,
+    train_seqs: Sequences,
+    evals: dict[str, tuple[np.ndarray, Sequences]],
+    C: float,
+    max_iter: int,
+    seed: int,
+    train_questions: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fit on train (restricted to `train_questions`), score every eval split.
+
+    Returns {"C", "fit_seconds", "n_train", "acc": {split: float}, "probs": {split: (Q, C_max)}}.
+    """
+    t0 = time.perf_counter()
+    probe = fit_probe(train_X, train_seqs, train_questions, C, max_iter, seed)
+    fit_s = time.perf_counter() - t0
+    acc, probs = {}, {}
+    for name, (X, seqs) in evals.items():
+        p = choice_probs(probe, X, seqs).astype(np.float32)
+        probs[name] = p
+        acc[name] = accuracy(p, seqs.answer)
+    n_train = train_seqs.n_questions if train_questions is None else len(train_questions)
+    return {"C": float(C), "fit_seconds": fit_s, "n_train": int(n_train), "acc": acc, "probs": probs}
+
+
+def cross_fit(
+    X: np.ndarray, seqs: Sequences, C: float, max_iter: int, folds: int, seed: int,
+    questions: np.ndarray | None = None,
+) -> np.ndarray:
+    """Out-of-fold probabilities (Q_sel, C_max) for `questions` (all when None), in that order.
+
+    Question i is labelled by the probe fitted on the other folds' questions only.
+    """
+    questions = _all(seqs, questions)
+    fold = question_folds(seqs.answer[questions], folds, seed)
+    oof = np.zeros((len(questions), seqs.max_choices))
+    for k in range(folds):
+        held = fold == k
+        oof[held] = fit_predict(X, seqs, questions[~held], questions[held], C, max_iter, seed)
+    return oof
+
+
+def _get(r: Any, key: str) -> Any:
+    return r[key] if isinstance(r, dict) else getattr(r, key)
+
+
+def select_best(results) -> tuple[int, float]:
+    """(layer, C) with the best VALIDATION accuracy; ties -> smaller C, then shallower layer.
+
+    Reads only `layer`, `C` and `val_acc` of each result (dicts or `ProbeResult`s).
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("select_best: no probe results")
+    best = min(results, key=lambda r: (-float(_get(r, "val_acc")), float(_get(r, "C")), int(_get(r, "layer"))))
+    return int(_get(best, "layer")), float(_get(best, "C"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature scaling
+
+
+def _log_probs(probs_or_logits: np.ndarray, is_logits: bool | None) -> np.ndarray:
+    """Log-probabilities (-inf where absent) from probs (zeros absent) or logits (-inf absent)."""
+    a = np.asarray(probs_or_logits, dtype=np.float64)
+    if is_logits is None:
+        finite = np.isfinite(a).all()
+        is_logits = not (finite and a.min() >= 0 and a.max() <= 1 and np.allclose(a.sum(axis=1), 1, atol=1e-3))
+    p = softmax_rows(a) if is_logits else a
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def _scaled(logp: np.ndarray, T: float) -> np.ndarray:
+    return softmax_rows(logp / T)
+
+
+def fit_temperature(
+    probs_or_logits: np.ndarray, answer: np.ndarray, *, is_logits: bool | None = None,
+    bounds: tuple[float, float] = (0.05, 20.0),
+) -> float:
+    """Temperature T minimising the NLL of softmax(log p / T) on held-out (OOF) predictions.
+
+    Bounded scalar search over log T (the NLL is convex in 1/T). `is_logits=None` guesses: rows of
+    finite values in [0, 1] summing to 1 are probabilities, anything else logits.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logp = _log_probs(probs_or_logits, is_logits)
+    answer = np.asarray(answer, dtype=np.int64)
+    idx = np.arange(len(answer))
+    if len(answer) == 0:
+        return 1.0
+
+    def objective(log_t: float) -> float:
+        p = _scaled(logp, float(np.exp(log_t)))[idx, answer]
+        return float(-np.mean(np.log(np.maximum(p, 1e-12))))
+
+    res = minimize_scalar(objective, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                          options={"xatol": 1e-4})
+    t = float(np.exp(res.x))
+    return t if objective(np.log(t)) <= objective(0.0) else 1.0
+
+
+def apply_temperature(probs: np.ndarray, T: float) -> np.ndarray:
+    """p ** (1/T) renormalised over present (non-zero) choices; zeros stay zero."""
+    return _scaled(_log_probs(probs, False), T)

@@ -1,0 +1,368 @@
+"""The run report: one results dict in, `report.json`, `report.md` and `probe_accuracy.png` out.
+
+`results` is a plain JSON-able dict describing one pipeline run on a dataset's TEST split:
+
+    dataset, mode, teacher                      str                      required
+    splits            {split: n_questions}                               required
+    teacher_logit     {test_acc, test_acc_norm?, source?}                required: test_acc
+    probes            {per_layer: [{layer, C?, val_acc, test_acc}, ...],
+                       best: {layer, C?, val_acc, test_acc},
+                       oof_acc?, temperature?, ece_raw?, ece_calibrated?} required: per_layer, best
+    n_layers, config_hash, config, chance       optional (chance = mean of 1/n_choices on test)
+    vllm_baseline     {n_questions, test_acc, max_abs_diff_vs_transformers, tokens_per_s?} or null
+    labels            {source: {train_label_acc}}                        optional
+    students          [{source, test_acc, epochs?, train_seconds?}, ...] optional
+    timings           {stage: seconds, ..., total?}                      optional
+    versions          {package: version}                                 optional
+
+Accuracies are fractions in [0, 1]; the Markdown shows them as percentages with one decimal.
+`validate_results` raises `ValueError` naming the first missing or malformed key (dotted path).
+Every file is written atomically (a temp file in the same folder, then `os.replace`).
+The plot uses matplotlib's Agg canvas directly (no pyplot, no display, no global figure state).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_PNG = "probe_accuracy.png"
+
+_STR_KEYS = ("dataset", "mode", "teacher")
+_ENTRY_KEYS = ("layer", "val_acc", "test_acc")
+_MISSING = "—"
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"report results: {key}: {msg}")
+
+
+def _require(d: Mapping, key: str, where: str = "") -> Any:
+    name = f"{where}.{key}" if where else key
+    if key not in d:
+        _fail(name, "missing required key")
+    return d[key]
+
+
+def _is_num(x: Any) -> bool:
+    """int, float or a numpy scalar; never bool or str."""
+    if isinstance(x, (bool, str, bytes)):
+        return False
+    return isinstance(x, (int, float)) or hasattr(x, "__float__")
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    if not isinstance(entry, Mapping):
+        _fail(where, f"expected a dict, got {type(entry).__name__}")
+    for key in _ENTRY_KEYS:
+        value = _require(entry, key, where)
+        if value is not None and not _is_num(value):
+            _fail(f"{where}.{key}", f"expected a number, got {value!r}")
+
+
+def validate_results(results: Any) -> None:
+    """Check the keys the report needs; raise `ValueError` naming the first missing or malformed one."""
+    if not isinstance(results, Mapping):
+        raise ValueError(f"report results: expected a dict, got {type(results).__name__}")
+    for key in _STR_KEYS:
+        if not isinstance(_require(results, key), str):
+            _fail(key, "expected a string")
+    if not isinstance(_require(results, "splits"), Mapping):
+        _fail("splits", "expected a dict of split -> number of questions")
+    tl = _require(results, "teacher_logit")
+    if not isinstance(tl, Mapping):
+        _fail("teacher_logit", "expected a dict")
+    if not _is_num(_require(tl, "test_acc", "teacher_logit")):
+        _fail("teacher_logit.test_acc", "expected a number")
+    probes = _require(results, "probes")
+    if not isinstance(probes, Mapping):
+        _fail("probes", "expected a dict")
+    per_layer = _require(probes, "per_layer", "probes")
+    if not isinstance(per_layer, (list, tuple)) or not per_layer:
+        _fail("probes.per_layer", "expected a non-empty list of {layer, C, val_acc, test_acc}")
+    for i, entry in enumerate(per_layer):
+        _check_entry(entry, f"probes.per_layer[{i}]")
+    _check_entry(_require(probes, "best", "probes"), "probes.best")
+
+    vb = results.get("vllm_baseline")
+    if vb is not None:
+        if not isinstance(vb, Mapping):
+            _fail("vllm_baseline", "expected a dict or null")
+        for key in ("n_questions", "test_acc"):
+            _require(vb, key, "vllm_baseline")
+    students = results.get("students")
+    if students is not None:
+        if not isinstance(students, (list, tuple)):
+            _fail("students", "expected a list")
+        for i, s in enumerate(students):
+            if not isinstance(s, Mapping):
+                _fail(f"students[{i}]", "expected a dict")
+            _require(s, "source", f"students[{i}]")
+            _require(s, "test_acc", f"students[{i}]")
+    for key in ("labels", "timings", "versions", "config"):
+        if results.get(key) is not None and not isinstance(results[key], Mapping):
+            _fail(key, "expected a dict")
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def _finite(x: Any) -> float | None:
+    if x is None or not _is_num(x):
+        return None
+    f = float(x)
+    return f if math.isfinite(f) else None
+
+
+def fmt_pct(x: Any) -> str:
+    """0.5163 -> '51.6%'; None or non-finite -> '—'."""
+    f = _finite(x)
+    return _MISSING if f is None else f"{100.0 * f:.1f}%"
+
+
+def _fmt_num(x: Any, spec: str = "g") -> str:
+    if x is None:
+        return _MISSING
+    f = _finite(x)
+    if f is None:
+        return str(x) if not _is_num(x) else _MISSING
+    return format(f, spec)
+
+
+def _fmt_seconds(x: Any) -> str:
+    f = _finite(x)
+    if f is None:
+        return _MISSING
+    return f"{f:.1f} s" if f < 120 else f"{f:.1f} s ({f / 60:.1f} min)"
+
+
+def _cell(x: Any) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> list[str]:
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    sep = {"l": "---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(sep[a] for a in align) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def chosen_marker(layer: Any) -> str:
+    """How the chosen layer's cell reads in the per-layer table: '**18** ←'."""
+    return f"**{layer}** ←"
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def render_markdown(results: Mapping) -> str:
+    """The report as GitHub-flavoured Markdown; see the module docstring for the input."""
+    validate_results(results)
+    r = results
+    probes = r["probes"]
+    best = probes["best"]
+    tl = r["teacher_logit"]
+    lines: list[str] = [f"# Probe-KD report: {r['dataset']} ({r['mode']}), teacher {r['teacher']}", ""]
+
+    splits = ", ".join(f"{k} {v}" for k, v in r["splits"].items()) or _MISSING
+    meta = f"Questions used: {splits}."
+    if r.get("n_layers") is not None:
+        meta += f" Teacher layers: {r['n_layers']}."
+    lines += [meta + " All accuracies below are on the test split unless marked otherwise.", ""]
+
+    # 1. Teacher and probes.
+    lines += ["## Teacher and probes on test", ""]
+    rows: list[list[Any]] = [["Teacher logits", fmt_pct(tl["test_acc"]), tl.get("source") or ""]]
+    if tl.get("test_acc_norm") is not None:
+        rows.append(["Teacher logits, length-normalised", fmt_pct(tl["test_acc_norm"]), "per-token mean log-prob"])
+    vb = r.get("vllm_baseline")
+    if vb:
+        notes = [f"on {vb['n_questions']} test questions"]
+        if vb.get("max_abs_diff_vs_transformers") is not None:
+            notes.append(f"max abs diff vs transformers {_fmt_num(vb['max_abs_diff_vs_transformers'], '.2e')}")
+        if vb.get("tokens_per_s") is not None:
+            notes.append(f"{_fmt_num(vb['tokens_per_s'], '.1f')} tokens/s")
+        rows.append(["vLLM cross-check", fmt_pct(vb["test_acc"]), "; ".join(notes)])
+    rows.append([
+        f"Best probe (layer {best['layer']}, C={_fmt_num(best.get('C'))})",
+        fmt_pct(best["test_acc"]),
+        f"chosen on validation ({fmt_pct(best['val_acc'])})",
+    ])
+    if r.get("chance") is not None:
+        rows.append(["Chance", fmt_pct(r["chance"]), "mean of 1/n_choices"])
+    lines += _table(["", "accuracy", "note"], rows, ["l", "r", "l"]) + [""]
+
+    # 2. Probe accuracy by layer.
+    lines += ["## Probe accuracy by layer", "", f"![Probe accuracy by layer]({PLOT_PNG})", ""]
+    rows = []
+    for e in probes["per_layer"]:
+        layer = chosen_marker(e["layer"]) if e["layer"] == best["layer"] else str(e["layer"])
+        rows.append([layer, _fmt_num(e.get("C")), fmt_pct(e["val_acc"]), fmt_pct(e["test_acc"])])
+    lines += _table(["layer", "C", "validation", "test"], rows, ["l", "r", "r", "r"])
+    lines += ["", f"← marks the layer chosen on validation (layer {best['layer']}).", ""]
+
+    # 3. Students.
+    lines += ["## Students on test by label source", ""]
+    labels = r.get("labels") or {}
+    students = list(r.get("students") or [])
+    rows = []
+    for s in students:
+        lab = labels.get(s["source"]) or {}
+        rows.append([
+            s["source"], fmt_pct(lab.get("train_label_acc")), fmt_pct(s["test_acc"]),
+            _fmt_num(s.get("epochs")), _fmt_seconds(s.get("train_seconds")),
+        ])
+    seen = {s["source"] for s in students}
+    for source, lab in labels.items():
+        if source not in seen:
+            rows.append([source, fmt_pct((lab or {}).get("train_label_acc")), _MISSING, _MISSING, _MISSING])
+    if rows:
+        lines += _table(["source", "train-label accuracy", "student test accuracy", "epochs", "seconds"], rows)
+        lines += ["", "Train-label accuracy: how often that source's label equals the gold answer on train.", ""]
+    else:
+        lines += ["_No students were trained in this run._", ""]
+
+    # 4. Calibration.
+    lines += ["## Calibration", ""]
+    cal = [
+        ("Out-of-fold probe accuracy (train)", fmt_pct(probes.get("oof_acc")), probes.get("oof_acc")),
+        ("Temperature", _fmt_num(probes.get("temperature"), ".3f"), probes.get("temperature")),
+        ("ECE before calibration", fmt_pct(probes.get("ece_raw")), probes.get("ece_raw")),
+        ("ECE after calibration", fmt_pct(probes.get("ece_calibrated")), probes.get("ece_calibrated")),
+    ]
+    cal_rows = [[name, text] for name, text, raw in cal if raw is not None]
+    lines += (_table(["metric", "value"], cal_rows) if cal_rows else ["_No calibration recorded._"]) + [""]
+
+    # 5. Timings and provenance.
+    lines += ["## Timings", ""]
+    timings = dict(r.get("timings") or {})
+    total = timings.pop("total", None)
+    rows = [[stage, _fmt_seconds(sec)] for stage, sec in timings.items()]
+    if total is not None:
+        rows.append(["**total**", _fmt_seconds(total)])
+    lines += (_table(["stage", "seconds"], rows) if rows else ["_No timings recorded._"]) + [""]
+    lines.append(f"Config hash: `{r.get('config_hash') or _MISSING}`")
+    versions = r.get("versions") or {}
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def _plot_png_bytes(results: Mapping, *, dpi: int = 120, figsize: tuple[float, float] = (8.0, 4.5)) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    probes = results["probes"]
+    best = probes["best"]
+    entries = sorted(probes["per_layer"], key=lambda e: e["layer"])
+    layers = [e["layer"] for e in entries]
+
+    def ys(key: str) -> list[float]:
+        return [math.nan if _finite(e.get(key)) is None else float(e[key]) for e in entries]
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(layers, ys("val_acc"), linestyle="--", marker=".", color="tab:blue", alpha=0.45,
+            label="probe (validation)")
+    ax.plot(layers, ys("test_acc"), linestyle="-", marker="o", markersize=4, color="tab:blue", label="probe (test)")
+    teacher = _finite(results["teacher_logit"]["test_acc"])
+    if teacher is not None:
+        ax.axhline(teacher, color="tab:red", linewidth=1.5, label=f"teacher logits (test) {fmt_pct(teacher)}")
+    chance = _finite(results.get("chance"))
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle=":", linewidth=1.5, label=f"chance {fmt_pct(chance)}")
+    best_test = _finite(best["test_acc"])
+    ax.axvline(best["layer"], color="tab:orange", alpha=0.3, linewidth=6)
+    if best_test is not None:
+        ax.plot([best["layer"]], [best_test], marker="*", markersize=16, color="tab:orange",
+                markeredgecolor="black", linestyle="none",
+                label=f"chosen layer {best['layer']} (test {fmt_pct(best_test)})")
+    ax.set_xlabel("teacher layer")
+    ax.set_ylabel("accuracy")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"Probe accuracy by layer: {results['dataset']} ({results['mode']}), {results['teacher']}")
+    ax.legend(loc="best", fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    fig.clear()
+    return buf.getvalue()
+
+
+def plot_probe_accuracy(results: Mapping, path: str | Path) -> Path:
+    """Probe test (solid) and validation (dashed) accuracy by layer, teacher and chance lines, chosen layer starred."""
+    validate_results(results)
+    path = Path(path)
+    _atomic_write(path, _plot_png_bytes(results))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays to Python, tuples to lists, non-finite floats to null."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy scalar or array
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_report(results: Mapping, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and probe_accuracy.png into out_dir.
+
+    Returns {"json": ..., "markdown": ..., "plot": ...}. Validates before writing anything.
+    """
+    validate_results(results)
+    out = Path(out_dir)
+    paths = {"json": out / REPORT_JSON, "markdown": out / REPORT_MD, "plot": out / PLOT_PNG}
+    text = json.dumps(_jsonable(results), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    md = render_markdown(results)
+    png = _plot_png_bytes(results)
+    _atomic_write(paths["json"], text.encode())
+    _atomic_write(paths["plot"], png)
+    _atomic_write(paths["markdown"], md.encode())
+    return paths

@@ -1,0 +1,140 @@
+"""Token sequences for teacher and student: one row per question (letter) or per choice (per-choice).
+
+Rows are what the activation store indexes. In letter mode row q is question q and the state is read
+at its last token. In per-choice mode the rows of a question are its choices in order, and each row's
+continuation (the choice text) starts at `start[r]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import PromptConfig
+from engine.prompts import answer_texts, letter_prompt, per_choice_texts
+from engine.tasks import Example
+
+
+@dataclass
+class Sequences:
+    mode: str
+    ids: list[np.ndarray]
+    """Token ids of each row."""
+    start: np.ndarray
+    """(R,) index of the first scored token of each row: the choice text, or len(ids) in letter mode."""
+    row_question: np.ndarray
+    """(R,) question index of each row."""
+    row_choice: np.ndarray
+    """(R,) choice index of each row (0 in letter mode)."""
+    n_choices: np.ndarray
+    """(Q,) choices per question."""
+    answer: np.ndarray
+    """(Q,) gold answer index per question."""
+    letter_ids: np.ndarray
+    """(C_max,) token id of each choice label in letter mode; empty in per-choice mode."""
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_question)
+
+    @property
+    def n_questions(self) -> int:
+        return len(self.answer)
+
+    @property
+    def max_choices(self) -> int:
+        return int(self.n_choices.max()) if len(self.n_choices) else 0
+
+    @property
+    def score_width(self) -> int:
+        """Teacher scores per row: label log-probs (letter) or [log-likelihood, tokens] (per-choice)."""
+        return self.max_choices if self.mode == "letter" else 2
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def rows_view(self, lo: int, hi: int) -> Sequences:
+        """Rows lo:hi with question-level arrays kept whole: the unit of work of an extraction chunk."""
+        return Sequences(
+            mode=self.mode,
+            ids=self.ids[lo:hi],
+            start=self.start[lo:hi],
+            row_question=self.row_question[lo:hi],
+            row_choice=self.row_choice[lo:hi],
+            n_choices=self.n_choices,
+            answer=self.answer,
+            letter_ids=self.letter_ids,
+        )
+
+    def select(self, questions: np.ndarray) -> Sequences:
+        """The rows of the given questions, renumbered 0..len(questions)-1."""
+        questions = np.asarray(questions, dtype=np.int64)
+        remap = np.full(self.n_questions, -1, dtype=np.int64)
+        remap[questions] = np.arange(len(questions))
+        rows = np.flatnonzero(remap[self.row_question] >= 0)
+        rows = rows[np.argsort(remap[self.row_question[rows]], kind="stable")]
+        return Sequences(
+            mode=self.mode,
+            ids=[self.ids[r] for r in rows],
+            start=self.start[rows],
+            row_question=remap[self.row_question[rows]],
+            row_choice=self.row_choice[rows],
+            n_choices=self.n_choices[questions],
+            answer=self.answer[questions],
+            letter_ids=self.letter_ids,
+        )
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def letter_token_ids(tokenizer, n: int, answer_format: str) -> np.ndarray:
+    """First token of each label as written after 'Answer:'. Labels must differ in that token."""
+    ids = [(_encode(tokenizer, t, False) or [-1])[0] for t in answer_texts(n, answer_format)]
+    if len(set(ids)) != len(ids) or -1 in ids:
+        raise ValueError(
+            f"prompt.answer_format: {answer_format!r} gives labels whose first tokens collide "
+            f"({ids}); pick a format whose labels tokenize apart, e.g. ' {{letter}}'"
+        )
+    return np.asarray(ids, dtype=np.int64)
+
+
+def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) -> Sequences:
+    """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix."""
+    ids: list[np.ndarray] = []
+    start, row_q, row_c = [], [], []
+    for q, ex in enumerate(examples):
+        if prompt.mode == "letter":
+            seq = _encode(tokenizer, letter_prompt(ex, prompt.answer_format), True)[-prompt.max_length :]
+            ids.append(np.asarray(seq, dtype=np.int64))
+            start.append(len(seq))
+            row_q.append(q)
+            row_c.append(0)
+            continue
+        prefix_text, conts = per_choice_texts(ex)
+        prefix = _encode(tokenizer, prefix_text, True)
+        for c, cont_text in enumerate(conts):
+            cont = _encode(tokenizer, cont_text, False)[: prompt.max_length - 1]
+            keep = prefix[-(prompt.max_length - len(cont)) :]
+            ids.append(np.asarray(keep + cont, dtype=np.int64))
+            start.append(len(keep))
+            row_q.append(q)
+            row_c.append(c)
+    n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
+    letters = (
+        letter_token_ids(tokenizer, int(n_choices.max()), prompt.answer_format)
+        if prompt.mode == "letter" and len(examples)
+        else np.zeros(0, dtype=np.int64)
+    )
+    return Sequences(
+        mode=prompt.mode,
+        ids=ids,
+        start=np.asarray(start, dtype=np.int64),
+        row_question=np.asarray(row_q, dtype=np.int64),
+        row_choice=np.asarray(row_c, dtype=np.int64),
+        n_choices=n_choices,
+        answer=np.asarray([ex.answer for ex in examples], dtype=np.int64),
+        letter_ids=letters,
+    )

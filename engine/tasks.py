@@ -1,0 +1,336 @@
+"""Multiple-choice tasks: local files or hub datasets, mapped onto one schema, validated, subsetted.
+
+Every row ends up in the shared schema of shared/data/README.md:
+
+    {"id": str, "question": str, "choices": [str, ...], "answer": int (0-based), "subject": str | null}
+
+A local folder holds `<split>.jsonl`, `<split>.json` or `<split>.parquet` already in that schema.
+Anything else in `data.source` is a hub id, read with HF `datasets` and mapped by an adapter
+('arc', 'mmlu', 'aqua_rat'). Bad rows raise `DataError` naming the file and line, the field and
+the fix. `datasets` is imported only when a split is read, so `Example` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from engine.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Example:
+    """One multiple-choice question in the shared schema."""
+
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    """0-based index of the correct choice."""
+    subject: Optional[str] = None
+
+
+class DataError(ValueError):
+    """A data file or row is wrong; the message names the file (and line), the field and the fix."""
+
+
+def _bad(where: str, name: str, problem: str, fix: str) -> DataError:
+    return DataError(f"{where}: field {name!r}: {problem}; {fix}")
+
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+REQUIRED = ("id", "question", "choices", "answer")
+LOCAL_HINT = (
+    "local files must be in the shared schema (id, question, choices, answer, subject; see "
+    "shared/data/README.md). Hub-shaped rows (answerKey, options, ...) are mapped only when "
+    "data.source is a hub id"
+)
+
+# Which adapter maps a hub dataset, by data.dataset or data.source.
+ADAPTERS = {
+    "arc": ("arc", "arc_easy", "arc_challenge", "ai2_arc", "allenai/ai2_arc"),
+    "mmlu": ("mmlu", "cais/mmlu"),
+    "aqua_rat": ("aqua_rat", "deepmind/aqua_rat"),
+}
+# Hub config used when data.hub_config is null, by (data.source, data.dataset).
+DEFAULT_HUB_CONFIGS = {
+    ("allenai/ai2_arc", "arc_easy"): "ARC-Easy",
+    ("allenai/ai2_arc", "arc_challenge"): "ARC-Challenge",
+    ("cais/mmlu", "mmlu"): "all",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a split
+
+
+def load_split(data: DataConfig, split: str) -> list[Example]:
+    """Read one split as validated `Example`s, in file order, cut to `data.limit` rows.
+
+    `data.source` is a local folder holding `<split>.jsonl|.json|.parquet` in the shared schema,
+    or a hub id read with `datasets.load_dataset(source, hub_config, split=split)` and mapped
+    through the adapter that `data.dataset`/`data.source` names. Raises `DataError` on bad input.
+    """
+    folder = Path(data.source).expanduser()
+    if folder.is_dir():
+        path = _split_file(folder, split)
+        rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json(path)
+        hint = LOCAL_HINT
+    elif folder.exists() or data.source.startswith((".", "/", "~")):
+        what = "is a file" if folder.exists() else "does not exist"
+        raise DataError(
+            f"data.source: {data.source!r} {what}; point it at a folder holding <split>.jsonl or "
+            f"<split>.parquet (relative paths are relative to the working directory), or give a hub id"
+        )
+    else:
+        rows = _read_hub(data, split)
+        hint = f"the hub rows of {data.source!r} did not map onto the shared schema"
+    examples = _validate(rows, hint)
+    return examples[: data.limit] if data.limit is not None else examples
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    for suffix in SUFFIXES:
+        path = folder / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    present = sorted(p.name for p in folder.iterdir() if p.is_file()) or ["(no files)"]
+    raise DataError(
+        f"{folder}: no file for split {split!r} (looked for {', '.join(split + s for s in SUFFIXES)}); "
+        f"files there: {', '.join(present)}. Set data.train_split/validation_split/test_split "
+        f"to a split that exists"
+    )
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) pairs from JSON lines, or from one JSON array in a .json file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the JSON array") from exc
+        return [(f"{path} item {i}", row) for i, row in enumerate(rows, start=1)]
+    out = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                f"each line must hold one complete JSON object"
+            ) from exc
+    return out
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) pairs read through HF datasets; its cache lives in a temp dir, not by the data."""
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="probe-kd-datasets-") as cache:
+        ds = datasets.load_dataset(
+            "parquet", data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
+        )
+        rows = ds.to_list()
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def pick_adapter(dataset: str, source: str) -> str:
+    """The hub adapter ('arc', 'mmlu' or 'aqua_rat') for a dataset name or hub id; else DataError."""
+    for key in (dataset, source):
+        for adapter, names in ADAPTERS.items():
+            if key.lower() in names:
+                return adapter
+    known = sorted(n for names in ADAPTERS.values() for n in names)
+    raise DataError(
+        f"data.dataset: no hub adapter for dataset {dataset!r} / source {source!r}; supported names: "
+        f"{', '.join(known)}. For other data, write <split>.jsonl in the shared schema to a local "
+        f"folder and set data.source to it"
+    )
+
+
+def _read_hub(data: DataConfig, split: str) -> list[tuple[str, Any]]:
+    """Rows of a hub split, mapped onto the shared schema by the dataset's adapter."""
+    import datasets
+
+    adapter = pick_adapter(data.dataset, data.source)
+    config = data.hub_config or DEFAULT_HUB_CONFIGS.get((data.source, data.dataset))
+    try:
+        ds = datasets.load_dataset(data.source, config, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"data.source: could not load {data.source!r} (config {config!r}, split {split!r}) from "
+            f"the hub: {type(exc).__name__}: {exc}. Check the hub id, data.hub_config and the split "
+            f"names, or point data.source at a local folder"
+        ) from exc
+    where = f"{data.source} ({config}) split {split!r}"
+    return [(f"{where} row {i + 1}", adapt_row(adapter, row, i, split)) for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub adapters: one hub row -> one shared-schema dict
+
+
+def adapt_row(adapter: str, row: dict, index: int, split: str) -> dict:
+    """Map one hub row onto the shared schema. `index` is 0-based and names rows that have no id.
+
+    'arc'      allenai/ai2_arc: {id, question, choices: {text, label}, answerKey}
+    'mmlu'     cais/mmlu: {question, subject, choices, answer}; id '<subject>/<split>/<index>'
+    'aqua_rat' deepmind/aqua_rat: {question, options: ['A)..', ...], rationale, correct};
+               id 'aqua_rat/<split>/<index>'
+    """
+    if adapter not in ADAPTERS:
+        raise DataError(f"adapter {adapter!r} is unknown; supported adapters: {', '.join(ADAPTERS)}")
+    where = f"{adapter} adapter, split {split!r} row {index + 1}"
+
+    def get(name: str) -> Any:
+        if name not in row:
+            fix = f"the {adapter!r} adapter expects {ADAPTERS[adapter][-1]} rows; check data.dataset"
+            raise _bad(where, name, "missing", fix)
+        return row[name]
+
+    if adapter == "arc":
+        return _adapt_arc(get, where)
+    if adapter == "mmlu":
+        subject = get("subject")
+        return {"id": f"{subject}/{split}/{index}", "question": get("question"),
+                "choices": list(get("choices")), "answer": get("answer"), "subject": subject}
+    return _adapt_aqua(get, where, f"aqua_rat/{split}/{index}")
+
+
+def _adapt_arc(get: Any, where: str) -> dict:
+    choices = get("choices")
+    if not isinstance(choices, dict) or "text" not in choices or "label" not in choices:
+        raise _bad(where, "choices", f"{choices!r} is not {{'text': [...], 'label': [...]}}",
+                   "pass allenai/ai2_arc rows")
+    labels, key = list(choices["label"]), get("answerKey")
+    if key not in labels:
+        raise _bad(where, "answerKey", f"{key!r} is not one of the labels {labels}",
+                   "answerKey must name one of the row's choice labels")
+    return {"id": get("id"), "question": get("question"), "choices": list(choices["text"]),
+            "answer": labels.index(key), "subject": None}
+
+
+def _adapt_aqua(get: Any, where: str, id_: str) -> dict:
+    texts = []
+    for i, option in enumerate(get("options")):
+        letter, sep, text = str(option).partition(")")
+        expected = "ABCDE"[i : i + 1] or "?"
+        if not sep or letter.strip() != expected:
+            raise _bad(where, "options", f"option {i} is {option!r}",
+                       f"options are written '{expected})text', lettered A to E in order")
+        texts.append(text.strip())
+    correct = get("correct")
+    if correct not in list("ABCDE"[: len(texts)]):
+        raise _bad(where, "correct", f"{correct!r} is not one of the option letters",
+                   "give the letter of the right option, e.g. 'C'")
+    return {"id": id_, "question": get("question"), "choices": texts,
+            "answer": "ABCDE".index(correct), "subject": None, "rationale": get("rationale")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: shared-schema dicts -> Examples
+
+
+def _validate(rows: list[tuple[str, Any]], hint: str) -> list[Example]:
+    examples: list[Example] = []
+    first_seen: dict[str, str] = {}
+    for where, row in rows:
+        ex = _example(row, where, hint)
+        if ex.id in first_seen:
+            raise _bad(where, "id", f"{ex.id!r} is already used at {first_seen[ex.id]}",
+                       "ids must be unique within a split")
+        first_seen[ex.id] = where
+        examples.append(ex)
+    return examples
+
+
+def _example(row: Any, where: str, hint: str) -> Example:
+    """Check one shared-schema row and build its Example. Extra fields are ignored."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {', '.join(REQUIRED)}, got {type(row).__name__}")
+    for name in REQUIRED:
+        if name not in row:
+            raise _bad(where, name, "missing", hint)
+    id_, question, choices, answer = (row[k] for k in REQUIRED)
+    subject = row.get("subject")
+    if not isinstance(id_, str) or not id_.strip():
+        raise _bad(where, "id", f"{id_!r} is not a non-empty string", "give every row a unique string id")
+    if not isinstance(question, str) or not question.strip():
+        raise _bad(where, "question", f"{question!r} is not a non-empty string", "give the question text")
+    if not isinstance(choices, (list, tuple)):
+        raise _bad(where, "choices", f"{type(choices).__name__} {choices!r} is not a list", "give a list of choice strings")
+    if len(choices) < 2:
+        raise _bad(where, "choices", f"has {len(choices)} choice(s)", "give at least 2 choices")
+    for j, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice.strip():
+            raise _bad(where, "choices", f"choice {j} is {choice!r}", "every choice must be a non-empty string")
+    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
+        raise _bad(where, "answer", f"{answer!r} ({type(answer).__name__}) is not an integer",
+                   "answers are 0-based int indices into 'choices' (e.g. 2, not 'C' or '2')")
+    if not 0 <= answer < len(choices):
+        raise _bad(where, "answer", f"{answer} is out of range for {len(choices)} choices",
+                   "answers are 0-based indices into 'choices'")
+    if subject is not None and not isinstance(subject, str):
+        raise _bad(where, "subject", f"{subject!r} is not a string", "give a string or null")
+    return Example(id=id_, question=question, choices=tuple(choices), answer=int(answer), subject=subject)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets
+
+
+def stratified_subset(answers: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of size round(fraction * n), stratified by answer value.
+
+    Every present class keeps at least one row. Each class is shuffled once by `seed`, and rows
+    are taken in one fixed order (Webster apportionment: a class's k-th row comes at priority
+    n_class / (2k + 1)), so a subset is always a prefix of that order: smaller fractions with the
+    same seed give subsets of larger ones. fraction 1.0 returns every index.
+    """
+    answers = np.asarray(answers)
+    n = len(answers)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0 or n == 0:
+        return np.arange(n)
+    _, cls, counts = np.unique(answers, return_inverse=True, return_counts=True)
+    cls = cls.reshape(-1)
+    size = min(n, max(round(fraction * n), len(counts)))
+    rng = np.random.default_rng(seed)
+    rank = np.empty(n, dtype=np.int64)
+    for c in range(len(counts)):
+        rank[rng.permutation(np.flatnonzero(cls == c))] = np.arange(counts[c])
+    priority = np.where(rank == 0, np.inf, counts[cls] / (2 * rank + 1))
+    order = np.lexsort((rank, cls, -priority))
+    return np.sort(order[:size])
+
+
+def select_train(examples: list[Example], data: DataConfig, seed: int) -> list[Example]:
+    """The train rows kept under `data.train_fraction`, stratified by answer and seeded."""
+    if data.train_fraction >= 1.0:
+        return list(examples)
+    idx = stratified_subset(np.array([ex.answer for ex in examples]), data.train_fraction, seed)
+    return [examples[i] for i in idx]
+
+
+ROLES = ("train", "validation", "test")
+
+
+def load_role(data: DataConfig, role: str, seed: int) -> list[Example]:
+    """The split playing `role` ('train', 'validation' or 'test'), cut to `data.max_<role>` rows by a
+    seeded sample stratified by answer (rows keep their file order)."""
+    split = getattr(data, f"{role}_split")
+    examples = load_split(data, split)
+    cap = getattr(data, f"max_{role}")
+    if cap is None or cap >= len(examples):
+        return examples
+    idx = stratified_subset(np.array([ex.answer for ex in examples]), cap / len(examples), seed)
+    return [examples[i] for i in idx]

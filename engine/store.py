@@ -89,7 +89,9 @@ def create_or_resume(path: str | Path, identity: dict, meta: dict, splits: dict[
             g.create_array(key, data=getattr(seqs, key).astype(np.int64))
         g.create_array("answer", data=seqs.answer.astype(np.int64))
         g.create_array("n_choices", data=seqs.n_choices.astype(np.int64))
-        g.create_array("ids", data=np.asarray(ids, dtype=str))
+        g.create_array("ids", shape=(len(ids),), dtype=str)
+        if len(ids):
+            g["ids"][:] = np.asarray(ids, dtype=object)
         g.create_array("done", shape=(n_chunks(seqs.n_rows, chunk_rows),), chunks=(1,), dtype=bool, fill_value=False)
         g.attrs["letter_ids"] = [int(x) for x in seqs.letter_ids]
     root.attrs.update({"format": FORMAT, "identity": identity, "complete": False, **meta})
@@ -110,6 +112,11 @@ def write_chunk(part: str | Path, split: str, chunk: int, states: np.ndarray, sc
 
 def mark_done(part: str | Path, split: str, chunk: int) -> None:
     zarr.open_group(str(part), mode="r+")[split]["done"][chunk] = True
+
+
+def set_attr(part: str | Path, key: str, value) -> None:
+    """Record a fact about a store still being built (not allowed once committed)."""
+    zarr.open_group(str(part), mode="r+").attrs[key] = value
 
 
 def done_mask(part: str | Path, split: str) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""The `distill` CLI: bad input fails early with one clear error and writes nothing; the tiny config
+runs end to end through local Ray, Zarr, vLLM and Ray Train, all real."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zarr
+
+from cluster.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copy_split_files(shared_data: Path, dest: Path, n: int = 30) -> Path:
+    dest.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        lines = (shared_data / "arc_easy" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (dest / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not (out / "activations.zarr").exists()
+    assert not (out / "activations.zarr.partial").exists()
+
+
+def _fails(capsys, argv: list[str], pattern: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("distill: error:") == 1, err
+
+
+    assert re.search(pattern, err), err
+    return err
+
+
+def test_malformed_row(tmp_path, shared_data, tiny_model, capsys):
+    data = _copy_split_files(shared_data, tmp_path / "data")
+    lines = (data / "train.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:-5]  # cut the closing of the JSON object
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    _fails(capsys, ["run", "configs/tiny.yaml", f"data.source={data}", f"teacher.model={tiny_model}", f"out_dir={out}"],
+           r"train\.jsonl:5: not valid JSON")
+    _assert_nothing_written(out)
+
+
+def test_answer_out_of_range(tmp_path, shared_data, tiny_model, capsys):
+    data = _copy_split_files(shared_data, tmp_path / "data")
+    lines = (data / "test.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    row["answer"] = len(row["choices"])
+    lines[2] = json.dumps(row)
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    _fails(capsys, ["extract", "configs/tiny.yaml", f"data.source={data}", f"teacher.model={tiny_model}", f"out_dir={out}"],
+           r"test\.jsonl:3: field 'answer': \d is out of range")
+    _assert_nothing_written(out)
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    _fails(capsys, ["run", "configs/tiny.yaml", "student.epoch=2", f"out_dir={tmp_path}"],
+           r"student\.epoch: unknown key\. Valid keys here: .*epochs")
+    _assert_nothing_written(tmp_path)
+
+
+def test_missing_model_path(tmp_path, capsys):
+    _fails(capsys, ["run", "configs/tiny.yaml", "teacher.model=/nonexistent/model", f"out_dir={tmp_path}"],
+           r"teacher\.model: no model folder at '/nonexistent/model'")
+    _assert_nothing_written(tmp_path)
+
+
+def test_layers_beyond_the_teacher(tmp_path, tiny_model, capsys):
+    _fails(capsys, ["extract", "configs/tiny.yaml", "extract.layers=[2, 9]", f"teacher.model={tiny_model}", f"out_dir={tmp_path}"],
+           r"extract\.layers: \[9\] exceed the teacher's 4 layers")
+    _assert_nothing_written(tmp_path)
+
+
+def _distill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_config_end_to_end(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    res = _distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("[extract] committed", "[probes] best on validation", "[baseline] vLLM teacher accuracy",
+                  "[train] student[probe] test accuracy", "[report] wrote"):
+        assert stage in res.stdout, stage
+
+    report = json.loads((out / "report.json").read_text())
+    assert [s["source"] for s in report["students"]] == ["gold", "logit", "probe"]
+    assert all(0.0 <= s["test_acc"] <= 1.0 for s in report["students"])
+    assert report["labels"]["gold"]["train_label_acc"] == 1.0
+    assert [p["layer"] for p in report["probes"]["per_layer"]] == [1, 2, 3, 4]
+    assert report["probes"]["best"]["layer"] in (1, 2, 3, 4)
+    assert report["splits"] == {"train": 40, "validation": 20, "test": 24, "train_used": 40}
+    assert report["vllm_baseline"]["n_questions"] == 8
+    assert report["vllm_baseline"]["max_abs_diff_vs_transformers"] < 1e-3  # fp32 vLLM == fp32 transformers
+    assert (out / "report.md").read_text().startswith("# Probe-KD report")
+    assert (out / "probe_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    root = zarr.open_group(str(out / "activations.zarr"), mode="r")
+    assert root.attrs["complete"] and root.attrs["config_hash"] == report["config_hash"]
+    assert root.attrs["identity"]["extract.layers"] == [1, 2, 3, 4]
+    acts = root["test"]["activations"]
+    assert acts.dtype == "float16" and acts.shape[1:] == (4, 128) and acts.chunks[0] == 32
+    assert root["test"]["done"][:].all()
+    assert not (out / "activations.zarr.partial").exists()
+
+    # A second run reuses every artifact; a run whose store would differ is refused, naming the field.
+    again = _distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[probe] reusing" in again.stdout and "[train] reusing" in again.stdout
+    assert json.loads((out / "report.json").read_text())["students"] == report["students"]
+    refused = _distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")
+    assert refused.returncode == 2
+    assert "extract.layers: store has [1, 2, 3, 4], config has [1, 2]" in refused.stderr
+    shutil.rmtree(out / "ray_train", ignore_errors=True)

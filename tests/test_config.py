@@ -1,0 +1,54 @@
+import pytest
+
+from engine.config import Config, ConfigError, config_hash, from_dict, load, parse_override, store_identity
+
+
+def test_defaults_and_shipped_configs_load():
+    assert isinstance(from_dict({}), Config)
+    for name in ("default", "tiny"):
+        cfg = load(f"configs/{name}.yaml")
+        assert cfg.prompt.mode == "per_choice"
+
+
+def test_overrides_are_typed():
+    cfg = load("configs/default.yaml", ["student.epochs=3", "extract.layers=[2, 4]", "probe.cs=[0.1,1]", "data.max_test=null"])
+    assert cfg.student.epochs == 3
+    assert cfg.extract.layers == (2, 4)
+    assert cfg.probe.cs == (0.1, 1.0)
+    assert cfg.data.max_test is None
+    assert parse_override("a.b=x y") == ("a.b", "x y")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("student.epoch=1", r"student\.epoch: unknown key\. Valid keys here: .*epochs"),
+        ("bogus=1", r"bogus: unknown key"),
+        ("student.epochs=x", r"student\.epochs: must be an integer"),
+        ("prompt.mode=letters", r"prompt\.mode: must be one of"),
+        ("data.train_fraction=0", r"data\.train_fraction: must be in \(0, 1\]"),
+        ("prompt.answer_format=A", r"prompt\.answer_format: must contain exactly one of"),
+        ("extract.layers=[0]", r"extract\.layers: layers are 1-based"),
+        ("student.label_sources=[teacher]", r"student\.label_sources: choose from"),
+        ("student=3", r"student: must be a mapping"),
+        ("noequals", r"overrides are key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load("configs/default.yaml", [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load("configs/nope.yaml")
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load("configs/default.yaml"), load("configs/default.yaml")
+    assert config_hash(a) == config_hash(b)
+    c = load("configs/default.yaml", ["student.epochs=9"])
+    assert config_hash(a) != config_hash(c)
+    # the store identity ignores what does not change the activations
+    assert store_identity(a) == store_identity(c)
+    assert store_identity(a) != store_identity(load("configs/default.yaml", ["extract.layers=[3]"]))

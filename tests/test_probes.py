@@ -1,0 +1,369 @@
+"""Probes, cross-fitting, selection, calibration, metrics and labels on synthetic data; one Ray sweep.
+
+Activations are Gaussian noise with a planted signal (a shift along one direction on the correct
+choice's row, or a class mean per answer in letter mode). The module takes ~15-25 s on 2 cores, most
+of it the Ray test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.estimator_checks import check_estimator
+
+from engine import labels as lb
+from engine import probes as pr
+from engine.config import ProbeConfig
+from engine.metrics import accuracy, ci95, ece, nll, softmax_rows
+from engine.sequences import Sequences
+from engine.tasks import stratified_subset
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def make_seqs(mode: str, n_choices, answer) -> Sequences:
+    n_choices, answer = np.asarray(n_choices, np.int64), np.asarray(answer, np.int64)
+    q = len(answer)
+    if mode == "letter":
+        row_q, row_c = np.arange(q), np.zeros(q, np.int64)
+    else:
+        row_q = np.repeat(np.arange(q), n_choices)
+        row_c = np.concatenate([np.arange(n) for n in n_choices])
+    rows = len(row_q)
+    return Sequences(
+        mode=mode, ids=[np.zeros(1, np.int64)] * rows, start=np.zeros(rows, np.int64), row_question=row_q,
+        row_choice=row_c, n_choices=n_choices, answer=answer,
+        letter_ids=np.arange(int(n_choices.max())) if mode == "letter" else np.zeros(0, np.int64),
+    )
+
+
+def random_questions(q: int, rng, choices=(3, 4, 5)) -> tuple[np.ndarray, np.ndarray]:
+    n = rng.choice(choices, size=q)
+    return n, (rng.random(q) * n).astype(np.int64)
+
+
+def planted(seqs: Sequences, dim: int, strength: float, rng) -> np.ndarray:
+    """(rows, dim) noise; the gold row is shifted along e0 (per-choice) or by a class mean (letter)."""
+    X = rng.standard_normal((seqs.n_rows, dim)).astype(np.float32)
+    if strength == 0:
+        return X
+    if seqs.mode == "letter":
+        # class means fixed across calls, so every split shares the same signal
+        means = np.random.default_rng(1234).standard_normal((5, dim)) * strength / np.sqrt(dim) * 2
+        return (X + means[seqs.answer[seqs.row_question]]).astype(np.float32)
+    gold = seqs.row_choice == seqs.answer[seqs.row_question]
+    X[gold, 0] += strength
+    return X
+
+
+def check_prob_rows(p: np.ndarray, n_choices: np.ndarray) -> None:
+    present = np.arange(p.shape[1])[None, :] < n_choices[:, None]
+    assert np.all(p[~present] == 0)
+    assert np.all(p >= 0)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# make_probe, question_folds
+
+
+def test_make_probe_is_an_sklearn_estimator():
+    probe = make = pr.make_probe(0.5, 123, 7)
+    params = make.get_params()
+    assert params["logisticregression__C"] == 0.5 and params["logisticregression__max_iter"] == 123
+    assert params["logisticregression__random_state"] == 7
+    assert clone(probe).get_params()["logisticregression__C"] == 0.5
+    # sklearn's Pipeline fits its steps in place (no clone without `memory`); that is its documented
+    # design, and make_probe builds fresh steps on every call, so no fitted state is ever shared.
+    in_place = "Pipeline fits its steps in place by design"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_estimator(
+            pr.make_probe(1.0, 200, 0),
+            expected_failed_checks={"check_estimators_overwrite_params": in_place,
+                                    "check_dont_overwrite_parameters": in_place},
+        )
+    assert pr.make_probe(1.0, 200, 0).steps[1][1] is not pr.make_probe(1.0, 200, 0).steps[1][1]
+
+
+def test_question_folds_stratified_and_deterministic():
+    rng = np.random.default_rng(0)
+    answer = rng.integers(0, 4, size=203)
+    f = pr.question_folds(answer, 5, seed=3)
+    assert f.shape == (203,) and set(f.tolist()) == set(range(5))
+    np.testing.assert_array_equal(f, pr.question_folds(answer, 5, seed=3))
+    assert not np.array_equal(f, pr.question_folds(answer, 5, seed=4))
+    sizes = np.bincount(f, minlength=5)
+    assert sizes.max() - sizes.min() <= 1
+    for c in range(4):
+        per = np.bincount(f[answer == c], minlength=5)
+        assert per.max() - per.min() <= 1, (c, per)
+    with pytest.raises(ValueError):
+        pr.question_folds(answer[:3], 5, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes learn a planted signal
+
+
+@pytest.mark.parametrize("mode", ["per_choice", "letter"])
+def test_probe_learns_planted_signal(mode):
+    rng = np.random.default_rng(1)
+    n, a = random_questions(400, rng)
+    seqs = make_seqs(mode, n, a)
+    X = planted(seqs, 12, 3.0, rng)
+    train, held = np.arange(300), np.arange(300, 400)
+    probe = pr.fit_probe(X, seqs, train, C=1.0, max_iter=300, seed=0)
+    p = pr.choice_probs(probe, X, seqs, held)
+    assert p.shape == (100, 5)
+    check_prob_rows(p, n[held])
+    chance = float(np.mean(1.0 / n[held]))
+    acc = accuracy(p, a[held])
+    assert acc > chance + 0.35, (acc, chance)
+    # all questions, in order, equal the per-question selection
+    np.testing.assert_allclose(pr.choice_probs(probe, X, seqs)[held], p, atol=1e-12)
+    # a selection in another order follows that order
+    np.testing.assert_allclose(pr.choice_probs(probe, X, seqs, held[::-1]), p[::-1], atol=1e-12)
+
+
+def test_letter_probe_missing_classes_in_fit():
+    rng = np.random.default_rng(2)
+    n, a = random_questions(200, rng)
+    seqs = make_seqs("letter", n, a)
+    X = planted(seqs, 8, 3.0, rng)
+    fit_q = np.flatnonzero(a < 3)  # classes 3 and 4 never seen
+    probe = pr.fit_probe(X, seqs, fit_q, C=1.0, max_iter=300, seed=0)
+    assert list(probe.classes_) == [0, 1, 2]
+    p = pr.choice_probs(probe, X, seqs)
+    check_prob_rows(p, n)
+    assert np.all(p[:, 3:] == 0)
+
+
+def test_cross_fit_never_sees_own_question(monkeypatch):
+    rng = np.random.default_rng(3)
+    n, a = random_questions(60, rng)
+    seqs = make_seqs("per_choice", n, a)
+    X = planted(seqs, 6, 2.0, rng)
+    subset = np.sort(rng.choice(60, size=45, replace=False))
+    fits, preds = [], []
+    real_fit, real_probs = pr.fit_probe, pr.choice_probs
+
+    def spy_fit(X_rows, s, questions, *args, **kw):
+        fits.append(np.asarray(questions).copy())
+        return real_fit(X_rows, s, questions, *args, **kw)
+
+    def spy_probs(probe, X_rows, s, questions=None):
+        preds.append(np.asarray(questions).copy())
+        return real_probs(probe, X_rows, s, questions)
+
+    monkeypatch.setattr(pr, "fit_probe", spy_fit)
+    monkeypatch.setattr(pr, "choice_probs", spy_probs)
+    oof = pr.cross_fit(X, seqs, C=1.0, max_iter=200, folds=3, seed=0, questions=subset)
+    assert oof.shape == (45, 5) and len(fits) == len(preds) == 3
+    check_prob_rows(oof, n[subset])
+    for fitted, predicted in zip(fits, preds):
+        assert not set(fitted) & set(predicted)
+        assert set(fitted) | set(predicted) == set(subset)  # only the selected questions are used
+    labelled = np.concatenate(preds)
+    assert sorted(labelled.tolist()) == sorted(subset.tolist())  # each exactly once
+
+
+def test_cross_fit_cannot_memorise():
+    """Pure-noise states, random answers: an in-sample fit memorises (~100%), OOF stays near chance."""
+    rng = np.random.default_rng(4)
+    q = 80
+    seqs = make_seqs("letter", np.full(q, 4), rng.integers(0, 4, q))
+    X = rng.standard_normal((q, 120)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe = pr.fit_probe(X, seqs, None, C=1e4, max_iter=500, seed=0)
+        in_sample = accuracy(pr.choice_probs(probe, X, seqs), seqs.answer)
+        oof = pr.cross_fit(X, seqs, C=1e4, max_iter=500, folds=4, seed=0)
+    assert in_sample > 0.95
+    assert accuracy(oof, seqs.answer) < 0.5
+
+
+def test_fit_and_score_and_fit_predict_overlap():
+    rng = np.random.default_rng(5)
+    n, a = random_questions(150, rng)
+    seqs = make_seqs("per_choice", n, a)
+    X = planted(seqs, 8, 3.0, rng)
+    ev = make_seqs("per_choice", *random_questions(50, rng))
+    Xe = planted(ev, 8, 3.0, rng)
+    out = pr.fit_and_score(X, seqs, {"validation": (Xe, ev)}, 1.0, 200, 0, train_questions=np.arange(100))
+    assert out["n_train"] == 100 and out["acc"]["validation"] > 0.7
+    assert out["probs"]["validation"].shape == (50, ev.max_choices) and out["fit_seconds"] >= 0
+    with pytest.raises(ValueError, match="overlap"):
+        pr.fit_predict(X, seqs, np.arange(10), np.arange(5, 15), 1.0, 100, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and calibration
+
+
+def test_select_best_uses_validation_only():
+    results = [
+        {"layer": 4, "C": 0.1, "val_acc": 0.50, "test_acc": 0.90},
+        {"layer": 8, "C": 0.1, "val_acc": 0.60, "test_acc": 0.40},
+        {"layer": 12, "C": 0.1, "val_acc": 0.55, "test_acc": 0.95},
+    ]
+    assert pr.select_best(results) == (8, 0.1)
+    # test scores cannot move the choice: drop them, or swap them around
+    assert pr.select_best([{k: v for k, v in r.items() if k != "test_acc"} for r in results]) == (8, 0.1)
+    swapped = [dict(r, test_acc=1.0 - r["test_acc"]) for r in results]
+    assert pr.select_best(swapped) == (8, 0.1)
+    # ties: smaller C first, then shallower layer; ProbeResult objects work too
+    ties = [
+        pr.ProbeResult(layer=8, C=1.0, val_acc=0.6, test_acc=0.9),
+        pr.ProbeResult(layer=12, C=0.01, val_acc=0.6, test_acc=0.1),
+        pr.ProbeResult(layer=6, C=0.01, val_acc=0.6, test_acc=0.2),
+    ]
+    assert pr.select_best(ties) == (6, 0.01)
+    assert "val_probs" not in ties[0].summary()
+
+
+def test_temperature_fixes_overconfidence():
+    rng = np.random.default_rng(6)
+    q = 3000
+    n = rng.choice([3, 4, 5], size=q)
+    present = np.arange(5)[None, :] < n[:, None]
+    z = np.where(present, rng.standard_normal((q, 5)) * 1.5, -np.inf)
+    true_p = softmax_rows(z)
+    answer = np.array([rng.choice(5, p=row) for row in true_p])
+    over = softmax_rows(3.0 * z)  # over-confident by a factor 3
+    T = pr.fit_temperature(over, answer)
+    assert 2.4 < T < 3.6, T
+    assert T == pytest.approx(pr.fit_temperature(3.0 * z, answer), rel=1e-2)  # logits give the same T
+    cal = pr.apply_temperature(over, T)
+    check_prob_rows(cal, n)
+    assert nll(cal, answer) < nll(over, answer) - 0.05
+    assert ece(cal, answer) < ece(over, answer) / 2
+    np.testing.assert_array_equal(cal.argmax(1), over.argmax(1))
+    np.testing.assert_allclose(pr.apply_temperature(over, 1.0), over, atol=1e-12)
+    # already calibrated -> T near 1
+    assert 0.8 < pr.fit_temperature(true_p, answer) < 1.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and labels
+
+
+def test_metrics_hand_cases():
+    p = np.array([[0.9, 0.1], [0.6, 0.4]])
+    assert accuracy(p, np.array([0, 0])) == 1.0 and accuracy(p, np.array([0, 1])) == 0.5
+    # bins of width 0.1: |1 - 0.9| and |0 - 0.6|
+    assert ece(p, np.array([0, 1]), n_bins=10) == pytest.approx((0.1 + 0.6) / 2)
+    # one bin: |acc 0.5 - conf 0.75|
+    assert ece(p, np.array([0, 1]), n_bins=1) == pytest.approx(0.25)
+    assert ece(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
+    s = softmax_rows(np.array([[0.0, 0.0, -np.inf], [-np.inf] * 3, [1000.0, -np.inf, 1000.0], [0.0, np.log(3), -np.inf]]))
+    np.testing.assert_allclose(s, [[0.5, 0.5, 0], [0, 0, 0], [0.5, 0, 0.5], [0.25, 0.75, 0]], atol=1e-12)
+    assert ci95([0.7]) == (0.7, 0.0)
+    mean, half = ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
+
+
+def test_labels_each_source():
+    answer, n = np.array([0, 2, 1]), np.array([3, 5, 2])
+    gold = lb.gold_targets(answer, n, 5)
+    np.testing.assert_array_equal(gold, np.eye(5, dtype=np.float32)[answer])
+    for soft in (True, False):
+        np.testing.assert_array_equal(lb.make_targets("gold", answer=answer, n_choices=n, soft=soft), gold)
+
+    logp = np.array([[0.0, np.log(3), -1.0, -np.inf, -np.inf],
+                     [-1.0, -2.0, 0.0, -0.5, -3.0],
+                     [-0.1, -2.0, -np.inf, -np.inf, -np.inf]])
+    soft = lb.make_targets("logit", answer=answer, n_choices=n, teacher_logp=logp, soft=True)
+    assert soft.dtype == np.float32 and soft.shape == (3, 5)
+    check_prob_rows(soft, n)
+    np.testing.assert_allclose(soft[0, :3], np.exp([0, np.log(3), -1]) / np.exp([0, np.log(3), -1]).sum(), rtol=1e-6)
+    hard = lb.make_targets("logit", answer=answer, n_choices=n, teacher_logp=logp, soft=False)
+    np.testing.assert_array_equal(hard.argmax(1), [1, 2, 0])
+    np.testing.assert_array_equal(hard.sum(1), 1.0)
+    assert lb.label_agreement(soft, answer) == pytest.approx(1 / 3)
+
+    probs = np.array([[0.2, 0.2, 0.4, 0, 0], [0.1, 0.1, 0.5, 0.2, 0.1], [0.3, 0.6, 0.1, 0, 0]])
+    pt = lb.make_targets("probe", answer=answer, n_choices=n, probe_probs=probs, soft=True)
+    check_prob_rows(pt, n)
+    np.testing.assert_allclose(pt[0, :3], [0.25, 0.25, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(pt[2, :2], [1 / 3, 2 / 3], rtol=1e-6)  # choice 2 of a 2-choice question dropped
+    np.testing.assert_array_equal(lb.hard(pt).argmax(1), [2, 2, 1])
+    assert lb.label_agreement(lb.hard(pt), answer) == pytest.approx(2 / 3)
+    # narrower probe matrices are padded
+    assert lb.make_targets("probe", answer=answer, n_choices=n, probe_probs=probs[:, :3], soft=True).shape == (3, 5)
+    with pytest.raises(ValueError):
+        lb.make_targets("probe", answer=answer, n_choices=n, soft=True)
+    with pytest.raises(ValueError):
+        lb.make_targets("teacher", answer=answer, n_choices=n, soft=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray sweep over a tiny store
+
+
+def build_store(path: str, mode: str, layers: list[int], signal_layer: int, sizes: dict[str, int], seed: int = 0):
+    from engine.store import commit, create_or_resume, mark_done, n_chunks, write_chunk
+
+    rng = np.random.default_rng(seed)
+    dim, chunk_rows = 16, 64
+    data = {}
+    for split, q in sizes.items():
+        seqs = make_seqs(mode, *random_questions(q, rng))
+        states = np.stack([planted(seqs, dim, 3.0 if layer == signal_layer else 0.0, rng) for layer in layers], 1)
+        data[split] = (seqs, states.astype(np.float16))
+    identity = {"extract.chunk_rows": chunk_rows}
+    splits = {s: (seqs, [f"{s}-{i}" for i in range(seqs.n_questions)], len(layers), dim) for s, (seqs, _) in data.items()}
+    part = create_or_resume(path, identity, {"layers": layers}, splits)
+    for split, (seqs, states) in data.items():
+        for c in range(n_chunks(seqs.n_rows, chunk_rows)):
+            lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, seqs.n_rows)
+            write_chunk(part, split, c, states[lo:hi], np.zeros((hi - lo, seqs.score_width), np.float32))
+            mark_done(part, split, c)
+    commit(path)
+    return {s: seqs for s, (seqs, _) in data.items()}
+
+
+def test_run_probe_sweep_on_ray(tmp_path, capsys):
+    import ray
+
+    from cluster.probes import run_probe_sweep
+
+    store = str(tmp_path / "store")
+    seqs = build_store(store, "per_choice", [2, 5], 5, {"train": 90, "validation": 40, "test": 40})
+    train_q = stratified_subset(seqs["train"].answer, 0.8, seed=0)
+    temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+    try:
+        out = run_probe_sweep(store, "per_choice", [2, 5], [0.1], ProbeConfig(cs=(0.1,), folds=3, max_iter=200),
+                              seed=0, train_questions=train_q)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert "[probes] 2/2 layer" in capsys.readouterr().out
+    assert out["best"]["layer"] == 5 and out["best"]["C"] == 0.1
+    by_layer = {r["layer"]: r for r in out["per_layer"]}
+    assert by_layer[5]["val_acc"] > by_layer[2]["val_acc"] and by_layer[5]["val_acc"] > 0.7
+    np.testing.assert_array_equal(out["train_questions"], train_q)
+    tr = seqs["train"]
+    assert out["oof_probs"].shape == out["oof_probs_raw"].shape == (len(train_q), tr.max_choices)
+    check_prob_rows(out["oof_probs_raw"], tr.n_choices[train_q])  # every train question got a label
+    check_prob_rows(out["oof_probs"], tr.n_choices[train_q])
+    assert out["oof_acc"] == pytest.approx(accuracy(out["oof_probs_raw"], tr.answer[train_q]))
+    assert out["oof_acc"] > 0.6 and out["temperature"] > 0
+    assert out["test_probs"].shape == (40, seqs["test"].max_choices)
+    assert 0 <= out["ece_calibrated"] <= 1 and 0 <= out["ece_raw"] <= 1

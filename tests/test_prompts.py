@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from engine import artifacts
+from engine.config import PromptConfig
+from engine.prompts import answer_texts, choice_label, letter_prompt, per_choice_texts
+from engine.sequences import build_sequences
+from engine.store import StoreError
+from engine.tasks import Example
+
+EX = Example(id="q1", question=" Which is a gas? ", choices=("rock", "steam", "ice"), answer=1)
+
+
+@pytest.mark.parametrize(
+    "fmt, label, listed",
+    [(" {letter}", " B", "B. steam"), ("{letter}", "B", "B. steam"), ("({letter})", "(B)", "(B) steam"), ("{number}.", "2.", "2. steam")],
+)
+def test_answer_formats(fmt, label, listed):
+    assert choice_label(1, fmt) == label
+    text = letter_prompt(EX, fmt)
+    assert text.startswith("Question: Which is a gas?\n") and text.endswith("\nAnswer:")
+    assert listed in text.splitlines()
+    assert answer_texts(3, fmt)[1] == label
+
+
+def test_per_choice_texts():
+    prefix, conts = per_choice_texts(EX)
+    assert prefix == "Question: Which is a gas?\nAnswer:"
+    assert conts == [" rock", " steam", " ice"]
+
+
+def test_sequences_rows_and_truncation(tiny_model):
+    from engine.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    long = Example(id="q2", question="why " * 300, choices=("a b c", "d"), answer=0)
+    seqs = build_sequences([EX, long], tok, PromptConfig(mode="per_choice", max_length=64))
+    assert seqs.n_rows == 5 and list(seqs.row_question) == [0, 0, 0, 1, 1]
+    assert seqs.lengths().max() <= 64
+    # the choice text survives truncation; the question loses tokens from its left
+    r = 3
+    assert tok.decode(seqs.ids[r][seqs.start[r]:]) == " a b c"
+    sub = seqs.select(np.array([1]))
+    assert sub.n_questions == 1 and sub.n_rows == 2 and list(sub.row_question) == [0, 0]
+    letter = build_sequences([EX], tok, PromptConfig(mode="letter"))
+    assert letter.n_rows == 1 and len(letter.letter_ids) == 3 and letter.start[0] == len(letter.ids[0])
+
+
+def test_artifacts_commit_reuse_and_refuse(tmp_path):
+    where = tmp_path / "probes"
+    assert artifacts.load(where, {"a": 1}) is None
+    artifacts.save(where, {"a": 1}, {"acc": 0.5}, {"probs": np.eye(3)})
+    meta, arrays = artifacts.load(where, {"a": 1})
+    assert meta["acc"] == 0.5 and np.array_equal(arrays["probs"], np.eye(3))
+    with pytest.raises(StoreError, match="a: store has 1, config has 2"):
+        artifacts.load(where, {"a": 2})
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        artifacts.save(where, {"a": 1}, {}, {})
+    # object arrays (pickles) are never written or read
+    with pytest.raises(ValueError):
+        artifacts.save(tmp_path / "bad", {}, {}, {"x": np.array([{"k": 1}], dtype=object)})

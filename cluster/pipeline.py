@@ -1,12 +1,14 @@
 """The stages of a run, each reading the config, calling `engine`, and committing its artifact.
 
     extract   -> <out>/activations.zarr          teacher states + teacher scores (Ray actors)
-    probe     -> <out>/probes/                    per-layer sweep, OOF labels (Ray tasks)
-    baseline  -> <out>/baseline/                  teacher scored by vLLM (Ray actor)
-    train     -> <out>/students/<source>/         one student per label source (Ray Train)
+    probe     -> <out>/probes-<id>/               per-layer sweep, OOF labels (Ray tasks)
+    baseline  -> <out>/baseline-<id>/             teacher scored by vLLM (Ray actor)
+    train     -> <out>/students/<source>-<id>/    one student per label source (Ray Train)
     report    -> <out>/report.{json,md} + probe_accuracy.png
 
-A stage whose artifact exists under the same identity is reused; under another, it is refused.
+<id> hashes the artifact's identity (the config fields that decide its content), so variants sit side
+by side over one activation store and an existing artifact is reused, never overwritten. The store
+itself is one per out_dir: a config that would change it is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def _probe_identity(cfg: Config) -> dict:
 def probe(run: Run) -> tuple[dict, dict]:
     from cluster.probes import run_probe_sweep
 
-    cfg, where = run.cfg, run.out / "probes"
+    cfg = run.cfg
+    where = run.out / f"probes-{config_hash(_probe_identity(cfg))[:8]}"
     found = artifacts.load(where, _probe_identity(cfg))
     if found:
         log("probe", f"reusing {where}")
@@ -144,7 +147,8 @@ def baseline(run: Run) -> dict | None:
     """Score test questions with the teacher in vLLM; compare with the extraction forward's scores."""
     from cluster.baseline import score_sequences
 
-    cfg, where = run.cfg, run.out / "baseline"
+    cfg = run.cfg
+    where = run.out / f"baseline-{config_hash(_baseline_identity(cfg))[:8]}"
     if not cfg.baseline.enabled:
         return None
     found = artifacts.load(where, _baseline_identity(cfg))
@@ -202,7 +206,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
     train_seqs, test_seqs = run.seqs["train"].select(tq), run.seqs["test"]
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
-        where = run.out / "students" / source
+        where = run.out / "students" / f"{source}-{config_hash(_student_identity(cfg, source))[:8]}"
         found = artifacts.load(where, _student_identity(cfg, source))
         if found:
             log("train", f"reusing {where}")
@@ -219,7 +223,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
         log("train", f"student on {source} labels ({len(tq)} questions; labels agree with gold {label_acc:.1%})")
         res = train_student(
             cfg, source=source, model_dir=run.model_path, train=train_seqs, targets=targets, test=test_seqs,
-            pad_id=run.tokenizer.pad_token_id, storage_dir=str((run.out / "ray_train").resolve()),
+            pad_id=run.tokenizer.pad_token_id, storage_dir=str((run.out / "ray_train" / where.name).resolve()),
         )
         meta = {
             "source": source, "test_acc": float(res["test_accuracy"]), "train_label_acc": label_acc,

@@ -264,6 +264,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
         return float(value)
     if tp is str:

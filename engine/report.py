@@ -192,6 +192,8 @@ def render_markdown(results: Mapping) -> str:
         notes = [f"on {vb['n_questions']} test questions"]
         if vb.get("max_abs_diff_vs_transformers") is not None:
             notes.append(f"max abs diff vs transformers {_fmt_num(vb['max_abs_diff_vs_transformers'], '.2e')}")
+        if vb.get("transformers_test_acc_same_questions") is not None:
+            notes.append(f"transformers on the same questions {fmt_pct(vb['transformers_test_acc_same_questions'])}")
         if vb.get("tokens_per_s") is not None:
             notes.append(f"{_fmt_num(vb['tokens_per_s'], '.1f')} tokens/s")
         rows.append(["vLLM cross-check", fmt_pct(vb["test_acc"]), "; ".join(notes)])
@@ -342,6 +344,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -16,6 +16,7 @@ def test_overrides_are_typed():
     assert cfg.extract.layers == (2, 4)
     assert cfg.probe.cs == (0.1, 1.0)
     assert cfg.data.max_test is None
+    assert load("configs/default.yaml", ["student.lr=3e-4"]).student.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
     assert parse_override("a.b=x y") == ("a.b", "x y")
 
 

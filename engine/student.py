@@ -405,6 +405,12 @@ def make_scheduler(
     return scheduler
 
 
+def _batch_loss(model: nn.Module, batch: Batch, device, *, soft: bool, temperature: float, alpha: float) -> torch.Tensor:
+    inputs = batch.to(device)
+    logits = model(**inputs.model_inputs())
+    return student_loss(logits, inputs.targets, inputs.gold, soft=soft, temperature=temperature, alpha=alpha)
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -421,9 +427,7 @@ def train_epoch(
     model.train()
     total, count = 0.0, 0
     for batch in batches:
-        batch = batch.to(device)
-        logits = model(**batch.model_inputs())
-        loss = student_loss(logits, batch.targets, batch.gold, soft=soft, temperature=temperature, alpha=alpha)
+        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm is not None:
@@ -445,9 +449,7 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        batch = batch.to(device)
-        logits = model(**batch.model_inputs())
-        loss = student_loss(logits, batch.targets, batch.gold, soft=soft, temperature=temperature, alpha=alpha)
+        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha)
         total += float(loss) * batch.size
         count += batch.size
     model.train(was)

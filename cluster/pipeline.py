@@ -169,8 +169,7 @@ def baseline(run: Run) -> dict | None:
         vllm_logp = res.scores
     else:
         vllm_logp = teacher_choice_logprobs(sub, np.stack([res.scores, sub.lengths() - sub.start], 1))
-    view = store.read_split(store.open_store(run.store_path, store_identity(cfg)), "test", cfg.prompt.mode)
-    hf_logp = teacher_choice_logprobs(view.seqs, view.scores())[qs][:, : vllm_logp.shape[1]]
+    hf_logp = teacher_logp(run, "test")[0][qs][:, : vllm_logp.shape[1]]
     present = np.isfinite(vllm_logp)
     meta = {
         "n_questions": int(len(qs)),
@@ -188,9 +187,10 @@ def baseline(run: Run) -> dict | None:
     return meta
 
 
-def teacher_logp(run: Run, role: str) -> tuple[np.ndarray, Sequences]:
+def teacher_logp(run: Run, role: str, *, normalise: bool = False) -> tuple[np.ndarray, Sequences]:
+    """(Q, C) teacher log-scores per choice from the store's scores, and the split's row metadata."""
     view = store.read_split(store.open_store(run.store_path, store_identity(run.cfg)), role, run.cfg.prompt.mode)
-    return teacher_choice_logprobs(view.seqs, view.scores()), view.seqs
+    return teacher_choice_logprobs(view.seqs, view.scores(), normalise=normalise), view.seqs
 
 
 def _student_identity(cfg: Config, source: str) -> dict:
@@ -202,7 +202,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
 
     cfg, out = run.cfg, []
     tq = run.train_questions
-    train_logp, train_meta = teacher_logp(run, "train")
+    train_logp, _ = teacher_logp(run, "train")
     train_seqs, test_seqs = run.seqs["train"].select(tq), run.seqs["test"]
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
@@ -262,8 +262,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
                      if _has(p)},
     }
     if cfg.prompt.mode == "per_choice":
-        norm = teacher_choice_logprobs(test_meta, store.read_split(
-            store.open_store(run.store_path), "test", "per_choice").scores(), normalise=True)
+        norm, _ = teacher_logp(run, "test", normalise=True)
         results["teacher_logit"]["test_acc_norm"] = metrics.accuracy(metrics.softmax_rows(norm), test_meta.answer)
     paths = write_report(results, run.out)
     log("report", f"wrote {', '.join(str(p) for p in paths.values())}")

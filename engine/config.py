@@ -107,6 +107,9 @@ class TeacherConfig:
         _check(bool(self.model), "teacher.model", "name a model folder, hub id or 'smollm2-135m-instruct'")
 
 
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     layers: tuple[int, ...] = ()
@@ -120,10 +123,20 @@ class ExtractConfig:
     cpus_per_replica: int = 2
     """CPUs each teacher actor reserves (and torch threads it uses)."""
     gpus_per_replica: float = 0
-    """GPUs each teacher actor reserves."""
+    """GPUs each teacher actor reserves. Above 1, the teacher is split over them (`device_map='auto'`)."""
+    placement: str = "PACK"
+    """Ray placement-group strategy for the replicas: 'PACK' (fill nodes in turn), 'SPREAD' (across
+    nodes), or their strict forms 'STRICT_PACK' / 'STRICT_SPREAD'."""
+    teacher_scores: bool = True
+    """Also store the teacher's own scores (needed by the 'logit' label source and the report's teacher
+    accuracy). The forward then runs every block; off, it stops at the deepest stored layer."""
+    max_chunk_retries: int = 3
+    """How often a chunk whose replica died is retried on a fresh replica before the run fails."""
 
     def __post_init__(self) -> None:
         _check(all(i >= 1 for i in self.layers), "extract.layers", "layers are 1-based, e.g. [8, 16, 24]")
+        _check(self.placement in PLACEMENTS, "extract.placement", f"use one of {', '.join(PLACEMENTS)}")
+        _check(self.max_chunk_retries >= 0, "extract.max_chunk_retries", "must be >= 0")
         _check(len(set(self.layers)) == len(self.layers), "extract.layers", "remove duplicate layers")
         for name in ("batch_size", "chunk_rows", "replicas", "cpus_per_replica"):
             _check(getattr(self, name) >= 1, f"extract.{name}", "must be >= 1")
@@ -236,6 +249,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
+        _check(self.extract.teacher_scores or "logit" not in self.student.label_sources, "extract.teacher_scores",
+               "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
+        _check(self.extract.teacher_scores or self.baseline.enabled, "extract.teacher_scores",
+               "without stored teacher scores the report takes the teacher's accuracy from vLLM; set it true or baseline.enabled=true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,4 +372,5 @@ def store_identity(cfg: Config) -> dict:
         "data.max_test": cfg.data.max_test,
         "seed": cfg.seed,
         "extract.chunk_rows": cfg.extract.chunk_rows,
+        "extract.teacher_scores": cfg.extract.teacher_scores,
     }

@@ -97,8 +97,11 @@ def resolve_model(cfg: TeacherConfig) -> str:
     return name
 
 
-def load_causal_lm(path: str, dtype: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    """Load weights from safetensors only, in eval mode."""
+def load_causal_lm(
+    path: str, dtype: str, *, trust_remote_code: bool = False, revision: str | None = None, device_map: str | None = None,
+):
+    """Load weights from safetensors only, in eval mode. `device_map='auto'` spreads a big model over
+    the visible GPUs (accelerate)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,6 +111,7 @@ def load_causal_lm(path: str, dtype: str, *, trust_remote_code: bool = False, re
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         revision=revision,
+        device_map=device_map,
     )
     return model.eval()
 

@@ -1,7 +1,7 @@
 """The activation store: one Zarr group per run, one subgroup per split.
 
-    <split>/activations  (rows, layers, hidden) float16, chunks (chunk_rows, 1, hidden)
-    <split>/scores       (rows, S) float32   teacher scores from the same forward
+    <split>/activations  (rows, layers, hidden) float16, chunks (chunk_size(rows, chunk_rows), 1, hidden)
+    <split>/scores       (rows, S) float32   teacher scores from the same forward (if extracted)
     <split>/row_question, row_choice, start (rows,) int64
     <split>/answer, n_choices (questions,) int64;  <split>/ids (questions,) str
     <split>/done         (n_chunks,) bool    written only by the driver, after a chunk is stored
@@ -46,6 +46,14 @@ def n_chunks(n_rows: int, chunk_rows: int) -> int:
     return -(-n_rows // chunk_rows)
 
 
+def chunk_size(n_rows: int, max_rows: int) -> int:
+    """Rows per chunk of a split: at most `max_rows`, balanced so the last chunk is nearly full.
+    Zarr stores an edge chunk whole, padding included, so this keeps the bytes on disk at the payload."""
+    if n_rows <= 0:
+        return max(1, max_rows)
+    return -(-n_rows // n_chunks(n_rows, max_rows))
+
+
 def chunk_bounds(chunk: int, n_rows: int, chunk_rows: int) -> tuple[int, int]:
     return chunk * chunk_rows, min((chunk + 1) * chunk_rows, n_rows)
 
@@ -64,10 +72,14 @@ def _check_identity(root: zarr.Group, identity: dict, where: Path) -> None:
         )
 
 
-def create_or_resume(path: str | Path, identity: dict, meta: dict, splits: dict[str, tuple[Sequences, list[str], int, int]]) -> Path:
+def create_or_resume(
+    path: str | Path, identity: dict, meta: dict, splits: dict[str, tuple[Sequences, list[str], int, int]],
+    *, scores: bool = True,
+) -> Path:
     """Open `<path>.partial` to continue it, or lay it out afresh. Returns the partial path.
 
-    `splits` maps split name -> (sequences, question ids, layer count, hidden size).
+    `splits` maps split name -> (sequences, question ids, layer count, hidden size). `scores`: lay out
+    the teacher-score arrays too.
     """
     part = partial_path(path)
     if part.exists():
@@ -77,13 +89,15 @@ def create_or_resume(path: str | Path, identity: dict, meta: dict, splits: dict[
     tmp = Path(str(part) + ".init")
     shutil.rmtree(tmp, ignore_errors=True)
     root = zarr.open_group(str(tmp), mode="w")
-    chunk_rows = int(identity["extract.chunk_rows"])
+    max_rows = int(identity["extract.chunk_rows"])
     for name, (seqs, ids, n_layers, hidden) in splits.items():
         g = root.create_group(name)
+        chunk_rows = chunk_size(seqs.n_rows, max_rows)
         g.create_array("activations", shape=(seqs.n_rows, n_layers, hidden), chunks=(chunk_rows, 1, hidden),
                        dtype="float16", fill_value=0, compressors=None)
-        g.create_array("scores", shape=(seqs.n_rows, seqs.score_width), chunks=(chunk_rows, seqs.score_width),
-                       dtype="float32", fill_value=0)
+        if scores:
+            g.create_array("scores", shape=(seqs.n_rows, seqs.score_width), chunks=(chunk_rows, seqs.score_width),
+                           dtype="float32", fill_value=0)
         for key in ("row_question", "row_choice", "start"):
             g.create_array(key, data=getattr(seqs, key).astype(np.int64))
         g.create_array("answer", data=seqs.answer.astype(np.int64))
@@ -98,15 +112,18 @@ def create_or_resume(path: str | Path, identity: dict, meta: dict, splits: dict[
     return part
 
 
-def write_chunk(part: str | Path, split: str, chunk: int, states: np.ndarray, scores: np.ndarray) -> None:
+def write_chunk(part: str | Path, split: str, chunk: int, states: np.ndarray, scores: np.ndarray | None) -> None:
     """Write one whole chunk of rows. Only the owner of a chunk ever writes it."""
     g = zarr.open_group(str(part), mode="r+")[split]
     acts = g["activations"]
     lo, hi = chunk_bounds(chunk, acts.shape[0], acts.chunks[0])
-    if states.shape[0] != hi - lo or scores.shape[0] != hi - lo:
+    if states.shape[0] != hi - lo or (scores is not None and scores.shape[0] != hi - lo):
         raise StoreError(f"chunk {chunk} of {split} holds rows {lo}:{hi}, got {states.shape[0]} rows")
+    if (scores is None) == ("scores" in g):
+        raise StoreError(f"{part}: teacher scores {'missing' if scores is None else 'not laid out'} for chunk {chunk} of {split}")
     acts[lo:hi] = states
-    g["scores"][lo:hi] = scores
+    if scores is not None:
+        g["scores"][lo:hi] = scores
 
 
 def mark_done(part: str | Path, split: str, chunk: int) -> None:
@@ -150,7 +167,14 @@ class SplitView:
         """(rows, hidden) float32 states of one layer (1-based, as stored in `layers`)."""
         return np.asarray(self.group["activations"][:, self.layers.index(layer), :], dtype=np.float32)
 
+    @property
+    def has_scores(self) -> bool:
+        return "scores" in self.group
+
     def scores(self) -> np.ndarray:
+        if not self.has_scores:
+            raise StoreError("this store holds no teacher scores (made with extract.teacher_scores=false); "
+                             "set it true in a new out_dir, or drop the 'logit' label source")
         return np.asarray(self.group["scores"][:])
 
 
@@ -159,6 +183,9 @@ def open_store(path: str | Path, identity: dict | None = None, *, allow_incomple
     p = Path(path)
     if not p.exists() and allow_incomplete and partial_path(p).exists():
         p = partial_path(p)
+    if not p.exists() and partial_path(p).exists():
+        raise StoreError(f"{path}: store is incomplete (only {partial_path(p).name} exists); resume `distill extract`, "
+                         "or pass allow_incomplete=True")
     if not p.exists():
         raise StoreError(f"{path}: no activation store here; run `distill extract` first")
     root = zarr.open_group(str(p), mode="r")

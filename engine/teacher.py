@@ -4,6 +4,10 @@ Letter mode: the state at the last prompt token ("Answer:"), and the log-probabi
 labels' tokens there. Per-choice mode: the state at the choice's last token (or the mean over the
 choice's tokens), and the choice's log-likelihood (sum over its tokens) with its token count.
 The vocabulary projection runs only at the positions whose scores are needed.
+
+Without the teacher's scores the forward stops at the deepest stored layer: the blocks above it never
+run. With them, the same forward goes on to the top; any separate scoring pass would cost more, since
+it would redo every block below.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from engine.sequences import Sequences
 class ForwardOut:
     states: np.ndarray
     """(rows, layers, hidden) float16."""
-    scores: np.ndarray
-    """(rows, S) float32: letter log-probs (S = C_max, -inf beyond a question's choices) in letter
+    scores: np.ndarray | None
+    """None when not asked for; else (rows, S) float32: letter log-probs (S = C_max, -inf beyond a question's choices) in letter
     mode; [sum log-prob of the choice, number of choice tokens] in per-choice mode."""
     tokens: int
     """Real (non-pad) tokens run through the model, after packing."""
@@ -108,9 +112,64 @@ def _targets(seqs: Sequences, units: list[_Unit]) -> tuple[list[int], list[int],
     return bi, at, tok, owner
 
 
-def _head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The base transformer and the output projection of a causal LM."""
-    return model.get_decoder(), model.get_output_embeddings()
+class _EarlyExit(Exception):
+    """Raised by the hook on the deepest block needed: the blocks above it never run."""
+
+
+def _blocks(base) -> torch.nn.ModuleList:
+    blocks = getattr(base, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise TypeError(f"{type(base).__name__}: expected the decoder's blocks in `.layers` (a Llama/Qwen/Mistral-style model)")
+    return blocks
+
+
+def forward_depth(layers: list[int], n_blocks: int, scores: bool) -> int:
+    """How many blocks must run: all of them when the teacher's scores or the final (normed) state are
+    wanted, else only up to the deepest stored layer."""
+    return n_blocks if scores or max(layers) >= n_blocks else max(layers)
+
+
+def _states(base, ids, pos, mask, layers: list[int], depth: int) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Outputs of the blocks in `layers` (layer n = after the final norm, as transformers numbers
+    hidden states) and, when all blocks ran, the final normed state. Stops after block `depth`."""
+    blocks, got, hooks = _blocks(base), {}, []
+    n = len(blocks)
+
+    def grab(i: int):
+        def hook(_mod, _args, out):
+            got[i] = out[0] if isinstance(out, tuple) else out
+            if i == depth < n:
+                raise _EarlyExit
+        return hook
+
+    for i in sorted({x for x in layers if x < n} | ({depth} if depth < n else set())):
+        hooks.append(blocks[i - 1].register_forward_hook(grab(i)))
+    final = None
+    try:
+        final = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    except _EarlyExit:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if final is not None:
+        got[n] = final
+    return got, final
+
+
+def length_batches(units: list[_Unit], batch_size: int, mean_len: float) -> list[list[_Unit]]:
+    """Length-sorted units cut into batches of at most `batch_size` mean-length sequences' worth of
+    padded tokens: short sequences travel in big batches, long ones in small, padding stays small."""
+    units = sorted(units, key=lambda u: len(u.tokens))
+    budget = batch_size * max(1, int(mean_len))
+    out, b0 = [], 0
+    while b0 < len(units):
+        b1 = b0 + 1
+        while b1 < len(units) and (b1 - b0 + 1) * len(units[b1].tokens) <= budget:
+            b1 += 1
+        out.append(units[b0:b1])
+        b0 = b1
+    return out
 
 
 @torch.inference_mode()
@@ -123,30 +182,29 @@ def forward_rows(
     pool: str = "last",
     pad_id: int = 0,
     batch_size: int = 32,
+    scores: bool = True,
 ) -> ForwardOut:
-    """Run the teacher over `rows` of `seqs` (packed, length-sorted batches): states and scores.
+    """Run the teacher over `rows` of `seqs` (packed, length-bucketed batches): states and scores.
 
-    `layers` are 1-based block indices (hidden_states[i] is the output of block i; the last one is
-    after the final norm, as transformers returns it). Only the positions whose scores are needed go
-    through the vocabulary projection.
+    `layers` are 1-based block indices (layer i is the output of block i; the last one is after the
+    final norm, as transformers numbers hidden states). Without `scores` the forward stops at the
+    deepest layer in `layers`. With them, only the positions whose scores are needed go through the
+    vocabulary projection.
     """
-    base, lm_head = _head(model)
+    base, lm_head = model.get_decoder(), model.get_output_embeddings()
+    device = next(base.parameters()).device
+    depth = forward_depth(layers, len(_blocks(base)), scores)
     rows = np.asarray(rows, dtype=np.int64)
     where = {int(r): i for i, r in enumerate(rows)}
     units = pack_units(seqs, rows)
-    units.sort(key=lambda u: len(u.tokens))
     states = np.zeros((len(rows), len(layers), model.config.hidden_size), dtype=np.float16)
-    scores = np.full((len(rows), seqs.score_width), -np.inf if seqs.mode == "letter" else 0.0, dtype=np.float32)
-    budget = batch_size * max(1, int(np.mean([len(seqs.ids[r]) for r in rows])) if len(rows) else 1)
-    b0 = 0
-    while b0 < len(units):
-        b1 = b0 + 1  # grow the batch up to a padded-token budget
-        while b1 < len(units) and (b1 - b0 + 1) * len(units[b1].tokens) <= budget:
-            b1 += 1
-        batch = units[b0:b1]
-        b0 = b1
-        ids, pos, mask = _batch(batch, pad_id)
-        hs = base(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False).hidden_states
+    out_scores = None
+    if scores:
+        out_scores = np.full((len(rows), seqs.score_width), -np.inf if seqs.mode == "letter" else 0.0, dtype=np.float32)
+    mean_len = float(np.mean([len(seqs.ids[r]) for r in rows])) if len(rows) else 1.0
+    for batch in length_batches(units, batch_size, mean_len):
+        ids, pos, mask = (t.to(device) for t in _batch(batch, pad_id))
+        hs, final = _states(base, ids, pos, mask, layers, depth)
         slots = [where[r] for u in batch for r in u.rows]
         spans = [(b, a, z) for b, u in enumerate(batch) for (a, z) in u.spans]
         for li, layer in enumerate(layers):
@@ -155,22 +213,28 @@ def forward_rows(
                 vecs = torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
             else:
                 vecs = h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
-            states[slots, li] = vecs.float().numpy().astype(np.float16)
-        bi, at, tok, owner = _targets(seqs, batch)
-        logp = torch.log_softmax(lm_head(hs[-1][bi, at]).float(), -1)
-        if seqs.mode == "letter":
-            lp = logp[:, torch.as_tensor(seqs.letter_ids)].numpy()
-            for j, slot in enumerate(slots):
-                k = int(seqs.n_choices[seqs.row_question[rows[slot]]])
-                scores[slot, :k] = lp[j, :k]
-        else:
-            ll = logp.gather(1, torch.as_tensor(tok)[:, None])[:, 0].double()
-            sums = torch.zeros(len(slots), dtype=torch.float64).index_add_(0, torch.as_tensor(owner), ll)
-            counts = np.bincount(owner, minlength=len(slots))
-            scores[slots, 0] = sums.numpy()
-            scores[slots, 1] = counts
+            states[slots, li] = vecs.float().cpu().numpy().astype(np.float16)
+        if out_scores is not None:
+            _score(seqs, rows, batch, slots, lm_head, final, out_scores)
     tokens = int(sum(len(u.tokens) for u in units))
-    return ForwardOut(states=states, scores=scores, tokens=tokens)
+    return ForwardOut(states=states, scores=out_scores, tokens=tokens)
+
+
+def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[int], lm_head, final: torch.Tensor,
+           out: np.ndarray) -> None:
+    """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed."""
+    bi, at, tok, owner = _targets(seqs, batch)
+    logp = torch.log_softmax(lm_head(final[bi, at]).float(), -1).cpu()
+    if seqs.mode == "letter":
+        lp = logp[:, torch.as_tensor(seqs.letter_ids)].numpy()
+        for j, slot in enumerate(slots):
+            k = int(seqs.n_choices[seqs.row_question[rows[slot]]])
+            out[slot, :k] = lp[j, :k]
+    else:
+        ll = logp.gather(1, torch.as_tensor(tok)[:, None])[:, 0].double()
+        sums = torch.zeros(len(slots), dtype=torch.float64).index_add_(0, torch.as_tensor(owner), ll)
+        out[slots, 0] = sums.numpy()
+        out[slots, 1] = np.bincount(owner, minlength=len(slots))
 
 
 def teacher_choice_logprobs(seqs: Sequences, scores: np.ndarray, *, normalise: bool = False) -> np.ndarray:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,40 @@ def build_tiny_model(out: Path, *, layers: int = 4, hidden: int = 128, seed: int
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+EXTRACT_CHUNK_ROWS = 8  # many chunks on the tiny config: room to kill a run between two of them
+
+
+def distill(*args: str, **popen) -> subprocess.CompletedProcess:
+    """Run the `distill` CLI in a fresh interpreter (its own local Ray)."""
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, **popen)
+
+
+def extract_args(tiny_model: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}",
+            f"extract.chunk_rows={EXTRACT_CHUNK_ROWS}",
+            f"ray.temp_dir=/tmp/pkd-{zlib.crc32(str(out).encode()):08x}", *extra]  # AF_UNIX paths are short
+
+
+@pytest.fixture(scope="session")
+def extract_reference(tmp_path_factory, tiny_model) -> Path:
+    """An uninterrupted extraction of the tiny config: what every resumed or faulted run must equal."""
+    out = tmp_path_factory.mktemp("extract-ref") / "run"
+    res = distill(*extract_args(tiny_model, out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out / "activations.zarr"
+
+
+def assert_same_store(got: Path, want: Path) -> None:
+    """Every array of every split equal, element by element."""
+    import numpy as np
+    import zarr
+
+    a, b = zarr.open_group(str(got), mode="r"), zarr.open_group(str(want), mode="r")
+    assert sorted(n for n, _ in a.groups()) == sorted(n for n, _ in b.groups())
+    for name, g in b.groups():
+        assert sorted(g.array_keys()) == sorted(a[name].array_keys())
+        for key in g.array_keys():
+            np.testing.assert_array_equal(a[name][key][:], g[key][:], err_msg=f"{name}/{key}")

@@ -50,7 +50,7 @@ def test_incomplete_store_is_refused_and_resumed(tmp_path):
     _fill(part, seqs, chunks=[0, 2])
     with pytest.raises(store.StoreError, match="1 chunks not done"):
         store.commit(path)
-    with pytest.raises(store.StoreError, match="no activation store"):
+    with pytest.raises(store.StoreError, match="store is incomplete"):
         store.open_store(path)
     with pytest.raises(store.StoreError, match="incomplete"):
         store.open_store(part)

@@ -79,3 +79,29 @@ def test_label_collisions_are_refused(setup):
     _, tok, examples = setup
     with pytest.raises(ValueError, match="prompt.answer_format"):
         build_sequences(examples[:2], tok, PromptConfig(mode="letter", answer_format="Answer {letter}"))
+
+
+def test_forward_depth():
+    from engine.teacher import forward_depth
+
+    assert forward_depth([3, 8], 30, scores=False) == 8
+    assert forward_depth([3, 8], 30, scores=True) == 30  # scores need the top: the same pass goes on
+    assert forward_depth([3, 30], 30, scores=False) == 30  # layer n is after the final norm
+
+
+@pytest.mark.parametrize("mode", ["per_choice", "letter"])
+def test_early_exit_runs_no_block_above_the_deepest_layer(setup, mode):
+    model, tok, examples = setup
+    seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
+    rows = np.arange(seqs.n_rows)
+    full = forward_rows(model, seqs, rows, LAYERS, pad_id=tok.pad_token_id, batch_size=5)
+    calls = [0] * len(model.model.layers)
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(model.model.layers)]
+    try:
+        short = forward_rows(model, seqs, rows, [1, 2], pad_id=tok.pad_token_id, batch_size=5, scores=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert short.scores is None
+    assert calls[0] == calls[1] > 0 and calls[2] == calls[3] == 0
+    np.testing.assert_array_equal(short.states, full.states[:, :2])  # same batches, same numbers

@@ -1,0 +1,175 @@
+"""Extraction throughput: a plain transformers loop against the engine, in both prompt modes.
+
+    .venv/bin/python bench/extract.py              # prints a table, writes bench/results/extract.json
+
+For each mode, over the same ARC-Easy train questions and the same token ids:
+  (a) plain:   the loop a user would write: batches of 32 rows in data order, left-padded,
+               `output_hidden_states=True`, full logits, log-softmax over the vocabulary;
+  (b) engine:  `forward_rows` over balanced chunks written to a real store (all layers + teacher scores);
+  (c) half:    the engine storing layers 1..n/2 without teacher scores: the forward stops at n/2.
+"Real tokens" are the rows' own tokens (prefix + choice per row, no padding): the same numerator for
+all three, so tokens/s compare the time to do the same work. The store's bytes on disk are divided
+by the raw fp16 payload (rows x layers x hidden x 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import store
+from engine.config import DataConfig, PromptConfig, TeacherConfig
+from engine.models import load_causal_lm, load_tokenizer, resolve_model
+from engine.sequences import Sequences, build_sequences
+from engine.tasks import load_split
+from engine.teacher import forward_rows
+
+OUT = Path(__file__).parent / "results" / "extract.json"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc_easy"
+
+
+@torch.inference_mode()
+def plain_loop(model, seqs: Sequences, pad_id: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """States of every layer at each row's last token and the teacher's scores, the usual way."""
+    n_layers = model.config.num_hidden_layers
+    states = np.zeros((seqs.n_rows, n_layers, model.config.hidden_size), np.float16)
+    scores = np.zeros(seqs.n_rows, np.float64)
+    letters = torch.as_tensor(seqs.letter_ids)
+    padded = 0
+    for b0 in range(0, seqs.n_rows, batch_size):
+        rows = range(b0, min(b0 + batch_size, seqs.n_rows))
+        width = max(len(seqs.ids[r]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, width - len(seqs.ids[r]):] = torch.as_tensor(seqs.ids[r])
+            mask[i, width - len(seqs.ids[r]):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        padded += ids.numel()
+        logp = torch.log_softmax(out.logits.float(), -1)
+        states[b0:b0 + len(rows)] = torch.stack(out.hidden_states[1:], 1)[:, :, -1].numpy().astype(np.float16)
+        for i, r in enumerate(rows):
+            if seqs.mode == "letter":
+                q = seqs.row_question[r]
+                scores[r] = logp[i, -1, letters[seqs.answer[q]]]  # (all letters are there; one kept)
+            else:
+                n, s = len(seqs.ids[r]), int(seqs.start[r])
+                tgt = torch.as_tensor(seqs.ids[r][s:])
+                at = torch.arange(width - n + s - 1, width - 1)
+                scores[r] = logp[i, at, tgt].sum()
+    return states, scores, padded
+
+
+def engine_run(model, seqs: Sequences, layers: list[int], pad_id: int, scores: bool, chunk_rows: int = 512) -> dict:
+    """The engine's chunk loop (what each teacher replica runs) into a real store, then commit."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    path = tmp / "activations.zarr"
+    t0 = time.perf_counter()
+    identity = {"extract.chunk_rows": chunk_rows, "bench": True}
+    part = store.create_or_resume(path, identity, {"layers": layers}, {"train": (seqs, [""] * seqs.n_questions, len(layers),
+                                  model.config.hidden_size)}, scores=scores)
+    size, tokens = store.chunk_size(seqs.n_rows, chunk_rows), 0
+    for c in range(store.n_chunks(seqs.n_rows, size)):
+        lo, hi = store.chunk_bounds(c, seqs.n_rows, size)
+        chunk = seqs.rows_view(lo, hi)
+        out = forward_rows(model, chunk, np.arange(chunk.n_rows), layers, pad_id=pad_id, batch_size=32, scores=scores)
+        store.write_chunk(part, "train", c, out.states, out.scores)
+        store.mark_done(part, "train", c)
+        tokens += out.tokens
+    store.commit(path)
+    seconds = time.perf_counter() - t0
+    on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    payload = seqs.n_rows * len(layers) * model.config.hidden_size * 2
+    view = store.read_split(store.open_store(path), "train", seqs.mode)
+    res = {"seconds": seconds, "tokens_run": tokens, "bytes_on_disk": on_disk, "bytes_payload": payload,
+           "bytes_ratio": on_disk / payload, "states": np.asarray(view.group["activations"][:]),
+           "scores": view.scores() if scores else None}
+    for f in sorted(tmp.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    tmp.rmdir()
+    return res
+
+
+def bench_mode(model, tok, mode: str, n_questions: int) -> dict:
+    examples = load_split(DataConfig(source=str(DATA)), "train")[:n_questions]
+    t0 = time.perf_counter()
+    seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
+    tokenize_s = time.perf_counter() - t0
+    real = int(seqs.lengths().sum())
+    n = model.config.num_hidden_layers
+    pad = tok.pad_token_id
+    warm = seqs.rows_view(0, min(8, seqs.n_rows))
+    plain_loop(model, warm, pad), forward_rows(model, warm, np.arange(warm.n_rows), [1, n], pad_id=pad)
+
+    t0 = time.perf_counter()
+    a_states, a_scores, a_padded = plain_loop(model, seqs, pad)
+    a_s = time.perf_counter() - t0
+    b = engine_run(model, seqs, list(range(1, n + 1)), pad, scores=True)
+    c = engine_run(model, seqs, list(range(1, n // 2 + 1)), pad, scores=False)
+
+    if mode == "letter":
+        b_scores = b["scores"][np.arange(seqs.n_rows), seqs.answer[seqs.row_question]]
+    else:
+        b_scores = b["scores"][:, 0]
+    res = {
+        "mode": mode, "questions": n_questions, "rows": seqs.n_rows, "real_tokens": real, "tokenize_s": round(tokenize_s, 3),
+        "a_plain": {"seconds": round(a_s, 1), "tokens_run": a_padded, "real_tokens_per_s": round(real / a_s, 1)},
+        "b_engine_all_layers": {"seconds": round(b["seconds"], 1), "tokens_run": b["tokens_run"],
+                                "real_tokens_per_s": round(real / b["seconds"], 1), "bytes_ratio": round(b["bytes_ratio"], 4)},
+        "c_engine_half_depth": {"seconds": round(c["seconds"], 1), "tokens_run": c["tokens_run"], "layers": f"1..{n // 2}",
+                                "real_tokens_per_s": round(real / c["seconds"], 1), "bytes_ratio": round(c["bytes_ratio"], 4)},
+        "b_over_a": round(a_s / b["seconds"], 2),
+        "c_over_a": round(a_s / c["seconds"], 2),
+        "check": {
+            "max_abs_state_diff_b_vs_a": float(np.abs(b["states"].astype(np.float32) - a_states).max()),
+            "max_abs_score_diff_b_vs_a": float(np.abs(b_scores - a_scores).max()),
+            "c_equals_b_on_its_layers": bool(np.array_equal(c["states"], b["states"][:, : n // 2])),
+        },
+    }
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--letter-questions", type=int, default=300)
+    p.add_argument("--per-choice-questions", type=int, default=200)
+    p.add_argument("--dtype", default="float32", help="the default's compute dtype (bf16 is ~6x slower on AVX2-only CPUs)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    teacher = TeacherConfig()
+    path = resolve_model(teacher)
+    model, tok = load_causal_lm(path, args.dtype), load_tokenizer(path)
+    results = {
+        "command": "python bench/extract.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        "teacher": teacher.model, "dtype": args.dtype, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "versions": {k: md.version(k) for k in ("torch", "transformers", "zarr")},
+        "modes": [bench_mode(model, tok, "letter", args.letter_questions),
+                  bench_mode(model, tok, "per_choice", args.per_choice_questions)],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'mode':<11}{'rows':>6}{'real tok':>10}{'(a) tok/s':>11}{'(b) tok/s':>11}{'(c) tok/s':>11}"
+          f"{'b/a':>7}{'c/a':>7}{'bytes b':>9}{'bytes c':>9}")
+    for m in results["modes"]:
+        print(f"{m['mode']:<11}{m['rows']:>6}{m['real_tokens']:>10}{m['a_plain']['real_tokens_per_s']:>11}"
+              f"{m['b_engine_all_layers']['real_tokens_per_s']:>11}{m['c_engine_half_depth']['real_tokens_per_s']:>11}"
+              f"{m['b_over_a']:>7}{m['c_over_a']:>7}{m['b_engine_all_layers']['bytes_ratio']:>9}"
+              f"{m['c_engine_half_depth']['bytes_ratio']:>9}")
+        print(f"{'':<11}checks: {m['check']}; tokenize {m['tokenize_s']}s")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

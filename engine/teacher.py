@@ -129,15 +129,18 @@ def forward_depth(layers: list[int], n_blocks: int, scores: bool) -> int:
     return n_blocks if scores or max(layers) >= n_blocks else max(layers)
 
 
-def _states(base, ids, pos, mask, layers: list[int], depth: int) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-    """Outputs of the blocks in `layers` (layer n = after the final norm, as transformers numbers
-    hidden states) and, when all blocks ran, the final normed state. Stops after block `depth`."""
+def _states(base, ids, pos, mask, layers: list[int], depth: int, pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """`pick(h)` of the outputs of the blocks in `layers` (layer n = after the final norm, as
+    transformers numbers hidden states) and, when all blocks ran, the final normed state. Each block's
+    output is reduced to the rows' vectors as soon as it exists, so a batch never holds more than one
+    full hidden-state tensor per block. Stops after block `depth`."""
     blocks, got, hooks = _blocks(base), {}, []
     n = len(blocks)
 
     def grab(i: int):
         def hook(_mod, _args, out):
-            got[i] = out[0] if isinstance(out, tuple) else out
+            if i in layers:
+                got[i] = pick(out[0] if isinstance(out, tuple) else out)
             if i == depth < n:
                 raise _EarlyExit
         return hook
@@ -152,8 +155,8 @@ def _states(base, ids, pos, mask, layers: list[int], depth: int) -> tuple[dict[i
     finally:
         for h in hooks:
             h.remove()
-    if final is not None:
-        got[n] = final
+    if final is not None and n in layers:
+        got[n] = pick(final)
     return got, final
 
 
@@ -204,16 +207,17 @@ def forward_rows(
     mean_len = float(np.mean([len(seqs.ids[r]) for r in rows])) if len(rows) else 1.0
     for batch in length_batches(units, batch_size, mean_len):
         ids, pos, mask = (t.to(device) for t in _batch(batch, pad_id))
-        hs, final = _states(base, ids, pos, mask, layers, depth)
         slots = [where[r] for u in batch for r in u.rows]
         spans = [(b, a, z) for b, u in enumerate(batch) for (a, z) in u.spans]
-        for li, layer in enumerate(layers):
-            h = hs[layer]
+
+        def pick(h: torch.Tensor, spans=spans) -> torch.Tensor:
             if pool == "mean" and seqs.mode == "per_choice":
-                vecs = torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
-            else:
-                vecs = h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
-            states[slots, li] = vecs.float().cpu().numpy().astype(np.float16)
+                return torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
+            return h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
+
+        hs, final = _states(base, ids, pos, mask, layers, depth, pick)
+        for li, layer in enumerate(layers):
+            states[slots, li] = hs[layer].float().cpu().numpy().astype(np.float16)
         if out_scores is not None:
             _score(seqs, rows, batch, slots, lm_head, final, out_scores)
     tokens = int(sum(len(u.tokens) for u in units))

@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from cluster.cli import main
+from engine import store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,8 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert root.attrs["complete"] and root.attrs["config_hash"] == report["config_hash"]
     assert root.attrs["identity"]["extract.layers"] == [1, 2, 3, 4]
     acts = root["test"]["activations"]
-    assert acts.dtype == "float16" and acts.shape[1:] == (4, 128) and acts.chunks[0] == 32
+    assert acts.dtype == "float16" and acts.shape[1:] == (4, 128)
+    assert acts.chunks[0] == store.chunk_size(acts.shape[0], 32) <= 32  # balanced: 97 rows -> 4 chunks of 25
     assert root["test"]["done"][:].all()
     assert not (out / "activations.zarr.partial").exists()
 

@@ -316,7 +316,7 @@ def test_labels_each_source():
 
 
 def build_store(path: str, mode: str, layers: list[int], signal_layer: int, sizes: dict[str, int], seed: int = 0):
-    from engine.store import commit, create_or_resume, mark_done, n_chunks, write_chunk
+    from engine.store import chunk_bounds, chunk_size, commit, create_or_resume, mark_done, n_chunks, write_chunk
 
     rng = np.random.default_rng(seed)
     dim, chunk_rows = 16, 64
@@ -329,8 +329,9 @@ def build_store(path: str, mode: str, layers: list[int], signal_layer: int, size
     splits = {s: (seqs, [f"{s}-{i}" for i in range(seqs.n_questions)], len(layers), dim) for s, (seqs, _) in data.items()}
     part = create_or_resume(path, identity, {"layers": layers}, splits)
     for split, (seqs, states) in data.items():
-        for c in range(n_chunks(seqs.n_rows, chunk_rows)):
-            lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, seqs.n_rows)
+        size = chunk_size(seqs.n_rows, chunk_rows)
+        for c in range(n_chunks(seqs.n_rows, size)):
+            lo, hi = chunk_bounds(c, seqs.n_rows, size)
             write_chunk(part, split, c, states[lo:hi], np.zeros((hi - lo, seqs.score_width), np.float32))
             mark_done(part, split, c)
     commit(path)

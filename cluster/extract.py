@@ -43,11 +43,11 @@ class TeacherActor:
 
         e, t = cfg.extract, cfg.teacher
         torch.set_num_threads(e.cpus_per_replica)
-        cuda = e.gpus_per_replica > 0 and torch.cuda.is_available()
+        device_map, device = teacher_devices(e.gpus_per_replica, torch.cuda.is_available())
         self.model = load_causal_lm(model_path, t.dtype, trust_remote_code=t.trust_remote_code, revision=t.revision,
-                                    device_map="auto" if cuda and e.gpus_per_replica > 1 else None)
-        if cuda and e.gpus_per_replica <= 1:
-            self.model = self.model.to("cuda")
+                                    device_map=device_map)
+        if device:
+            self.model = self.model.to(device)
         self.layers, self.pad_id, self.cfg = layers, pad_id, cfg
         self.forward_lock = threading.Lock()
         ctx = ray.get_runtime_context()
@@ -72,6 +72,14 @@ class TeacherActor:
         out = self.forward(seqs)
         self.write(part, split, chunk, out)
         return {"tokens": out.tokens, "seconds": time.perf_counter() - t0, "replica": self.where["replica"]}
+
+
+def teacher_devices(gpus_per_replica: float, cuda: bool) -> tuple[str | None, str | None]:
+    """(device_map, device) for a replica: the teacher split over its GPUs when it has more than one
+    (Ray sets CUDA_VISIBLE_DEVICES to them), moved to its GPU when it has one, else left on the CPU."""
+    if not cuda or gpus_per_replica <= 0:
+        return None, None
+    return ("auto", None) if gpus_per_replica > 1 else (None, "cuda")
 
 
 def replica_bundles(e: ExtractConfig) -> list[dict[str, float]]:

@@ -30,6 +30,16 @@ def test_replica_bundles_and_fit_check():
         check_fits(replica_bundles(e), {"CPU": 16.0, "GPU": 4.0}, "PACK")
 
 
+def test_teacher_devices():
+    from cluster.extract import teacher_devices
+
+    assert teacher_devices(0, cuda=True) == (None, None)
+    assert teacher_devices(1, cuda=False) == (None, None)  # logical GPUs on a CPU machine
+    assert teacher_devices(0.5, cuda=True) == (None, "cuda")
+    assert teacher_devices(1, cuda=True) == (None, "cuda")
+    assert teacher_devices(4, cuda=True) == ("auto", None)
+
+
 def _done(part: Path) -> tuple[int, int]:
     root = zarr.open_group(str(part), mode="r")
     masks = [g["done"][:] for _, g in root.groups()]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import check_grad
 from sklearn.linear_model import LogisticRegression
-from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.estimator_checks import estimator_checks_generator
 
 from engine import probes as pr
 from engine.metrics import accuracy
@@ -31,10 +31,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:lbfgs failed to converge:sklearn
 
 # Nothing is expected to fail; the dict lists any check that genuinely cannot apply, with its reason.
 EXPECTED_FAILED: dict[str, dict[str, str]] = {"ConditionalLogitProbe": {}, "MLPProbe": {}}
+# sklearn skips check_array_api_input unless SCIPY_ARRAY_API=1 was set before scipy loaded; the next
+# test runs it in such a process instead, so it is left out here rather than reported as skipped.
+IN_OWN_PROCESS = {"check_array_api_input"}
 
 
-@parametrize_with_checks([ConditionalLogitProbe(), MLPProbe(hidden=16)],
-                         expected_failed_checks=lambda est: EXPECTED_FAILED[type(est).__name__])
+def _checks():
+    for est in (ConditionalLogitProbe(), MLPProbe(hidden=16)):
+        for e, check in estimator_checks_generator(est, expected_failed_checks=EXPECTED_FAILED[type(est).__name__]):
+            name = getattr(check, "func", check).__name__
+            if name not in IN_OWN_PROCESS:
+                yield pytest.param(e, check, id=f"{type(e).__name__}-{name}")
+
+
+@pytest.mark.parametrize("estimator, check", list(_checks()))
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 

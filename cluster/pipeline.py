@@ -252,7 +252,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
                    "source": "transformers (extraction forward)"}
     else:
         teacher = {"test_acc": base["test_acc"], "source": f"vLLM on {base['n_questions']} test questions"}
-    keys = ("per_layer", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated")
+    keys = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated")
     results = {
         "dataset": cfg.data.dataset, "mode": cfg.prompt.mode, "teacher": cfg.teacher.model,
         "n_layers": int(run.model_config.num_hidden_layers),

@@ -1,4 +1,4 @@
-"""Probe sweep on Ray: one task per (layer, C), then one task per cross-fitting fold at the best pair.
+"""Probe sweep on Ray: one task per (family, layer, C), then one task per cross-fitting fold at the best.
 
 Every task opens the activation store itself and reads only its layer, so the driver ships nothing
 bigger than question indices. Tasks cap BLAS/OpenMP threads at their CPU reservation, so two tasks on
@@ -18,11 +18,12 @@ from engine.config import ProbeConfig
 from engine.metrics import accuracy, ece
 from engine.probes import (
     apply_temperature,
+    best_per_layer,
+    best_result,
     fit_and_score,
     fit_predict,
     fit_temperature,
     question_folds,
-    select_best,
 )
 
 
@@ -47,18 +48,19 @@ def _read(store_path: str, split: str, mode: str, layer: int):
 @ray.remote
 def _layer_c_task(
     store_path: str, mode: str, layer: int, C: float, max_iter: int, seed: int,
-    train_questions: np.ndarray | None, splits: tuple[str, str, str], threads: int,
+    train_questions: np.ndarray | None, splits: tuple[str, str, str], threads: int, family: str,
 ) -> dict[str, Any]:
-    """Fit on train at (layer, C), score validation and test. Returns accuracies and probabilities."""
+    """Fit a `family` probe on train at (layer, C), score validation and test. Returns accuracies and
+    probabilities."""
     with _limits(threads):
         t0 = time.perf_counter()
         train_split, val_split, test_split = splits
         train_X, train_seqs = _read(store_path, train_split, mode, layer)
         evals = {name: _read(store_path, name, mode, layer) for name in (val_split, test_split)}
         read_s = time.perf_counter() - t0
-        out = fit_and_score(train_X, train_seqs, evals, C, max_iter, seed, train_questions)
+        out = fit_and_score(train_X, train_seqs, evals, C, max_iter, seed, train_questions, family)
     return {
-        "layer": int(layer), "C": float(C), "val_acc": out["acc"][val_split], "test_acc": out["acc"][test_split],
+        "family": family, "layer": int(layer), "C": float(C), "val_acc": out["acc"][val_split], "test_acc": out["acc"][test_split],
         "val_probs": out["probs"][val_split], "test_probs": out["probs"][test_split],
         "fit_seconds": out["fit_seconds"], "read_seconds": read_s, "n_train": out["n_train"],
     }
@@ -67,12 +69,12 @@ def _layer_c_task(
 @ray.remote
 def _fold_task(
     store_path: str, mode: str, layer: int, C: float, max_iter: int, seed: int,
-    fit_questions: np.ndarray, held_questions: np.ndarray, train_split: str, threads: int,
+    fit_questions: np.ndarray, held_questions: np.ndarray, train_split: str, threads: int, family: str,
 ) -> np.ndarray:
     """Fit on `fit_questions`, return (len(held_questions), C_max) probabilities of the held-out fold."""
     with _limits(threads):
         X, seqs = _read(store_path, train_split, mode, layer)
-        return fit_predict(X, seqs, fit_questions, held_questions, C, max_iter, seed).astype(np.float32)
+        return fit_predict(X, seqs, fit_questions, held_questions, C, max_iter, seed, family).astype(np.float32)
 
 
 def _gather(refs: list, describe) -> list:
@@ -99,7 +101,7 @@ def run_probe_sweep(
     splits: tuple[str, str, str] = ("train", "validation", "test"),
     cpus_per_task: int = 1,
 ) -> dict[str, Any]:
-    """Sweep (layer, C) on validation, then cross-fit the best pair on train and calibrate it.
+    """Sweep (family, layer, C) on validation, then cross-fit the best on train and calibrate it.
 
     `train_questions` restricts every probe fit (and the OOF labels) to those train questions, in
     that order (None: all). Returns per-layer scores, the best pair, calibrated and raw OOF
@@ -116,21 +118,21 @@ def run_probe_sweep(
     tq_ref = ray.put(tq)
     env = _thread_env(cpus_per_task)
 
-    # Phase 1: one task per (layer, C).
+    # Phase 1: one task per (family, layer, C).
     t0 = time.perf_counter()
-    jobs = [(int(layer), float(C)) for layer in layers for C in cs]
+    jobs = [(f, int(layer), float(C)) for f in cfg.families for layer in layers for C in cs]
     task = _layer_c_task.options(num_cpus=cpus_per_task, runtime_env=env)
-    refs = [task.remote(store_path, mode, layer, C, cfg.max_iter, seed, tq_ref, tuple(splits), cpus_per_task)
-            for layer, C in jobs]
+    refs = [task.remote(store_path, mode, layer, C, cfg.max_iter, seed, tq_ref, tuple(splits), cpus_per_task, f)
+            for f, layer, C in jobs]
     results = _gather(
         refs,
-        lambda i, r: (f"layer {r['layer']} C={r['C']:g} val {r['val_acc']:.2f} test {r['test_acc']:.2f} "
+        lambda i, r: (f"{r['family']} layer {r['layer']} C={r['C']:g} val {r['val_acc']:.2f} test {r['test_acc']:.2f} "
                       f"({r['fit_seconds']:.1f} s)"),
     )
     sweep_s = time.perf_counter() - t0
-    best_layer, best_c = select_best(results)
-    best = next(r for r in results if r["layer"] == best_layer and r["C"] == best_c)
-    print(f"[probes] best on validation: layer {best_layer} C={best_c:g} val {best['val_acc']:.3f} "
+    best = best_result(results)
+    best_family, best_layer, best_c = best["family"], best["layer"], best["C"]
+    print(f"[probes] best on validation: {best_family} layer {best_layer} C={best_c:g} val {best['val_acc']:.3f} "
           f"(test {best['test_acc']:.3f}); sweep {sweep_s:.1f} s", flush=True)
 
     # Phase 2: cross-fit the best pair, one task per fold of the train questions.
@@ -140,7 +142,7 @@ def run_probe_sweep(
     task = _fold_task.options(num_cpus=cpus_per_task, runtime_env=env)
     fold_refs = [
         task.remote(store_path, mode, best_layer, best_c, cfg.max_iter, seed, tq[fold != k], tq[fold == k],
-                    train_split, cpus_per_task)
+                    train_split, cpus_per_task, best_family)
         for k in range(cfg.folds)
     ]
     held = _gather(fold_refs, lambda k, p: f"fold {k}: {len(p)} questions held out")
@@ -150,12 +152,15 @@ def run_probe_sweep(
     crossfit_s = time.perf_counter() - t1
 
     # Calibration on the held-out (OOF) predictions only.
+    summary = ("family", "layer", "C", "val_acc", "test_acc", "fit_seconds")
     T = fit_temperature(oof_raw, answer, is_logits=False)
     oof_cal = apply_temperature(oof_raw, T).astype(np.float32)
     test_cal = apply_temperature(best["test_probs"], T).astype(np.float32)
     out = {
-        "per_layer": [{k: r[k] for k in ("layer", "C", "val_acc", "test_acc", "fit_seconds")} for r in results],
-        "best": {"layer": best_layer, "C": best_c, "val_acc": best["val_acc"], "test_acc": best["test_acc"]},
+        "per_layer": [{k: r[k] for k in summary} for r in best_per_layer(results)],
+        "sweep": [{k: r[k] for k in summary} for r in results],
+        "best": {"family": best_family, "layer": best_layer, "C": best_c, "val_acc": best["val_acc"],
+                 "test_acc": best["test_acc"]},
         "oof_probs": oof_cal,
         "oof_probs_raw": oof_raw,
         "temperature": T,

@@ -108,6 +108,7 @@ class TeacherConfig:
 
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+PROBE_FAMILIES = ("logreg", "conditional_logit", "mlp")
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,15 @@ class ProbeConfig:
     """Cross-fitting folds: each train row is labelled by a probe that never saw it."""
     max_iter: int = 300
     """Solver iterations for logistic regression."""
+    families: tuple[str, ...] = ("logreg",)
+    """Probe families swept with every (layer, C): 'logreg' (StandardScaler + logistic regression),
+    'conditional_logit' (one scorer softmaxed within each question; per-choice mode only) and 'mlp'
+    (one hidden layer). Validation picks the family too."""
 
     def __post_init__(self) -> None:
         _check(len(self.cs) > 0 and all(c > 0 for c in self.cs), "probe.cs", "give positive values, e.g. [0.01, 0.1]")
+        _check(len(self.families) > 0 and all(f in PROBE_FAMILIES for f in self.families), "probe.families",
+               f"use some of {', '.join(PROBE_FAMILIES)}")
         _check(self.folds >= 2, "probe.folds", "must be >= 2")
         _check(self.max_iter >= 1, "probe.max_iter", "must be >= 1")
 
@@ -251,6 +258,8 @@ class Config:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
         _check(self.extract.teacher_scores or "logit" not in self.student.label_sources, "extract.teacher_scores",
                "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
+        _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",
+               "'conditional_logit' scores choices within a question, which needs prompt.mode=per_choice")
         _check(self.extract.teacher_scores or self.baseline.enabled, "extract.teacher_scores",
                "without stored teacher scores the report takes the teacher's accuracy from vLLM; set it true or baseline.enabled=true")
 

@@ -26,12 +26,20 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from engine.metrics import accuracy, softmax_rows
+from engine.probe_models import ConditionalLogitProbe, MLPProbe
 from engine.sequences import Sequences
 
 
-def make_probe(C: float, max_iter: int, seed: int) -> Pipeline:
-    """StandardScaler + LogisticRegression (lbfgs; multinomial for more than two classes)."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+def make_probe(C: float, max_iter: int, seed: int, family: str = "logreg"):
+    """A fresh probe estimator. 'logreg': StandardScaler + LogisticRegression (lbfgs; multinomial for
+    more than two classes); 'conditional_logit': `ConditionalLogitProbe`; 'mlp': `MLPProbe`."""
+    if family == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    if family == "conditional_logit":
+        return ConditionalLogitProbe(C=C, max_iter=max_iter)
+    if family == "mlp":
+        return MLPProbe(C=C, max_iter=max_iter, seed=seed)
+    raise ValueError(f"probe family {family!r}: use one of logreg, conditional_logit, mlp")
 
 
 def question_folds(answer: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -77,9 +85,11 @@ def probe_targets_for_rows(seqs: Sequences, rows: np.ndarray) -> np.ndarray:
 
 
 def fit_probe(
-    X_rows: np.ndarray, seqs: Sequences, questions: np.ndarray | None, C: float, max_iter: int, seed: int
-) -> Pipeline:
-    """Fit a probe on the rows of `questions` (all questions when None); X_rows is (R, hidden) over all rows."""
+    X_rows: np.ndarray, seqs: Sequences, questions: np.ndarray | None, C: float, max_iter: int, seed: int,
+    family: str = "logreg",
+):
+    """Fit a probe on the rows of `questions` (all questions when None); X_rows is (R, hidden) over all rows.
+    A conditional-logit probe is fitted within questions (its `groups`)."""
     rows, _ = _rows_of(seqs, _all(seqs, questions))
     y = probe_targets_for_rows(seqs, rows)
     if len(np.unique(y)) < 2:
@@ -87,8 +97,13 @@ def fit_probe(
             f"probe: the {len(rows)} training rows hold a single class ({np.unique(y)}); "
             "use more train questions or fewer folds"
         )
-    probe = make_probe(C, max_iter, seed)
-    probe.fit(np.asarray(X_rows)[rows], y)
+    probe = make_probe(C, max_iter, seed, family)
+    if family == "conditional_logit":
+        if seqs.mode != "per_choice":
+            raise ValueError("probe family 'conditional_logit' needs per-choice rows; use prompt.mode=per_choice")
+        probe.fit(np.asarray(X_rows)[rows], y, groups=seqs.row_question[rows])
+    else:
+        probe.fit(np.asarray(X_rows)[rows], y)
     return probe
 
 
@@ -120,13 +135,13 @@ def choice_probs(
 
 def fit_predict(
     X_rows: np.ndarray, seqs: Sequences, fit_questions: np.ndarray, predict_questions: np.ndarray,
-    C: float, max_iter: int, seed: int,
+    C: float, max_iter: int, seed: int, family: str = "logreg",
 ) -> np.ndarray:
     """Fit on `fit_questions`, return choice probabilities of `predict_questions` (must not overlap)."""
     overlap = np.intersect1d(fit_questions, predict_questions)
     if len(overlap):
         raise ValueError(f"fit and predict questions overlap ({len(overlap)} shared, e.g. {overlap[0]})")
-    probe = fit_probe(X_rows, seqs, fit_questions, C, max_iter, seed)
+    probe = fit_probe(X_rows, seqs, fit_questions, C, max_iter, seed, family)
     return choice_probs(probe, X_rows, seqs, predict_questions)
 
 
@@ -157,13 +172,14 @@ def fit_and_score(
     max_iter: int,
     seed: int,
     train_questions: np.ndarray | None = None,
+    family: str = "logreg",
 ) -> dict[str, Any]:
     """Fit on train (restricted to `train_questions`), score every eval split.
 
     Returns {"C", "fit_seconds", "n_train", "acc": {split: float}, "probs": {split: (Q, C_max)}}.
     """
     t0 = time.perf_counter()
-    probe = fit_probe(train_X, train_seqs, train_questions, C, max_iter, seed)
+    probe = fit_probe(train_X, train_seqs, train_questions, C, max_iter, seed, family)
     fit_s = time.perf_counter() - t0
     acc, probs = {}, {}
     for name, (X, seqs) in evals.items():
@@ -176,7 +192,7 @@ def fit_and_score(
 
 def cross_fit(
     X: np.ndarray, seqs: Sequences, C: float, max_iter: int, folds: int, seed: int,
-    questions: np.ndarray | None = None,
+    questions: np.ndarray | None = None, family: str = "logreg",
 ) -> np.ndarray:
     """Out-of-fold probabilities (Q_sel, C_max) for `questions` (all when None), in that order.
 
@@ -187,7 +203,7 @@ def cross_fit(
     oof = np.zeros((len(questions), seqs.max_choices))
     for k in range(folds):
         held = fold == k
-        oof[held] = fit_predict(X, seqs, questions[~held], questions[held], C, max_iter, seed)
+        oof[held] = fit_predict(X, seqs, questions[~held], questions[held], C, max_iter, seed, family)
     return oof
 
 
@@ -195,16 +211,31 @@ def _get(r: Any, key: str) -> Any:
     return r[key] if isinstance(r, dict) else getattr(r, key)
 
 
-def select_best(results) -> tuple[int, float]:
-    """(layer, C) with the best VALIDATION accuracy; ties -> smaller C, then shallower layer.
-
-    Reads only `layer`, `C` and `val_acc` of each result (dicts or `ProbeResult`s).
-    """
+def best_result(results):
+    """The result with the best VALIDATION accuracy; ties -> smaller C, then shallower layer, then the
+    family listed first. Reads only `layer`, `C`, `val_acc` and `family` (if present) of each result."""
     results = list(results)
     if not results:
         raise ValueError("select_best: no probe results")
-    best = min(results, key=lambda r: (-float(_get(r, "val_acc")), float(_get(r, "C")), int(_get(r, "layer"))))
+    families = list(dict.fromkeys(r.get("family", "") if isinstance(r, dict) else "" for r in results))
+
+    def key(r):
+        fam = r.get("family", "") if isinstance(r, dict) else ""
+        return -float(_get(r, "val_acc")), float(_get(r, "C")), int(_get(r, "layer")), families.index(fam)
+
+    return min(results, key=key)
+
+
+def select_best(results) -> tuple[int, float]:
+    """(layer, C) of `best_result`: validation picks, test is never read."""
+    best = best_result(results)
     return int(_get(best, "layer")), float(_get(best, "C"))
+
+
+def best_per_layer(results) -> list:
+    """For each layer, its best result on validation (the probe-accuracy-by-layer curve)."""
+    layers = sorted({int(_get(r, "layer")) for r in results})
+    return [best_result([r for r in results if int(_get(r, "layer")) == layer]) for layer in layers]
 
 
 # ---------------------------------------------------------------------------------------------

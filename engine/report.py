@@ -5,7 +5,7 @@
     dataset, mode, teacher                      str                      required
     splits            {split: n_questions}                               required
     teacher_logit     {test_acc, test_acc_norm?, source?}                required: test_acc
-    probes            {per_layer: [{layer, C?, val_acc, test_acc}, ...],
+    probes            {per_layer: [{layer, family?, C?, val_acc, test_acc}, ...], sweep?: [...],
                        best: {layer, C?, val_acc, test_acc},
                        oof_acc?, temperature?, ece_raw?, ece_calibrated?} required: per_layer, best
     n_layers, config_hash, config, chance       optional (chance = mean of 1/n_choices on test)
@@ -197,8 +197,9 @@ def render_markdown(results: Mapping) -> str:
         if vb.get("tokens_per_s") is not None:
             notes.append(f"{_fmt_num(vb['tokens_per_s'], '.1f')} tokens/s")
         rows.append(["vLLM cross-check", fmt_pct(vb["test_acc"]), "; ".join(notes)])
+    family = f"{best['family']}, " if best.get("family") else ""
     rows.append([
-        f"Best probe (layer {best['layer']}, C={_fmt_num(best.get('C'))})",
+        f"Best probe ({family}layer {best['layer']}, C={_fmt_num(best.get('C'))})",
         fmt_pct(best["test_acc"]),
         f"chosen on validation ({fmt_pct(best['val_acc'])})",
     ])
@@ -209,10 +210,15 @@ def render_markdown(results: Mapping) -> str:
     # 2. Probe accuracy by layer.
     lines += ["## Probe accuracy by layer", "", f"![Probe accuracy by layer]({PLOT_PNG})", ""]
     rows = []
+    families = any(e.get("family") for e in probes["per_layer"])
     for e in probes["per_layer"]:
         layer = chosen_marker(e["layer"]) if e["layer"] == best["layer"] else str(e["layer"])
-        rows.append([layer, _fmt_num(e.get("C")), fmt_pct(e["val_acc"]), fmt_pct(e["test_acc"])])
-    lines += _table(["layer", "C", "validation", "test"], rows, ["l", "r", "r", "r"])
+        rows.append([layer, *([e.get("family") or ""] if families else []), _fmt_num(e.get("C")), fmt_pct(e["val_acc"]),
+                     fmt_pct(e["test_acc"])])
+    head = ["layer", *(["family"] if families else []), "C", "validation", "test"]
+    lines += _table(head, rows, ["l", *(["l"] if families else []), "r", "r", "r"])
+    if families:
+        lines += ["", "Each layer shows its best family and C on validation; `probes.sweep` in report.json has every fit."]
     lines += ["", f"← marks the layer chosen on validation (layer {best['layer']}).", ""]
 
     # 3. Students.

@@ -101,6 +101,8 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert report["labels"]["gold"]["train_label_acc"] == 1.0
     assert [p["layer"] for p in report["probes"]["per_layer"]] == [1, 2, 3, 4]
     assert report["probes"]["best"]["layer"] in (1, 2, 3, 4)
+    assert {(r["family"], r["layer"]) for r in report["probes"]["sweep"]} == {
+        (f, la) for f in ("logreg", "conditional_logit") for la in (1, 2, 3, 4)}  # configs/tiny.yaml sweeps both
     assert report["splits"] == {"train": 40, "validation": 20, "test": 24, "train_used": 40}
     assert report["vllm_baseline"]["n_questions"] == 8
     assert report["vllm_baseline"]["max_abs_diff_vs_transformers"] < 1e-3  # fp32 vLLM == fp32 transformers

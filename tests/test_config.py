@@ -53,3 +53,11 @@ def test_hash_is_stable_and_sensitive():
     # the store identity ignores what does not change the activations
     assert store_identity(a) == store_identity(c)
     assert store_identity(a) != store_identity(load("configs/default.yaml", ["extract.layers=[3]"]))
+
+
+def test_probe_families_are_checked():
+    assert from_dict({"probe": {"families": ["logreg", "conditional_logit", "mlp"]}}).probe.families[1] == "conditional_logit"
+    with pytest.raises(ConfigError, match="probe.families: use some of logreg, conditional_logit, mlp"):
+        from_dict({"probe": {"families": ["svm"]}})
+    with pytest.raises(ConfigError, match="probe.families: 'conditional_logit' .* needs prompt.mode=per_choice"):
+        from_dict({"prompt": {"mode": "letter"}, "probe": {"families": ["conditional_logit"]}})

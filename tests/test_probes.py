@@ -153,7 +153,8 @@ def test_letter_probe_missing_classes_in_fit():
     assert np.all(p[:, 3:] == 0)
 
 
-def test_cross_fit_never_sees_own_question(monkeypatch):
+@pytest.mark.parametrize("family", ["logreg", "conditional_logit", "mlp"])
+def test_cross_fit_never_sees_own_question(monkeypatch, family):
     rng = np.random.default_rng(3)
     n, a = random_questions(60, rng)
     seqs = make_seqs("per_choice", n, a)
@@ -172,8 +173,9 @@ def test_cross_fit_never_sees_own_question(monkeypatch):
 
     monkeypatch.setattr(pr, "fit_probe", spy_fit)
     monkeypatch.setattr(pr, "choice_probs", spy_probs)
-    oof = pr.cross_fit(X, seqs, C=1.0, max_iter=200, folds=3, seed=0, questions=subset)
+    oof = pr.cross_fit(X, seqs, C=1.0, max_iter=200, folds=3, seed=0, questions=subset, family=family)
     assert oof.shape == (45, 5) and len(fits) == len(preds) == 3
+    assert accuracy(oof, seqs.answer[subset]) > 0.6  # the planted signal is learnt by every family
     check_prob_rows(oof, n[subset])
     for fitted, predicted in zip(fits, preds):
         assert not set(fitted) & set(predicted)
@@ -350,13 +352,20 @@ def test_run_probe_sweep_on_ray(tmp_path, capsys):
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
     try:
-        out = run_probe_sweep(store, "per_choice", [2, 5], [0.1], ProbeConfig(cs=(0.1,), folds=3, max_iter=200),
-                              seed=0, train_questions=train_q)
+        families = ("logreg", "conditional_logit", "mlp")
+        out = run_probe_sweep(store, "per_choice", [2, 5], [0.1],
+                              ProbeConfig(cs=(0.1,), folds=3, max_iter=200, families=families), seed=0, train_questions=train_q)
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    assert "[probes] 2/2 layer" in capsys.readouterr().out
+    assert "[probes] 6/6 " in capsys.readouterr().out
     assert out["best"]["layer"] == 5 and out["best"]["C"] == 0.1
+    # every (family, layer) was fitted; per_layer keeps each layer's best on validation; best is the top of all
+    assert sorted((r["family"], r["layer"]) for r in out["sweep"]) == sorted((f, la) for f in families for la in (2, 5))
+    assert [r["layer"] for r in out["per_layer"]] == [2, 5]
+    for r in out["per_layer"]:
+        assert r["val_acc"] == max(x["val_acc"] for x in out["sweep"] if x["layer"] == r["layer"])
+    assert out["best"]["val_acc"] == max(x["val_acc"] for x in out["sweep"]) and out["best"]["family"] in families
     by_layer = {r["layer"]: r for r in out["per_layer"]}
     assert by_layer[5]["val_acc"] > by_layer[2]["val_acc"] and by_layer[5]["val_acc"] > 0.7
     np.testing.assert_array_equal(out["train_questions"], train_q)

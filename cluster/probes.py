@@ -1,7 +1,8 @@
-"""Probe sweep on Ray: one task per (family, layer, C), then one task per cross-fitting fold at the best.
+"""Probe sweep on Ray: one task per layer fitting every (family, C) on it, then one task per
+cross-fitting fold at the best.
 
-Every task opens the activation store itself and reads only its layer, so the driver ships nothing
-bigger than question indices. Tasks cap BLAS/OpenMP threads at their CPU reservation, so two tasks on
+Every task opens the activation store itself and reads only its layer, once, so the driver ships
+nothing bigger than question indices. Tasks cap BLAS/OpenMP threads at their CPU reservation, so two tasks on
 two cores do not oversubscribe. Ray must be initialised by the caller.
 """
 
@@ -46,24 +47,28 @@ def _read(store_path: str, split: str, mode: str, layer: int):
 
 
 @ray.remote
-def _layer_c_task(
-    store_path: str, mode: str, layer: int, C: float, max_iter: int, seed: int,
-    train_questions: np.ndarray | None, splits: tuple[str, str, str], threads: int, family: str,
-) -> dict[str, Any]:
-    """Fit a `family` probe on train at (layer, C), score validation and test. Returns accuracies and
-    probabilities."""
+def _layer_task(
+    store_path: str, mode: str, layer: int, jobs: list[tuple[str, float]], max_iter: int, seed: int,
+    train_questions: np.ndarray | None, splits: tuple[str, str, str], threads: int,
+) -> list[dict[str, Any]]:
+    """Read one layer once, then for every (family, C) in `jobs` fit on train and score validation and
+    test. Returns one result (accuracies and probabilities) per job."""
     with _limits(threads):
         t0 = time.perf_counter()
         train_split, val_split, test_split = splits
         train_X, train_seqs = _read(store_path, train_split, mode, layer)
         evals = {name: _read(store_path, name, mode, layer) for name in (val_split, test_split)}
         read_s = time.perf_counter() - t0
-        out = fit_and_score(train_X, train_seqs, evals, C, max_iter, seed, train_questions, family)
-    return {
-        "family": family, "layer": int(layer), "C": float(C), "val_acc": out["acc"][val_split], "test_acc": out["acc"][test_split],
-        "val_probs": out["probs"][val_split], "test_probs": out["probs"][test_split],
-        "fit_seconds": out["fit_seconds"], "read_seconds": read_s, "n_train": out["n_train"],
-    }
+        results = []
+        for family, C in jobs:
+            out = fit_and_score(train_X, train_seqs, evals, C, max_iter, seed, train_questions, family)
+            results.append({
+                "family": family, "layer": int(layer), "C": float(C), "val_acc": out["acc"][val_split],
+                "test_acc": out["acc"][test_split], "val_probs": out["probs"][val_split],
+                "test_probs": out["probs"][test_split], "fit_seconds": out["fit_seconds"], "read_seconds": read_s,
+                "n_train": out["n_train"],
+            })
+    return results
 
 
 @ray.remote
@@ -118,17 +123,19 @@ def run_probe_sweep(
     tq_ref = ray.put(tq)
     env = _thread_env(cpus_per_task)
 
-    # Phase 1: one task per (family, layer, C).
+    # Phase 1: one task per layer (read once), fitting every (family, C) on it.
     t0 = time.perf_counter()
-    jobs = [(f, int(layer), float(C)) for f in cfg.families for layer in layers for C in cs]
-    task = _layer_c_task.options(num_cpus=cpus_per_task, runtime_env=env)
-    refs = [task.remote(store_path, mode, layer, C, cfg.max_iter, seed, tq_ref, tuple(splits), cpus_per_task, f)
-            for f, layer, C in jobs]
-    results = _gather(
-        refs,
-        lambda i, r: (f"{r['family']} layer {r['layer']} C={r['C']:g} val {r['val_acc']:.2f} test {r['test_acc']:.2f} "
-                      f"({r['fit_seconds']:.1f} s)"),
-    )
+    jobs = [(f, float(C)) for f in cfg.families for C in cs]
+    task = _layer_task.options(num_cpus=cpus_per_task, runtime_env=env)
+    refs = [task.remote(store_path, mode, int(layer), jobs, cfg.max_iter, seed, tq_ref, tuple(splits), cpus_per_task)
+            for layer in layers]
+
+    def describe(i, rs):
+        b = best_result(rs)
+        return (f"layer {b['layer']}: {len(rs)} fits, best {b['family']} C={b['C']:g} val {b['val_acc']:.2f} "
+                f"test {b['test_acc']:.2f} ({sum(r['fit_seconds'] for r in rs):.1f} s)")
+
+    results = [r for rs in _gather(refs, describe) for r in rs]
     sweep_s = time.perf_counter() - t0
     best = best_result(results)
     best_family, best_layer, best_c = best["family"], best["layer"], best["C"]

@@ -358,7 +358,7 @@ def test_run_probe_sweep_on_ray(tmp_path, capsys):
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    assert "[probes] 6/6 " in capsys.readouterr().out
+    assert "[probes] 2/2 layer " in capsys.readouterr().out  # one task per layer, 3 fits each
     assert out["best"]["layer"] == 5 and out["best"]["C"] == 0.1
     # every (family, layer) was fitted; per_layer keeps each layer's best on validation; best is the top of all
     assert sorted((r["family"], r["layer"]) for r in out["sweep"]) == sorted((f, la) for f in families for la in (2, 5))

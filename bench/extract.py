@@ -19,6 +19,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,9 +95,7 @@ def engine_run(model, seqs: Sequences, layers: list[int], pad_id: int, scores: b
     res = {"seconds": seconds, "tokens_run": tokens, "bytes_on_disk": on_disk, "bytes_payload": payload,
            "bytes_ratio": on_disk / payload, "states": np.asarray(view.group["activations"][:]),
            "scores": view.scores() if scores else None}
-    for f in sorted(tmp.rglob("*"), reverse=True):
-        f.unlink() if f.is_file() else f.rmdir()
-    tmp.rmdir()
+    shutil.rmtree(tmp)
     return res
 
 

@@ -99,7 +99,10 @@ def main() -> None:
         "ratio_ray_over_sequential_one_thread": round(ray_s / seq1_s, 2), "ray_s": round(ray_s, 1),
         "ray_warm_workers_s": round(ray_warm_s, 1), "ray_start_s": round(start_s, 1),
         "ratio_ray_over_sequential": round(ray_s / seq_s, 2), "same_best": same,
-        "best": {k: out["best"][k] for k in ("family", "layer", "C", "val_acc")},
+        "best": {k: out["best"][k] for k in ("family", "layer", "C", "val_acc", "test_acc")},
+        "per_family": {f: {k: b[k] for k in ("layer", "C", "val_acc", "test_acc")}
+                       for f in pc.families for b in [best_result([r for r in out["sweep"] if r["family"] == f])]},
+        "oof_ece_raw": out["ece_raw"], "oof_ece_calibrated": out["ece_calibrated"], "temperature": out["temperature"],
         "versions": {k: md.version(k) for k in ("ray", "scikit-learn", "scipy", "numpy")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

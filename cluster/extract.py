@@ -156,7 +156,7 @@ def store_meta(cfg: Config, model_path: str, layers: list[int], n_model_layers: 
 
 def run_extraction(
     cfg: Config, model_path: str, splits: dict[str, tuple[Sequences, list[str]]], layers: list[int],
-    n_model_layers: int, hidden: int, pad_id: int, *, actor_cls: type = TeacherActor,
+    n_model_layers: int, hidden: int, pad_id: int, *, actor_cls: type | None = None,
 ) -> Path:
     """Build (or resume, or reuse) the activation store for all splits. Returns its committed path."""
     path = Path(cfg.out_dir) / "activations.zarr"
@@ -182,7 +182,7 @@ def run_extraction(
           f"({e.placement}); layers {layers[0]}..{layers[-1]} ({len(layers)}), "
           f"teacher scores {'on' if e.teacher_scores else 'off'}", flush=True)
     t0 = time.perf_counter()
-    pool = ReplicaPool(cfg, (model_path, cfg, layers, pad_id), actor_cls)
+    pool = ReplicaPool(cfg, (model_path, cfg, layers, pad_id), actor_cls or TeacherActor)
     try:
         log = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0)
         log["replicas"] = ray.get([a.info.remote() for a in pool.actors])

@@ -101,7 +101,8 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract(run: Run) -> Path:
+def extract(run: Run, actor_cls: type | None = None) -> Path:
+    """`actor_cls`: the replica class (None: `cluster.extract.TeacherActor`)."""
     from cluster.extract import run_extraction
 
     cfg = run.cfg
@@ -110,7 +111,7 @@ def extract(run: Run) -> Path:
     splits = {r: (run.seqs[r], [ex.id for ex in run.examples[r]]) for r in ROLES}
     mc = run.model_config
     path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
-                          run.tokenizer.pad_token_id)
+                          run.tokenizer.pad_token_id, actor_cls=actor_cls)
     run.timings["extract"] = store.open_store(path).attrs.get("extract_seconds")
     return path
 

@@ -4,17 +4,14 @@ runs end to end through local Ray, Zarr, vLLM and Ray Train, all real."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import zarr
+from conftest import distill
 
 from cluster.cli import main
 from engine import store
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _copy_split_files(shared_data: Path, dest: Path, n: int = 30) -> Path:
@@ -82,14 +79,10 @@ def test_layers_beyond_the_teacher(tmp_path, tiny_model, capsys):
     _assert_nothing_written(tmp_path)
 
 
-def _distill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "run"
-    res = _distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
+    res = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in ("[extract] committed", "[probes] best on validation", "[baseline] vLLM teacher accuracy",
                   "[train] student[probe] test accuracy", "[report] wrote"):
@@ -119,11 +112,11 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert not (out / "activations.zarr.partial").exists()
 
     # A second run reuses every artifact; a run whose store would differ is refused, naming the field.
-    again = _distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
+    again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[probe] reusing" in again.stdout and "[train] reusing" in again.stdout
     assert json.loads((out / "report.json").read_text())["students"] == report["students"]
-    refused = _distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")
+    refused = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")
     assert refused.returncode == 2
     assert "extract.layers: store has [1, 2, 3, 4], config has [1, 2]" in refused.stderr
     shutil.rmtree(out / "ray_train", ignore_errors=True)

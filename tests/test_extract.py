@@ -93,7 +93,7 @@ def test_sigkill_then_resume_gives_the_same_store(tmp_path, tiny_model, extract_
 @pytest.mark.slow
 def test_replica_dying_mid_chunk_costs_no_rows(tmp_path, tiny_model, extract_reference):
     from cluster import pipeline, runtime
-    from cluster.extract import TeacherActor, run_extraction
+    from cluster.extract import TeacherActor
     from engine.config import load
 
     marker = tmp_path / "died-once"
@@ -119,10 +119,7 @@ def test_replica_dying_mid_chunk_costs_no_rows(tmp_path, tiny_model, extract_ref
     run.check_inputs()
     runtime.init(cfg.ray)
     try:
-        splits = {r: (run.seqs[r], [ex.id for ex in run.examples[r]]) for r in run.seqs}
-        mc = run.model_config
-        path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
-                              run.tokenizer.pad_token_id, actor_cls=DiesMidChunk)
+        path = pipeline.extract(run, actor_cls=DiesMidChunk)
     finally:
         runtime.shutdown()
     assert marker.exists()

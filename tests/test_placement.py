@@ -17,7 +17,6 @@ def test_replicas_land_where_the_config_says(tmp_path, tiny_model, extract_refer
     import ray
     from ray.cluster_utils import Cluster
 
-    from cluster.extract import run_extraction
     from engine.config import load
 
     ray.shutdown()
@@ -35,10 +34,7 @@ def test_replicas_land_where_the_config_says(tmp_path, tiny_model, extract_refer
     run.check_inputs()
     try:
         runtime.init(cfg.ray)
-        splits = {r: (run.seqs[r], [ex.id for ex in run.examples[r]]) for r in run.seqs}
-        mc = run.model_config
-        path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
-                              run.tokenizer.pad_token_id)
+        path = pipeline.extract(run)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     finally:
         runtime.shutdown()

@@ -1,7 +1,11 @@
-"""Teacher baseline with vLLM: sum of continuation log-probabilities, scored inside a Ray actor.
+"""Teacher baselines with vLLM, scored inside a Ray actor.
 
-vLLM lives in an actor killed after use (the interpreter may abort at exit once vLLM ran). Per-choice
-mode scores each row's choice text; letter mode each label token after 'Answer:'. Callers normalise.
+* Letter mode: one request per question, one generated token, and the log-probabilities vLLM
+  returns for exactly the label tokens (`logprob_token_ids`), normalised over the whole vocabulary.
+* Per-choice mode: the sum of the choice text's log-probabilities, from `prompt_logprobs`.
+
+vLLM lives in an actor killed after use (the interpreter may abort at exit once vLLM ran). Callers
+normalise.
 """
 
 from __future__ import annotations
@@ -47,6 +51,18 @@ class VLLMScorer:
     def ready(self) -> float:
         return self.startup_s
 
+    def letters(self, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int]) -> np.ndarray:
+        """(Q, len(letter_ids)) float64: log p(label token | prompt) from one generated token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = [int(t) for t in letter_ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts], params,
+                                 use_tqdm=False)
+        # logprobs[0] maps each requested id (and the sampled one) to its Logprob at the first new token.
+        return np.array([[o.outputs[0].logprobs[0][t].logprob for t in ids] for o in outs], dtype=np.float64)
+
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         """(N,) float64: sum of log p(cont_t | prefix, cont_<t) for each (prefix_ids, cont_ids)."""
         from vllm import SamplingParams
@@ -79,26 +95,15 @@ class ScoreResult:
         return self.n_tokens / max(self.score_s, 1e-9)
 
 
-def build_pairs(seqs: Sequences, letter: bool | None = None) -> list[Pair]:
-    """Per-choice: (prefix, choice text) per row. Letter: (prompt, [label id]) per (question, choice)."""
-    if not (seqs.mode == "letter" if letter is None else letter):
-        return [(s[: int(b)].tolist(), s[int(b) :].tolist()) for s, b in zip(seqs.ids, seqs.start)]
-    return [
-        (seqs.ids[r].tolist(), [int(seqs.letter_ids[c])])
-        for r in range(seqs.n_rows)
-        for c in range(int(seqs.n_choices[seqs.row_question[r]]))
-    ]
+def build_pairs(seqs: Sequences) -> list[Pair]:
+    """Per-choice mode: (prefix, choice text) per row."""
+    return [(s[: int(b)].tolist(), s[int(b) :].tolist()) for s, b in zip(seqs.ids, seqs.start)]
 
 
-def shape_scores(seqs: Sequences, flat: np.ndarray, letter: bool | None = None) -> np.ndarray:
-    """Flat scores in `build_pairs` order -> (R,) per-choice, or (Q, C_max) letter (-inf where absent)."""
-    if not (seqs.mode == "letter" if letter is None else letter):
-        return flat
-    out = np.full((seqs.n_questions, seqs.max_choices), -np.inf)
-    q = np.repeat(seqs.row_question, seqs.n_choices[seqs.row_question])
-    c = np.concatenate([np.arange(n) for n in seqs.n_choices[seqs.row_question]]) if len(q) else q
-    out[q, c] = flat
-    return out
+def mask_absent(seqs: Sequences, scores: np.ndarray) -> np.ndarray:
+    """(Q, C_max) letter scores with -inf beyond each question's choices."""
+    present = np.arange(scores.shape[1])[None, :] < seqs.n_choices[:, None]
+    return np.where(present, scores, -np.inf)
 
 
 def model_len_for(*seqs: Sequences) -> int:
@@ -123,25 +128,32 @@ def start_scorer(
 
 def score_sequences(
     model_dir: str, seqs: Sequences, cfg: BaselineConfig, *, num_cpus: int, num_gpus: float = 0,
-    letter: bool | None = None, scorer: Any = None,
+    scorer: Any = None, quiet: bool = False,
 ) -> ScoreResult:
-    """Score `seqs` with the teacher in vLLM (Ray must be initialised). `letter=None` follows `seqs.mode`.
+    """Score `seqs` with the teacher in vLLM, by `seqs.mode` (Ray must be initialised).
 
     Starts a scorer actor (on GPU pass num_gpus=cfg.tensor_parallel_size) and kills it afterwards,
     unless `scorer` (from `start_scorer`) is given: that actor is used and left running.
     """
-    pairs, own = build_pairs(seqs, letter), scorer is None
+    letter, own = seqs.mode == "letter", scorer is None
     try:
         if own:
             scorer = start_scorer(model_dir, cfg, model_len_for(seqs), num_cpus=num_cpus, num_gpus=num_gpus)
         startup_s = ray.get(scorer.ready.remote())
         t0 = time.perf_counter()
-        flat = ray.get(scorer.score.remote(pairs))
+        if letter:
+            prompts = [x.tolist() for x in seqs.ids]
+            flat = ray.get(scorer.letters.remote(prompts, seqs.letter_ids.tolist())) if prompts else np.zeros((0, 0))
+        else:
+            pairs = build_pairs(seqs)
+            flat = ray.get(scorer.score.remote(pairs))
         score_s = time.perf_counter() - t0
     finally:
         if own and scorer is not None:
             ray.kill(scorer)
-    n_tokens = sum(len(p) + len(c) for p, c in pairs)
-    res = ScoreResult(shape_scores(seqs, flat, letter), len(pairs), n_tokens, score_s, startup_s)
-    print(f"vLLM baseline: {n_tokens} tokens in {score_s:.2f}s = {res.tokens_per_s:.0f} tok/s")
+    n_tokens = int(seqs.lengths().sum())
+    scores = mask_absent(seqs, flat) if letter else flat
+    res = ScoreResult(scores, seqs.n_rows, n_tokens, score_s, startup_s)
+    if not quiet:
+        print(f"vLLM baseline: {n_tokens} tokens in {score_s:.2f}s = {res.tokens_per_s:.0f} tok/s", flush=True)
     return res

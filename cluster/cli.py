@@ -43,10 +43,12 @@ def execute(command: str, cfg) -> dict | None:
             pipeline.extract(run)
         if command == "extract":
             return None
-        if command in ("probe", "train", "report", "run"):
-            probe_meta, probe_arrays = pipeline.probe(run)
+        probe_meta = None
+        letter_table = cfg.prompt.mode == "letter" and cfg.baseline.enabled and bool(cfg.baseline.formats)
+        if command in ("probe", "train", "report", "run") or (command == "baseline" and letter_table):
+            probe_meta, probe_arrays = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
         if command in ("baseline", "report", "run"):
-            base = pipeline.baseline(run)
+            base = pipeline.baseline(run, probe_meta)
         if command in ("train", "report", "run"):
             students = pipeline.train(run, probe_arrays)
         if command in ("report", "run"):

@@ -57,11 +57,13 @@ class TeacherActor:
     def info(self) -> dict:
         return self.where
 
-    def forward(self, seqs: Sequences) -> ForwardOut:
+    def forward(self, seqs: Sequences, scores: bool | None = None) -> ForwardOut:
+        """States of `self.layers` for every row, with teacher scores if `scores` (None: the config's)."""
+        scores = self.cfg.extract.teacher_scores if scores is None else scores
         with self.forward_lock:  # one forward at a time; shipping and writing other chunks overlap it
             return forward_rows(
                 self.model, seqs, np.arange(seqs.n_rows), self.layers, pool=self.cfg.prompt.pool,
-                pad_id=self.pad_id, batch_size=self.cfg.extract.batch_size, scores=self.cfg.extract.teacher_scores,
+                pad_id=self.pad_id, batch_size=self.cfg.extract.batch_size, scores=scores,
             )
 
     def write(self, part: str, split: str, chunk: int, out: ForwardOut) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from engine import artifacts, labels, metrics, store
 from engine.config import Config, ConfigError, config_hash, store_identity, to_dict
 from engine.models import load_tokenizer, resolve_model
+from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import ROLES, Example, load_role, stratified_subset
 from engine.teacher import teacher_choice_logprobs
@@ -75,6 +76,9 @@ class Run:
         bad = [x for x in layers if x > n]
         if bad:
             raise ConfigError(f"extract.layers: {bad} exceed the teacher's {n} layers; use 1..{n}")
+        k = self.cfg.probe.combine_layers
+        if self.cfg.probe.combine and k > len(layers):
+            raise ConfigError(f"probe.combine_layers: {k} exceeds the {len(layers)} stored layers; lower it or store more")
         return sorted(layers)
 
     @property
@@ -144,12 +148,20 @@ def probe(run: Run) -> tuple[dict, dict]:
 
 
 def _baseline_identity(cfg: Config) -> dict:
-    return {**store_identity(cfg), "baseline": to_dict(cfg.baseline)}
+    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline), "prompt.answer_format": cfg.prompt.answer_format}
+    if cfg.prompt.mode == "letter" and cfg.baseline.formats:  # the brittleness table scores the probe too
+        ident["probe"] = _probe_identity(cfg)
+    return ident
 
 
-def baseline(run: Run) -> dict | None:
-    """Score test questions with the teacher in vLLM; compare with the extraction forward's scores."""
-    from cluster.baseline import score_sequences
+def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
+    """Score a test sample with the teacher in vLLM and compare with the extraction forward's scores.
+    Then ask the same questions under `baseline.formats` and `baseline.permutations`: the brittleness
+    table (in letter mode `probe_meta`'s probe is scored there too)."""
+    import ray
+
+    from cluster.baseline import model_len_for, score_sequences, start_scorer
+    from cluster.brittleness import brittleness, variant_sequences
 
     cfg = run.cfg
     where = run.out / f"baseline-{config_hash(_baseline_identity(cfg))[:8]}"
@@ -166,9 +178,17 @@ def baseline(run: Run) -> dict | None:
     cap = cfg.baseline.max_questions
     qs = stratified_subset(test.answer, min(1.0, cap / n), cfg.seed) if cap and cap < n else np.arange(n)
     sub = test.select(qs)
-    log("baseline", f"vLLM scoring {len(qs)} test questions ({sub.n_rows} prompts)")
-    res = score_sequences(run.model_path, sub, cfg.baseline, num_cpus=cfg.extract.cpus_per_replica,
+    asked = variant_sequences(cfg, [run.examples["test"][q] for q in qs], run.tokenizer)
+    log("baseline", f"vLLM scoring {len(qs)} test questions ({sub.n_rows} prompts), then {len(asked)} variants")
+    scorer = start_scorer(run.model_path, cfg.baseline, model_len_for(sub, *(s for _, s in asked)),
+                          num_cpus=cfg.extract.cpus_per_replica,
                           num_gpus=cfg.baseline.tensor_parallel_size if cfg.extract.gpus_per_replica else 0)
+    try:
+        res = score_sequences(run.model_path, sub, cfg.baseline, num_cpus=0, scorer=scorer)
+        asked_res = [score_sequences(run.model_path, s, cfg.baseline, num_cpus=0, scorer=scorer, quiet=True)
+                     for _, s in asked]
+    finally:
+        ray.kill(scorer)
     if test.mode == "letter":
         vllm_logp = res.scores
     else:
@@ -186,6 +206,10 @@ def baseline(run: Run) -> dict | None:
         meta["max_abs_diff_vs_transformers"] = float(np.abs(vllm_logp[present] - hf_logp[present]).max())
     log("baseline", f"vLLM teacher accuracy {meta['test_acc']:.3f} on {len(qs)} questions; "
                     f"max |vLLM - transformers| = {meta.get('max_abs_diff_vs_transformers', float('nan')):.2e}")
+    if asked:
+        meta["brittleness"] = brittleness(run, asked, [r.scores for r in asked_res], probe_meta)
+        meta["brittleness"]["tokens_per_s"] = sum(r.n_tokens for r in asked_res) / max(sum(r.score_s for r in asked_res), 1e-9)
+        print("\n".join(brittleness_lines(meta["brittleness"])), flush=True)
     run.timed("baseline", t0)
     meta["stage_seconds"] = run.timings["baseline"]
     artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
@@ -253,7 +277,8 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
                    "source": "transformers (extraction forward)"}
     else:
         teacher = {"test_acc": base["test_acc"], "source": f"vLLM on {base['n_questions']} test questions"}
-    keys = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated")
+    keys = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "n_pool", "pool_acc",
+            "pool_ece")
     results = {
         "dataset": cfg.data.dataset, "mode": cfg.prompt.mode, "teacher": cfg.teacher.model,
         "n_layers": int(run.model_config.num_hidden_layers),

@@ -1,7 +1,7 @@
-"""Probe sweep on Ray: one task per layer fitting every (family, C) on it, then one task per
-cross-fitting fold at the best.
+"""Probe sweep on Ray: one task per layer fitting every (family, C) on it, optional multi-layer
+candidates, then one task per cross-fitting fold at the best (and one for the unlabelled pool).
 
-Every task opens the activation store itself and reads only its layer, once, so the driver ships
+Every task opens the activation store itself and reads only its layers, once each, so the driver ships
 nothing bigger than question indices. Tasks cap BLAS/OpenMP threads at their CPU reservation, so two tasks on
 two cores do not oversubscribe. Ray must be initialised by the caller.
 """
@@ -21,9 +21,12 @@ from engine.probes import (
     apply_temperature,
     best_per_layer,
     best_result,
+    combine_members,
+    ensemble_result,
     fit_and_score,
-    fit_predict,
+    fit_predict_layers,
     fit_temperature,
+    layer_features,
     question_folds,
 )
 
@@ -39,31 +42,39 @@ def _limits(n: int):
     return threadpool_limits(limits=max(1, int(n)))
 
 
-def _read(store_path: str, split: str, mode: str, layer: int):
+def _read(store_path: str, split: str, mode: str, layers: list[int]):
+    """({layer: (rows, hidden) states}, Sequences) of one split, each layer read once."""
     from engine.store import open_store, read_split
 
     view = read_split(open_store(store_path), split, mode)
-    return view.layer(layer), view.seqs
+    return {int(layer): view.layer(int(layer)) for layer in layers}, view.seqs
 
 
 @ray.remote
-def _layer_task(
-    store_path: str, mode: str, layer: int, jobs: list[tuple[str, float]], max_iter: int, seed: int,
+def _fit_task(
+    store_path: str, mode: str, layers: list[int], jobs: list[tuple[str, float]], max_iter: int, seed: int,
     train_questions: np.ndarray | None, splits: tuple[str, str, str], threads: int,
 ) -> list[dict[str, Any]]:
-    """Read one layer once, then for every (family, C) in `jobs` fit on train and score validation and
-    test. Returns one result (accuracies and probabilities) per job."""
+    """Read `layers` once, then for every (family, C) in `jobs` fit on train and score validation and
+    test. One layer: a single-layer probe; several: the 'concat' candidate on their states side by side.
+    Returns one result (accuracies and probabilities) per job."""
     with _limits(threads):
         t0 = time.perf_counter()
         train_split, val_split, test_split = splits
-        train_X, train_seqs = _read(store_path, train_split, mode, layer)
-        evals = {name: _read(store_path, name, mode, layer) for name in (val_split, test_split)}
+        states, train_seqs = _read(store_path, train_split, mode, layers)
+        train_X = layer_features(states, layers)
+        evals = {}
+        for name in (val_split, test_split):
+            split_states, seqs = _read(store_path, name, mode, layers)
+            evals[name] = (layer_features(split_states, layers), seqs)
         read_s = time.perf_counter() - t0
+        single = len(layers) == 1
         results = []
         for family, C in jobs:
             out = fit_and_score(train_X, train_seqs, evals, C, max_iter, seed, train_questions, family)
             results.append({
-                "family": family, "layer": int(layer), "C": float(C), "val_acc": out["acc"][val_split],
+                "family": family, "combine": None if single else "concat", "layer": int(layers[0]) if single else None,
+                "layers": [int(x) for x in layers], "C": float(C), "val_acc": out["acc"][val_split],
                 "test_acc": out["acc"][test_split], "val_probs": out["probs"][val_split],
                 "test_probs": out["probs"][test_split], "fit_seconds": out["fit_seconds"], "read_seconds": read_s,
                 "n_train": out["n_train"],
@@ -73,13 +84,15 @@ def _layer_task(
 
 @ray.remote
 def _fold_task(
-    store_path: str, mode: str, layer: int, C: float, max_iter: int, seed: int,
+    store_path: str, mode: str, layers: list[int], combine: str | None, C: float, max_iter: int, seed: int,
     fit_questions: np.ndarray, held_questions: np.ndarray, train_split: str, threads: int, family: str,
 ) -> np.ndarray:
-    """Fit on `fit_questions`, return (len(held_questions), C_max) probabilities of the held-out fold."""
+    """Fit the candidate (`layers`, `combine`) on `fit_questions`, return (len(held_questions), C_max)
+    probabilities of the held-out questions (a cross-fitting fold, or the unlabelled pool)."""
     with _limits(threads):
-        X, seqs = _read(store_path, train_split, mode, layer)
-        return fit_predict(X, seqs, fit_questions, held_questions, C, max_iter, seed, family).astype(np.float32)
+        states, seqs = _read(store_path, train_split, mode, layers)
+        return fit_predict_layers(states, layers, combine, seqs, fit_questions, held_questions, C, max_iter, seed,
+                                  family).astype(np.float32)
 
 
 def _gather(refs: list, describe) -> list:
@@ -95,6 +108,31 @@ def _gather(refs: list, describe) -> list:
     return out
 
 
+def _name(r: dict) -> str:
+    """'logreg layer 5' or 'concat of logreg layers 2+5'."""
+    if r["layer"] is not None:
+        return f"{r['family']} layer {r['layer']}"
+    return f"{r['combine']} of {r['family']} layers {'+'.join(str(x) for x in r['layers'])}"
+
+
+def _combined(results: list[dict], cfg: ProbeConfig, submit, val_seqs, test_seqs) -> list[dict]:
+    """The multi-layer candidates of `cfg.combine` over the `cfg.combine_layers` best layers (on validation)
+    of the best single-layer family and C: 'ensemble' from phase-1 probabilities, 'concat' as one task."""
+    if not cfg.combine:
+        return []
+    top = best_result(results)
+    members = combine_members(results, cfg.combine_layers, top["family"], top["C"])
+    out = []
+    if "concat" in cfg.combine:
+        out += _gather([submit(members, [(top["family"], top["C"])])], lambda i, rs: _name(rs[0]) + " fitted")[0]
+    if "ensemble" in cfg.combine:
+        by_layer = {r["layer"]: r for r in results if r["family"] == top["family"] and r["C"] == top["C"] and r["layer"] is not None}
+        out.append(ensemble_result([by_layer[layer] for layer in members], val_seqs, test_seqs))
+    for r in out:
+        print(f"[probes] {_name(r)} C={r['C']:g}: val {r['val_acc']:.3f} test {r['test_acc']:.3f}", flush=True)
+    return out
+
+
 def run_probe_sweep(
     store_path: str,
     mode: str,
@@ -106,68 +144,77 @@ def run_probe_sweep(
     splits: tuple[str, str, str] = ("train", "validation", "test"),
     cpus_per_task: int = 1,
 ) -> dict[str, Any]:
-    """Sweep (family, layer, C) on validation, then cross-fit the best on train and calibrate it.
+    """Sweep (family, layer, C) and the `cfg.combine` multi-layer candidates on validation, then
+    cross-fit the best on train and calibrate it.
 
-    `train_questions` restricts every probe fit (and the OOF labels) to those train questions, in
-    that order (None: all). Returns per-layer scores, the best pair, calibrated and raw OOF
-    probabilities of the train questions, the temperature, ECE before/after, and the best test probs.
+    `train_questions` restricts every probe fit (and the OOF labels) to those labelled train questions,
+    in that order (None: all). Returns per-layer scores, every candidate, the best, calibrated and raw
+    OOF probabilities of the train questions, the temperature, ECE before/after, and the best test
+    probs. With `cfg.label_pool`, the other train questions are the pool: the best probe fitted on all
+    labelled questions predicts them (`pool_*`); their gold answers are read only for `pool_acc`/`pool_ece`.
     """
     from engine.store import open_store, read_split
 
     store_path = str(Path(store_path).resolve())
-    train_split, _, test_split = splits
+    train_split, val_split, test_split = splits
     root = open_store(store_path)
     train_seqs = read_split(root, train_split, mode).seqs
+    val_seqs = read_split(root, val_split, mode).seqs
     test_seqs = read_split(root, test_split, mode).seqs
     tq = np.arange(train_seqs.n_questions) if train_questions is None else np.asarray(train_questions, np.int64)
+    pool = np.setdiff1d(np.arange(train_seqs.n_questions), tq) if cfg.label_pool else None
+    if pool is not None and not len(pool):
+        raise ValueError("probe.label_pool: every train question is labelled, so the pool is empty; lower data.train_fraction")
     tq_ref = ray.put(tq)
     env = _thread_env(cpus_per_task)
 
-    # Phase 1: one task per layer (read once), fitting every (family, C) on it.
+    # Phase 1: one task per layer (read once), fitting every (family, C) on it; then the multi-layer candidates.
     t0 = time.perf_counter()
     jobs = [(f, float(C)) for f in cfg.families for C in cs]
-    task = _layer_task.options(num_cpus=cpus_per_task, runtime_env=env)
-    refs = [task.remote(store_path, mode, int(layer), jobs, cfg.max_iter, seed, tq_ref, tuple(splits), cpus_per_task)
-            for layer in layers]
+    task = _fit_task.options(num_cpus=cpus_per_task, runtime_env=env)
+
+    def submit(task_layers, task_jobs):
+        return task.remote(store_path, mode, [int(x) for x in task_layers], task_jobs, cfg.max_iter, seed, tq_ref,
+                           tuple(splits), cpus_per_task)
 
     def describe(i, rs):
         b = best_result(rs)
         return (f"layer {b['layer']}: {len(rs)} fits, best {b['family']} C={b['C']:g} val {b['val_acc']:.2f} "
                 f"test {b['test_acc']:.2f} ({sum(r['fit_seconds'] for r in rs):.1f} s)")
 
-    results = [r for rs in _gather(refs, describe) for r in rs]
+    results = [r for rs in _gather([submit([layer], jobs) for layer in layers], describe) for r in rs]
+    results += _combined(results, cfg, submit, val_seqs, test_seqs)
     sweep_s = time.perf_counter() - t0
     best = best_result(results)
-    best_family, best_layer, best_c = best["family"], best["layer"], best["C"]
-    print(f"[probes] best on validation: {best_family} layer {best_layer} C={best_c:g} val {best['val_acc']:.3f} "
+    best_family, best_layers, best_combine, best_c = best["family"], best["layers"], best["combine"], best["C"]
+    print(f"[probes] best on validation: {_name(best)} C={best_c:g} val {best['val_acc']:.3f} "
           f"(test {best['test_acc']:.3f}); sweep {sweep_s:.1f} s", flush=True)
 
-    # Phase 2: cross-fit the best pair, one task per fold of the train questions.
+    # Phase 2: cross-fit the best, one task per fold of the labelled train questions (+ one for the pool).
     t1 = time.perf_counter()
     answer = train_seqs.answer[tq]
     fold = question_folds(answer, cfg.folds, seed)
     task = _fold_task.options(num_cpus=cpus_per_task, runtime_env=env)
-    fold_refs = [
-        task.remote(store_path, mode, best_layer, best_c, cfg.max_iter, seed, tq[fold != k], tq[fold == k],
-                    train_split, cpus_per_task, best_family)
-        for k in range(cfg.folds)
-    ]
-    held = _gather(fold_refs, lambda k, p: f"fold {k}: {len(p)} questions held out")
+    splits_to_fit = [(tq[fold != k], tq[fold == k]) for k in range(cfg.folds)]
+    if pool is not None:
+        splits_to_fit.append((tq, pool))  # all labelled questions fit; the pool is only predicted
+    refs = [task.remote(store_path, mode, best_layers, best_combine, best_c, cfg.max_iter, seed, fit_q, held_q,
+                        train_split, cpus_per_task, best_family) for fit_q, held_q in splits_to_fit]
+    held = _gather(refs, lambda k, p: f"fold {k}: {len(p)} questions held out" if k < cfg.folds else f"pool: {len(p)} questions predicted")
     oof_raw = np.zeros((len(tq), train_seqs.max_choices), dtype=np.float32)
-    for k, probs in enumerate(held):
-        oof_raw[fold == k] = probs
+    for k in range(cfg.folds):
+        oof_raw[fold == k] = held[k]
     crossfit_s = time.perf_counter() - t1
 
     # Calibration on the held-out (OOF) predictions only.
-    summary = ("family", "layer", "C", "val_acc", "test_acc", "fit_seconds")
+    summary = ("family", "combine", "layer", "layers", "C", "val_acc", "test_acc", "fit_seconds")
     T = fit_temperature(oof_raw, answer, is_logits=False)
     oof_cal = apply_temperature(oof_raw, T).astype(np.float32)
     test_cal = apply_temperature(best["test_probs"], T).astype(np.float32)
     out = {
         "per_layer": [{k: r[k] for k in summary} for r in best_per_layer(results)],
         "sweep": [{k: r[k] for k in summary} for r in results],
-        "best": {"family": best_family, "layer": best_layer, "C": best_c, "val_acc": best["val_acc"],
-                 "test_acc": best["test_acc"]},
+        "best": {k: best[k] for k in summary if k != "fit_seconds"},
         "oof_probs": oof_cal,
         "oof_probs_raw": oof_raw,
         "temperature": T,
@@ -183,4 +230,17 @@ def run_probe_sweep(
     }
     print(f"[probes] OOF acc {out['oof_acc']:.3f} on {len(tq)} train questions; T={T:.2f} "
           f"ECE {out['ece_raw']:.3f} -> {out['ece_calibrated']:.3f}; cross-fit {crossfit_s:.1f} s", flush=True)
+    if pool is not None:
+        out.update(_pool_outputs(held[-1], T, pool, train_seqs.answer[pool]))
+        print(f"[probes] pseudo-labels on {len(pool)} pool questions: acc {out['pool_acc']:.3f} "
+              f"ECE {out['pool_ece']:.3f} (withheld gold, reported only)", flush=True)
     return out
+
+
+def _pool_outputs(pool_raw: np.ndarray, T: float, pool: np.ndarray, withheld_gold: np.ndarray) -> dict[str, Any]:
+    """The pool's pseudo-labels, calibrated with the OOF temperature, and their scores against the
+    withheld gold (reported only; nothing upstream reads them)."""
+    pool_cal = apply_temperature(pool_raw, T).astype(np.float32)
+    return {"pool_questions": pool.astype(np.int64), "pool_probs": pool_cal, "pool_probs_raw": pool_raw,
+            "n_pool": int(len(pool)), "pool_acc": accuracy(pool_raw, withheld_gold),
+            "pool_ece": ece(pool_cal, withheld_gold), "pool_ece_raw": ece(pool_raw, withheld_gold)}

@@ -72,7 +72,8 @@ class PromptConfig:
     """'letter': choices listed with labels, one state at 'Answer:'; 'per_choice': one sequence per choice."""
     answer_format: str = " {letter}"
     """How a choice label is written, with {letter} (A, B, ...) or {number} (1, 2, ...): ' {letter}',
-    '{letter}', '({letter})', '{number}.'. Letter mode scores the first token of ' '+label."""
+    '{letter}', '({letter})', '{number}.'. Letter mode scores the token where the labels first differ;
+    tokens they all share (the '(' of '(A)') end the prompt."""
     pool: str = "last"
     """Per-choice mode: the state at the choice's last token ('last') or the mean over its tokens ('mean')."""
     max_length: int = 512
@@ -109,6 +110,7 @@ class TeacherConfig:
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PROBE_FAMILIES = ("logreg", "conditional_logit", "mlp")
+PROBE_COMBINES = ("concat", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -156,11 +158,25 @@ class ProbeConfig:
     """Probe families swept with every (layer, C): 'logreg' (StandardScaler + logistic regression),
     'conditional_logit' (one scorer softmaxed within each question; per-choice mode only) and 'mlp'
     (one hidden layer). Validation picks the family too."""
+    combine: tuple[str, ...] = ()
+    """Multi-layer candidates added to the sweep, over the `combine_layers` layers whose probes of the
+    best single-layer family and C score best on validation: 'concat' (one probe of that family and C on
+    the layers' states side by side) and 'ensemble' (the normalised geometric mean of those layers'
+    probes' choice probabilities). They compete with the single-layer probes on validation."""
+    combine_layers: int = 3
+    """How many layers a multi-layer candidate uses (>= 2, at most the number of stored layers)."""
+    label_pool: bool = False
+    """Semi-supervised mode: the train questions left out by `data.train_fraction` form a pool whose gold
+    answers are withheld. The chosen probe, fitted on all labelled train questions, predicts the pool
+    (calibrated with the OOF temperature); accuracy and ECE against the withheld gold are only reported."""
 
     def __post_init__(self) -> None:
         _check(len(self.cs) > 0 and all(c > 0 for c in self.cs), "probe.cs", "give positive values, e.g. [0.01, 0.1]")
         _check(len(self.families) > 0 and all(f in PROBE_FAMILIES for f in self.families), "probe.families",
                f"use some of {', '.join(PROBE_FAMILIES)}")
+        _check(all(c in PROBE_COMBINES for c in self.combine) and len(set(self.combine)) == len(self.combine),
+               "probe.combine", f"use some of {', '.join(PROBE_COMBINES)}, each once, or []")
+        _check(self.combine_layers >= 2, "probe.combine_layers", "must be >= 2")
         _check(self.folds >= 2, "probe.folds", "must be >= 2")
         _check(self.max_iter >= 1, "probe.max_iter", "must be >= 1")
 
@@ -179,9 +195,18 @@ class BaselineConfig:
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.85
     """Fraction of GPU memory vLLM may take on a GPU."""
+    formats: tuple[str, ...] = (" {letter}", "{letter}", "({letter})", "{number}.")
+    """Brittleness table: answer formats the same test questions are asked in (letter prompts), each
+    scored by the teacher's letter logits and, in letter mode, by the chosen probe. Empty: no table."""
+    permutations: int = 3
+    """Brittleness table: random choice orders (seeded), asked under prompt.answer_format."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "baseline.dtype", f"must be one of {DTYPES}")
+        for f in self.formats:
+            _check(("{letter}" in f) != ("{number}" in f), "baseline.formats",
+                   f"{f!r} must contain exactly one of {{letter}} or {{number}}, e.g. '({{letter}})'")
+        _check(self.permutations >= 0, "baseline.permutations", "must be >= 0")
         _check(self.tensor_parallel_size >= 1, "baseline.tensor_parallel_size", "must be >= 1")
         _check(self.kv_cache_gb >= 1, "baseline.kv_cache_gb", "must be >= 1")
         _check(self.max_questions is None or self.max_questions > 0, "baseline.max_questions", "must be > 0 or null")
@@ -260,6 +285,9 @@ class Config:
                "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
         _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",
                "'conditional_logit' scores choices within a question, which needs prompt.mode=per_choice")
+        _check(not self.probe.label_pool or self.data.train_fraction < 1.0, "probe.label_pool",
+               "the pool is the train questions left out by data.train_fraction; set data.train_fraction < 1 (e.g. 0.1) "
+               "or probe.label_pool=false")
         _check(self.extract.teacher_scores or self.baseline.enabled, "extract.teacher_scores",
                "without stored teacher scores the report takes the teacher's accuracy from vLLM; set it true or baseline.enabled=true")
 

@@ -12,6 +12,11 @@ Two readouts, following `Sequences.mode`:
 Cross-fitting splits QUESTIONS into folds (stratified by answer, seeded), so every row of a question
 is on the same side and a probe never labels a question it was fitted on. The (layer, C) is chosen on
 validation accuracy only; test accuracy is reported, never used.
+
+Multi-layer candidates use several layers at once: 'concat' fits one probe on the layers' states side
+by side; 'ensemble' fits one probe per layer and takes the normalised geometric mean of their choice
+probabilities. A result of such a candidate has `layer` None, `layers` its member layers and
+`combine` its kind; `fit_predict_layers` fits and predicts any candidate.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from engine.metrics import accuracy, softmax_rows
-from engine.probe_models import ConditionalLogitProbe, MLPProbe
+from engine.probe_models import ConditionalLogitProbe, MLPProbe, concat_layers, ensemble_log_probs
 from engine.sequences import Sequences
 
 
@@ -207,35 +212,117 @@ def cross_fit(
     return oof
 
 
-def _get(r: Any, key: str) -> Any:
-    return r[key] if isinstance(r, dict) else getattr(r, key)
+def _get(r: Any, key: str, default: Any = KeyError) -> Any:
+    if isinstance(r, dict):
+        return r[key] if default is KeyError else r.get(key, default)
+    return getattr(r, key) if default is KeyError else getattr(r, key, default)
+
+
+def layers_of(r) -> tuple[int, ...]:
+    """The layers a result uses: its `layers` when set, else `(layer,)`."""
+    layers = _get(r, "layers", None)
+    return tuple(int(x) for x in layers) if layers else (int(_get(r, "layer")),)
+
+
+def is_single_layer(r) -> bool:
+    """True for a one-layer probe, False for a multi-layer candidate (its `layer` is None)."""
+    return _get(r, "layer") is not None
 
 
 def best_result(results):
-    """The result with the best VALIDATION accuracy; ties -> smaller C, then shallower layer, then the
-    family listed first. Reads only `layer`, `C`, `val_acc` and `family` (if present) of each result."""
+    """The result with the best VALIDATION accuracy; ties -> smaller C, then fewer layers, then shallower
+    layers, then the family listed first, then single-layer before 'concat' before 'ensemble'. Reads only
+    `val_acc`, `C`, `layer`/`layers`, `family` and `combine` (the last three if present) of each result."""
     results = list(results)
     if not results:
         raise ValueError("select_best: no probe results")
-    families = list(dict.fromkeys(r.get("family", "") if isinstance(r, dict) else "" for r in results))
+    families = list(dict.fromkeys(_get(r, "family", "") for r in results))
 
     def key(r):
-        fam = r.get("family", "") if isinstance(r, dict) else ""
-        return -float(_get(r, "val_acc")), float(_get(r, "C")), int(_get(r, "layer")), families.index(fam)
+        layers = layers_of(r)
+        return (-float(_get(r, "val_acc")), float(_get(r, "C")), len(layers), layers,
+                families.index(_get(r, "family", "")), _get(r, "combine", None) or "")
 
     return min(results, key=key)
 
 
-def select_best(results) -> tuple[int, float]:
-    """(layer, C) of `best_result`: validation picks, test is never read."""
+def select_best(results) -> tuple[int | None, float]:
+    """(layer, C) of `best_result` (layer None for a multi-layer candidate): validation picks, test is never read."""
     best = best_result(results)
-    return int(_get(best, "layer")), float(_get(best, "C"))
+    layer = _get(best, "layer")
+    return (None if layer is None else int(layer)), float(_get(best, "C"))
 
 
 def best_per_layer(results) -> list:
-    """For each layer, its best result on validation (the probe-accuracy-by-layer curve)."""
-    layers = sorted({int(_get(r, "layer")) for r in results})
-    return [best_result([r for r in results if int(_get(r, "layer")) == layer]) for layer in layers]
+    """For each layer, its best single-layer result on validation (the probe-accuracy-by-layer curve)."""
+    single = [r for r in results if is_single_layer(r)]
+    layers = sorted({int(_get(r, "layer")) for r in single})
+    return [best_result([r for r in single if int(_get(r, "layer")) == layer]) for layer in layers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-layer candidates
+
+
+def combine_members(results, k: int, family: str, C: float) -> list[int]:
+    """The `k` layers whose single-layer (`family`, `C`) probes score best on VALIDATION (ties: shallower
+    layer), in ascending order. The sweep passes the best single-layer family and C, so one family and
+    one C serve every multi-layer candidate and its cross-fit."""
+    pool = [r for r in results if is_single_layer(r) and _get(r, "family", "logreg") == family
+            and float(_get(r, "C")) == float(C)]
+    if k < 2 or len(pool) < k:
+        raise ValueError(f"combining {k} layers needs k >= 2 and at least k single-layer {family} C={C:g} "
+                         f"results, got {len(pool)}; lower probe.combine_layers or store more layers")
+    ranked = sorted(pool, key=lambda r: (-float(_get(r, "val_acc")), int(_get(r, "layer"))))
+    return sorted(int(_get(r, "layer")) for r in ranked[:k])
+
+
+def ensemble_choice_probs(prob_arrays, n_choices: np.ndarray) -> np.ndarray:
+    """(Q, C_max) normalised geometric mean of per-layer choice probabilities (`ensemble_log_probs`, equal
+    weights). Present choices (< n_choices) are floored at the smallest normal float64 first, so a
+    probability that underflowed to 0 in one member does not veto its choice; absent ones stay 0."""
+    arrays = [np.asarray(p, dtype=np.float64) for p in prob_arrays]
+    width = arrays[0].shape[1]
+    present = np.arange(width)[None, :] < np.asarray(n_choices)[:, None]
+    tiny = np.finfo(np.float64).tiny
+    return ensemble_log_probs([np.where(present, np.maximum(p, tiny), 0.0) for p in arrays])
+
+
+def ensemble_result(members: list[dict], val: Sequences, test: Sequences) -> dict[str, Any]:
+    """The 'ensemble' candidate over phase-1 results `members` (one family and C, several layers), built
+    from their validation and test probabilities alone: no new fit."""
+    val_p = ensemble_choice_probs([m["val_probs"] for m in members], val.n_choices).astype(np.float32)
+    test_p = ensemble_choice_probs([m["test_probs"] for m in members], test.n_choices).astype(np.float32)
+    return {
+        "family": members[0]["family"], "combine": "ensemble", "layer": None,
+        "layers": sorted(int(m["layer"]) for m in members), "C": float(members[0]["C"]),
+        "val_acc": accuracy(val_p, val.answer), "test_acc": accuracy(test_p, test.answer),
+        "val_probs": val_p, "test_probs": test_p, "fit_seconds": float(sum(m["fit_seconds"] for m in members)),
+    }
+
+
+def layer_features(states: dict[int, np.ndarray], layers) -> np.ndarray:
+    """The probe's input rows: one layer's states, or several layers' side by side (`concat_layers`)."""
+    layers = list(layers)
+    return np.asarray(states[layers[0]]) if len(layers) == 1 else concat_layers(states, layers)
+
+
+def fit_predict_layers(
+    states: dict[int, np.ndarray], layers, combine: str | None, seqs: Sequences, fit_questions: np.ndarray,
+    predict_questions: np.ndarray, C: float, max_iter: int, seed: int, family: str = "logreg",
+) -> np.ndarray:
+    """`fit_predict` for any candidate: one layer (`combine` None), 'concat' (one probe on the layers'
+    concatenated states) or 'ensemble' (one probe per layer, combined by `ensemble_choice_probs`).
+    `states` maps each layer to its (rows, hidden) states over all of `seqs`' rows."""
+    layers = list(layers)
+    if combine not in (None, "concat", "ensemble") or (combine is None) != (len(layers) == 1):
+        raise ValueError(f"combine={combine!r} with layers {layers}: use None with one layer, 'concat' or 'ensemble' with several")
+    if combine == "ensemble":
+        probs = [fit_predict(states[layer], seqs, fit_questions, predict_questions, C, max_iter, seed, family)
+                 for layer in layers]
+        return ensemble_choice_probs(probs, seqs.n_choices[np.asarray(predict_questions, dtype=np.int64)])
+    X = layer_features(states, layers)
+    return fit_predict(X, seqs, fit_questions, predict_questions, C, max_iter, seed, family)
 
 
 # ---------------------------------------------------------------------------------------------

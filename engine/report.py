@@ -6,8 +6,11 @@
     splits            {split: n_questions}                               required
     teacher_logit     {test_acc, test_acc_norm?, source?}                required: test_acc
     probes            {per_layer: [{layer, family?, C?, val_acc, test_acc}, ...], sweep?: [...],
-                       best: {layer, C?, val_acc, test_acc},
-                       oof_acc?, temperature?, ece_raw?, ece_calibrated?} required: per_layer, best
+                       best: {layer, C?, val_acc, test_acc, family?, combine?, layers?},
+                       oof_acc?, temperature?, ece_raw?, ece_calibrated?,
+                       n_pool?, pool_acc?, pool_ece?}                    required: per_layer, best
+                      A multi-layer candidate (in sweep, or best) has layer null, `combine` ('concat' or
+                      'ensemble') and `layers`; per_layer holds single-layer probes only.
     n_layers, config_hash, config, chance       optional (chance = mean of 1/n_choices on test)
     vllm_baseline     {n_questions, test_acc, max_abs_diff_vs_transformers, tokens_per_s?} or null
     labels            {source: {train_label_acc}}                        optional
@@ -164,6 +167,52 @@ def chosen_marker(layer: Any) -> str:
     return f"**{layer}** ←"
 
 
+def _layers_text(e: Mapping) -> str:
+    """'2+5+7' for a multi-layer candidate's `layers`."""
+    return "+".join(str(x) for x in e.get("layers") or [])
+
+
+def _best_name(best: Mapping) -> str:
+    """'logreg, layer 18' or 'concat of logreg, layers 2+5+7' (family omitted when absent)."""
+    family = f"{best['family']}, " if best.get("family") else ""
+    if best.get("layer") is None and best.get("combine"):
+        return f"{best['combine']} of {family}layers {_layers_text(best)}"
+    return f"{family}layer {best['layer']}"
+
+
+def _combined_lines(probes: Mapping) -> list[str]:
+    """A table of the multi-layer candidates in `probes.sweep`, if any."""
+    rows = [[e["combine"], e.get("family") or "", _layers_text(e), _fmt_num(e.get("C")), fmt_pct(e["val_acc"]),
+             fmt_pct(e["test_acc"])] for e in probes.get("sweep") or [] if e.get("combine")]
+    if not rows:
+        return []
+    head = ["combination", "family", "layers", "C", "validation", "test"]
+    return (["Multi-layer probes (they compete with the single-layer ones on validation):", ""]
+            + _table(head, rows, ["l", "l", "l", "r", "r", "r"]) + [""])
+
+
+def brittleness_lines(b: Mapping) -> list[str]:
+    """The brittleness table (`vllm_baseline.brittleness`): accuracy per answer format and choice order,
+    then the spread (max - min, and std) of each column."""
+    has_probe = b.get("probe") is not None
+    rows = [[e["variant"], fmt_pct(e["teacher_acc"]), *([fmt_pct(e.get("probe_acc"))] if has_probe else [])]
+            for e in b["rows"]]
+    for stat in ("range", "std"):
+        cells = [fmt_pct((b["spread"].get(col) or {}).get(stat)) for col in ("teacher", "probe")]
+        rows.append([f"**spread ({'max - min' if stat == 'range' else 'std'})**", cells[0], *cells[1:2 if has_probe else 1]])
+    p = b.get("probe")
+    head = ["format, choice order", "teacher letter logits",
+            *([f"probe ({p['family']}, layer {p['layer']}, C={_fmt_num(p['C'])})"] if has_probe else [])]
+    lines = [f"Brittleness: the same {b['n_questions']} test questions, letter prompts, labels written in "
+             "each format and choices in other orders.", ""]
+    lines += _table(head, rows, ["l", "r", *(["r"] if has_probe else [])])
+    if not has_probe:
+        lines += ["", "This run reads per-choice states, which hold no labels: its probe and its choice log-likelihoods "
+                      "do not see the format or the order (the per-choice accuracies above apply unchanged). The "
+                      "letter-mode run of the same data gives the probe's column."]
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------------------------- markdown
 
 
@@ -197,15 +246,17 @@ def render_markdown(results: Mapping) -> str:
         if vb.get("tokens_per_s") is not None:
             notes.append(f"{_fmt_num(vb['tokens_per_s'], '.1f')} tokens/s")
         rows.append(["vLLM cross-check", fmt_pct(vb["test_acc"]), "; ".join(notes)])
-    family = f"{best['family']}, " if best.get("family") else ""
     rows.append([
-        f"Best probe ({family}layer {best['layer']}, C={_fmt_num(best.get('C'))})",
+        f"Best probe ({_best_name(best)}, C={_fmt_num(best.get('C'))})",
         fmt_pct(best["test_acc"]),
         f"chosen on validation ({fmt_pct(best['val_acc'])})",
     ])
     if r.get("chance") is not None:
         rows.append(["Chance", fmt_pct(r["chance"]), "mean of 1/n_choices"])
     lines += _table(["", "accuracy", "note"], rows, ["l", "r", "l"]) + [""]
+
+    if vb and vb.get("brittleness"):
+        lines += ["## Answer formats and choice orders", ""] + brittleness_lines(vb["brittleness"])
 
     # 2. Probe accuracy by layer.
     lines += ["## Probe accuracy by layer", "", f"![Probe accuracy by layer]({PLOT_PNG})", ""]
@@ -219,7 +270,11 @@ def render_markdown(results: Mapping) -> str:
     lines += _table(head, rows, ["l", *(["l"] if families else []), "r", "r", "r"])
     if families:
         lines += ["", "Each layer shows its best family and C on validation; `probes.sweep` in report.json has every fit."]
-    lines += ["", f"← marks the layer chosen on validation (layer {best['layer']}).", ""]
+    if best["layer"] is not None:
+        lines += ["", f"← marks the layer chosen on validation (layer {best['layer']}).", ""]
+    else:
+        lines += ["", f"The probe chosen on validation uses several layers ({_best_name(best)}).", ""]
+    lines += _combined_lines(probes)
 
     # 3. Students.
     lines += ["## Students on test by label source", ""]
@@ -252,6 +307,9 @@ def render_markdown(results: Mapping) -> str:
     ]
     cal_rows = [[name, text] for name, text, raw in cal if raw is not None]
     lines += (_table(["metric", "value"], cal_rows) if cal_rows else ["_No calibration recorded._"]) + [""]
+    if probes.get("n_pool") is not None:
+        lines += [f"Pseudo-labels on {probes['n_pool']} pool questions: acc {fmt_pct(probes.get('pool_acc'))}, "
+                  f"ECE {fmt_pct(probes.get('pool_ece'))} (against the withheld gold; reported only).", ""]
 
     # 5. Timings and provenance.
     lines += ["## Timings", ""]
@@ -297,8 +355,15 @@ def _plot_png_bytes(results: Mapping, *, dpi: int = 120, figsize: tuple[float, f
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle=":", linewidth=1.5, label=f"chance {fmt_pct(chance)}")
     best_test = _finite(best["test_acc"])
-    ax.axvline(best["layer"], color="tab:orange", alpha=0.3, linewidth=6)
-    if best_test is not None:
+    if best["layer"] is None:  # a multi-layer probe: its member layers shaded, its test accuracy a line
+        for layer in best.get("layers") or []:
+            ax.axvline(layer, color="tab:orange", alpha=0.2, linewidth=6)
+        if best_test is not None:
+            ax.axhline(best_test, color="tab:orange", linestyle="--", linewidth=1.5,
+                       label=f"chosen: {_best_name(best)} (test {fmt_pct(best_test)})")
+    else:
+        ax.axvline(best["layer"], color="tab:orange", alpha=0.3, linewidth=6)
+    if best_test is not None and best["layer"] is not None:
         ax.plot([best["layer"]], [best_test], marker="*", markersize=16, color="tab:orange",
                 markeredgecolor="black", linestyle="none",
                 label=f"chosen layer {best['layer']} (test {fmt_pct(best_test)})")

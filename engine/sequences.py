@@ -1,8 +1,9 @@
 """Token sequences for teacher and student: one row per question (letter) or per choice (per-choice).
 
 Rows are what the activation store indexes. In letter mode row q is question q and the state is read
-at its last token. In per-choice mode the rows of a question are its choices in order, and each row's
-continuation (the choice text) starts at `start[r]`.
+at its last token: 'Answer:', then any tokens all labels share (the '(' of '(A)'). In per-choice
+mode the rows of a question are its choices in order, and each row's continuation (the choice
+text) starts at `start[r]`.
 """
 
 from __future__ import annotations
@@ -90,24 +91,42 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def letter_token_ids(tokenizer, n: int, answer_format: str) -> np.ndarray:
-    """First token of each label as written after 'Answer:'. Labels must differ in that token."""
-    ids = [(_encode(tokenizer, t, False) or [-1])[0] for t in answer_texts(n, answer_format)]
+def label_tokens(tokenizer, n: int, answer_format: str) -> tuple[list[int], np.ndarray]:
+    """How the n labels are told apart after 'Answer:': (shared, letter_ids).
+
+    `shared` is the labels' common leading tokens (e.g. '(' for '({letter})'), which the prompt then
+    ends with; `letter_ids` is each label's next token, where they must differ (the scored token).
+    """
+    labels = [_encode(tokenizer, t, False) for t in answer_texts(n, answer_format)]
+    m = 0
+    while all(len(x) > m for x in labels) and len({x[m] for x in labels}) == 1:
+        m += 1
+    ids = [x[m] if len(x) > m else -1 for x in labels]
     if len(set(ids)) != len(ids) or -1 in ids:
         raise ConfigError(
-            f"prompt.answer_format: {answer_format!r} gives labels whose first tokens collide "
-            f"({ids}); pick a format whose labels tokenize apart, e.g. ' {{letter}}'"
+            f"prompt.answer_format: {answer_format!r} gives labels that no single token tells apart "
+            f"({labels}); pick a format whose labels tokenize apart, e.g. ' {{letter}}'"
         )
-    return np.asarray(ids, dtype=np.int64)
+    return labels[0][:m], np.asarray(ids, dtype=np.int64)
+
+
+def letter_token_ids(tokenizer, n: int, answer_format: str) -> np.ndarray:
+    """The scored token of each label (see `label_tokens`)."""
+    return label_tokens(tokenizer, n, answer_format)[1]
 
 
 def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) -> Sequences:
     """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix."""
     ids: list[np.ndarray] = []
     start, row_q, row_c = [], [], []
+    n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
+    shared, letters = [], np.zeros(0, dtype=np.int64)
+    if prompt.mode == "letter" and len(examples):
+        shared, letters = label_tokens(tokenizer, int(n_choices.max()), prompt.answer_format)
     for q, ex in enumerate(examples):
         if prompt.mode == "letter":
-            seq = _encode(tokenizer, letter_prompt(ex, prompt.answer_format), True)[-prompt.max_length :]
+            text = _encode(tokenizer, letter_prompt(ex, prompt.answer_format), True)
+            seq = (text + shared)[-prompt.max_length :]
             ids.append(np.asarray(seq, dtype=np.int64))
             start.append(len(seq))
             row_q.append(q)
@@ -122,12 +141,6 @@ def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) ->
             start.append(len(keep))
             row_q.append(q)
             row_c.append(c)
-    n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
-    letters = (
-        letter_token_ids(tokenizer, int(n_choices.max()), prompt.answer_format)
-        if prompt.mode == "letter" and len(examples)
-        else np.zeros(0, dtype=np.int64)
-    )
     return Sequences(
         mode=prompt.mode,
         ids=ids,

@@ -1,6 +1,8 @@
-"""vLLM baseline scores equal a transformers fp32 reference, in per-choice and letter mode.
+"""vLLM baseline scores equal a transformers fp32 reference to 1e-4: choice log-likelihoods from
+`prompt_logprobs` (per-choice) and label log-probabilities from one generated token (letter, in two
+answer formats, one whose labels share a leading '(' token).
 
-One vLLM actor (start-up ~20 s inside Ray on 2 shared CPU cores) serves both modes; a second test
+One vLLM actor (start-up ~20 s inside Ray on 2 shared CPU cores) serves every case; a second test
 checks that `score_sequences` starts and kills its own actor. The module takes 70-90 s: slow.
 """
 
@@ -49,16 +51,25 @@ def seqs(tiny_model, shared_data) -> dict[str, Sequences]:
         rows = [json.loads(next(f)) for _ in range(6)]
     examples = [Example(r["id"], r["question"], tuple(r["choices"]), r["answer"]) for r in rows]
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    return {m: build_sequences(examples, tok, PromptConfig(mode=m)) for m in ("per_choice", "letter")}
+    out = {m: build_sequences(examples, tok, PromptConfig(mode=m)) for m in ("per_choice", "letter")}
+    out["letter_paren"] = build_sequences(examples, tok, PromptConfig(mode="letter", answer_format="({letter})"))
+    return out
 
 
 def reference(model_dir, seqs: Sequences) -> np.ndarray:
-    """transformers fp32: sum of log-softmax at each continuation token, in `build_pairs` order."""
+    """transformers fp32. Per-choice: (R,) sum of log-softmax over each choice's tokens. Letter:
+    (Q, C_max) log-softmax of each label token at the prompt's last position, -inf if absent."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
+        if seqs.mode == "letter":
+            for q, ids in enumerate(seqs.ids):
+                lp = torch.log_softmax(model(torch.tensor([ids.tolist()])).logits[0, -1].double(), -1)
+                row = lp[torch.as_tensor(seqs.letter_ids)].numpy()
+                out.append(np.where(np.arange(len(row)) < seqs.n_choices[q], row, -np.inf))
+            return np.asarray(out)
         for prefix, cont in build_pairs(seqs):
             ids = torch.tensor([prefix + cont])
             lp = torch.log_softmax(model(ids).logits[0].double(), -1)
@@ -68,23 +79,29 @@ def reference(model_dir, seqs: Sequences) -> np.ndarray:
 
 
 def test_scores_match_transformers(local_ray, tiny_model, seqs):
-    per, let = seqs["per_choice"], seqs["letter"]
-    actor = start_scorer(str(tiny_model), CFG, model_len_for(per, let), num_cpus=2)
+    per = seqs["per_choice"]
+    actor = start_scorer(str(tiny_model), CFG, model_len_for(*seqs.values()), num_cpus=2)
     try:
-        res_per = score_sequences(str(tiny_model), per, CFG, num_cpus=2, scorer=actor)
-        res_let = score_sequences(str(tiny_model), let, CFG, num_cpus=2, scorer=actor)
+        res = {k: score_sequences(str(tiny_model), v, CFG, num_cpus=2, scorer=actor) for k, v in seqs.items()}
     finally:
         ray.kill(actor)
     wait_cpus_free()
 
-    assert res_per.scores.shape == (per.n_rows,)
-    np.testing.assert_allclose(res_per.scores, reference(tiny_model, per), atol=1e-4)
-    assert res_per.n_tokens == int(per.lengths().sum()) and res_per.tokens_per_s > 0
+    assert res["per_choice"].scores.shape == (per.n_rows,)
+    np.testing.assert_allclose(res["per_choice"].scores, reference(tiny_model, per), atol=1e-4)
+    assert res["per_choice"].n_tokens == int(per.lengths().sum()) and res["per_choice"].tokens_per_s > 0
 
-    assert res_let.scores.shape == (let.n_questions, let.max_choices)
-    present = np.arange(let.max_choices)[None, :] < let.n_choices[:, None]
-    assert np.isneginf(res_let.scores[~present]).all()
-    np.testing.assert_allclose(res_let.scores[present], reference(tiny_model, let), atol=1e-4)
+    for key in ("letter", "letter_paren"):
+        let = seqs[key]
+        assert res[key].scores.shape == (let.n_questions, let.max_choices) and res[key].n_prompts == let.n_questions
+        present = np.arange(let.max_choices)[None, :] < let.n_choices[:, None]
+        assert np.isneginf(res[key].scores[~present]).all() and np.isfinite(res[key].scores[present]).all()
+        np.testing.assert_allclose(res[key].scores, reference(tiny_model, let), atol=1e-4)
+    # '(A)': the prompt ends with the labels' shared '(' token, and the letters are scored after it
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert all(tok.decode(ids[-1:]).strip() == "(" for ids in seqs["letter_paren"].ids)
 
 
 def wait_cpus_free(timeout: float = 30.0) -> None:

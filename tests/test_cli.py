@@ -79,6 +79,12 @@ def test_layers_beyond_the_teacher(tmp_path, tiny_model, capsys):
     _assert_nothing_written(tmp_path)
 
 
+def test_combine_layers_beyond_the_store(tmp_path, tiny_model, capsys):
+    _fails(capsys, ["run", "configs/tiny.yaml", "extract.layers=[2, 3]", "probe.combine_layers=3", f"teacher.model={tiny_model}",
+                    f"out_dir={tmp_path}"], r"probe\.combine_layers: 3 exceeds the 2 stored layers")
+    _assert_nothing_written(tmp_path)
+
+
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "run"
@@ -93,9 +99,13 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert all(0.0 <= s["test_acc"] <= 1.0 for s in report["students"])
     assert report["labels"]["gold"]["train_label_acc"] == 1.0
     assert [p["layer"] for p in report["probes"]["per_layer"]] == [1, 2, 3, 4]
-    assert report["probes"]["best"]["layer"] in (1, 2, 3, 4)
-    assert {(r["family"], r["layer"]) for r in report["probes"]["sweep"]} == {
+    assert set(report["probes"]["best"]["layers"]) <= {1, 2, 3, 4}
+    single = [r for r in report["probes"]["sweep"] if not r["combine"]]
+    assert {(r["family"], r["layer"]) for r in single} == {
         (f, la) for f in ("logreg", "conditional_logit") for la in (1, 2, 3, 4)}  # configs/tiny.yaml sweeps both
+    combined = [r for r in report["probes"]["sweep"] if r["combine"]]  # and two-layer concat / ensemble candidates
+    assert sorted(r["combine"] for r in combined) == ["concat", "ensemble"]
+    assert all(r["layer"] is None and len(r["layers"]) == 2 for r in combined)
     assert report["splits"] == {"train": 40, "validation": 20, "test": 24, "train_used": 40}
     assert report["vllm_baseline"]["n_questions"] == 8
     assert report["vllm_baseline"]["max_abs_diff_vs_transformers"] < 1e-3  # fp32 vLLM == fp32 transformers

@@ -61,3 +61,19 @@ def test_probe_families_are_checked():
         from_dict({"probe": {"families": ["svm"]}})
     with pytest.raises(ConfigError, match="probe.families: 'conditional_logit' .* needs prompt.mode=per_choice"):
         from_dict({"prompt": {"mode": "letter"}, "probe": {"families": ["conditional_logit"]}})
+
+
+def test_probe_combine_and_label_pool_are_checked():
+    cfg = from_dict({"probe": {"combine": ["ensemble", "concat"], "combine_layers": 2}})
+    assert cfg.probe.combine == ("ensemble", "concat") and cfg.probe.combine_layers == 2
+    assert from_dict({}).probe.combine == () and from_dict({}).probe.label_pool is False
+    with pytest.raises(ConfigError, match="probe.combine: use some of concat, ensemble, each once"):
+        from_dict({"probe": {"combine": ["mean"]}})
+    with pytest.raises(ConfigError, match="probe.combine: "):
+        from_dict({"probe": {"combine": ["concat", "concat"]}})
+    with pytest.raises(ConfigError, match="probe.combine_layers: must be >= 2"):
+        from_dict({"probe": {"combine_layers": 1}})
+    with pytest.raises(ConfigError, match="probe.label_pool: .*set data.train_fraction < 1"):
+        from_dict({"probe": {"label_pool": True}})
+    pooled = from_dict({"probe": {"label_pool": True}, "data": {"train_fraction": 0.1}})
+    assert pooled.probe.label_pool

@@ -261,6 +261,128 @@ def test_temperature_fixes_overconfidence():
 
 
 # ---------------------------------------------------------------------------------------------
+# Multi-layer candidates and the unlabelled pool
+
+
+def _result(layer, val, test=0.5, family="logreg", C=0.1, combine=None, layers=None):
+    return {"family": family, "combine": combine, "layer": layer, "layers": layers or [layer], "C": C,
+            "val_acc": val, "test_acc": test, "fit_seconds": 1.0}
+
+
+def test_best_result_with_multi_layer_candidates():
+    single = [_result(layer, val) for layer, val in ((2, 0.6), (4, 0.7), (6, 0.65), (8, 0.5))]
+    concat = _result(None, 0.75, test=0.1, combine="concat", layers=[4, 6])
+    assert pr.best_result(single + [concat]) is concat
+    assert pr.select_best(single + [concat]) == (None, 0.1)
+    assert pr.layers_of(concat) == (4, 6) and pr.layers_of({"layer": 3}) == (3,)
+    # a tie goes to the single-layer probe (fewer layers); between kinds over the same layers, concat first
+    tie, ens = dict(concat, val_acc=0.7), dict(concat, val_acc=0.7, combine="ensemble")
+    assert pr.best_result([ens, tie] + single)["layer"] == 4
+    assert pr.best_result([ens, tie]) is tie
+    # the per-layer curve holds single-layer probes only
+    assert [r["layer"] for r in pr.best_per_layer(single + [concat, ens])] == [2, 4, 6, 8]
+
+
+def test_combine_members_by_validation_of_one_family_and_c():
+    results = [_result(layer, val, test=1.0 - val) for layer, val in ((1, 0.5), (2, 0.7), (3, 0.6), (4, 0.6), (5, 0.4))]
+    results += [_result(5, 0.9, family="mlp"), _result(1, 0.95, C=1.0)]  # other family / C: not considered
+    results += [_result(None, 0.99, combine="concat", layers=[1, 2])]  # multi-layer results: not considered
+    assert pr.combine_members(results, 2, "logreg", 0.1) == [2, 3]  # 0.7, then the 0.6 tie -> shallower
+    assert pr.combine_members(results, 3, "logreg", 0.1) == [2, 3, 4]
+    swapped = [dict(r, test_acc=0.0) for r in results]  # test never moves the choice
+    assert pr.combine_members(swapped, 3, "logreg", 0.1) == [2, 3, 4]
+    for k, family in ((2, "mlp"), (6, "logreg"), (1, "logreg")):  # too few results, or k < 2
+        with pytest.raises(ValueError, match="lower probe.combine_layers"):
+            pr.combine_members(results, k, family, 0.1)
+
+
+def test_ensemble_choice_probs_floor_and_absent():
+    a = np.array([[0.7, 0.3, 0.0], [0.5, 0.25, 0.25]])
+    b = np.array([[0.4, 0.6, 0.0], [0.0, 0.5, 0.5]])  # b underflowed to 0 on a present choice
+    n = np.array([2, 3])
+    out = pr.ensemble_choice_probs([a, b], n)
+    check_prob_rows(out, n)
+    geo = np.sqrt(a[0, :2] * b[0, :2])
+    np.testing.assert_allclose(out[0, :2], geo / geo.sum())
+    assert 0 < out[1, 0] < 1e-100  # floored, not vetoed to an all-absent row
+    np.testing.assert_allclose(out[1, 1:], [0.5, 0.5], atol=1e-100)
+
+
+def test_ensemble_result_needs_no_fit():
+    rng = np.random.default_rng(11)
+    val, test = (make_seqs("per_choice", *random_questions(q, rng)) for q in (30, 20))
+
+    def member(layer):
+        probs = {s: softmax_rows(np.where(np.arange(5) < seqs.n_choices[:, None], rng.standard_normal((seqs.n_questions, 5)), -np.inf))
+                 for s, seqs in (("val", val), ("test", test))}
+        return {"family": "logreg", "layer": layer, "C": 0.1, "val_probs": probs["val"], "test_probs": probs["test"],
+                "fit_seconds": 2.0}
+
+    members = [member(5), member(3)]
+    r = pr.ensemble_result(members, val, test)
+    assert r["combine"] == "ensemble" and r["layer"] is None and r["layers"] == [3, 5] and r["fit_seconds"] == 4.0
+    want = pr.ensemble_choice_probs([m["val_probs"] for m in members], val.n_choices)
+    np.testing.assert_allclose(r["val_probs"], want, rtol=1e-6)
+    assert r["val_acc"] == accuracy(r["val_probs"], val.answer) and r["test_acc"] == accuracy(r["test_probs"], test.answer)
+
+
+def _two_layer_data(q: int, seed: int):
+    """Per-choice questions whose signal is split over layers 3 and 7 (half the shift in each)."""
+    rng = np.random.default_rng(seed)
+    seqs = make_seqs("per_choice", *random_questions(q, rng))
+    return seqs, {3: planted(seqs, 6, 1.5, rng), 7: planted(seqs, 6, 1.5, rng), 9: planted(seqs, 6, 0.0, rng)}
+
+
+def test_fit_predict_layers_each_kind():
+    seqs, states = _two_layer_data(160, 12)
+    fit_q, pred_q = np.arange(110), np.arange(110, 160)
+    args = (seqs, fit_q, pred_q, 1.0, 200, 0)
+    single = pr.fit_predict_layers(states, [7], None, *args)
+    np.testing.assert_array_equal(single, pr.fit_predict(states[7], *args))
+    concat = pr.fit_predict_layers(states, [3, 7], "concat", *args)
+    np.testing.assert_array_equal(concat, pr.fit_predict(np.hstack([states[3], states[7]]), *args))
+    ens = pr.fit_predict_layers(states, [3, 7], "ensemble", *args)
+    want = pr.ensemble_choice_probs([pr.fit_predict(states[k], *args) for k in (3, 7)], seqs.n_choices[pred_q])
+    np.testing.assert_allclose(ens, want)
+    for p in (concat, ens):
+        check_prob_rows(p, seqs.n_choices[pred_q])
+        assert accuracy(p, seqs.answer[pred_q]) > float(np.mean(1.0 / seqs.n_choices[pred_q])) + 0.2
+    for layers, combine in (([3, 7], None), ([3], "concat"), ([3, 7], "mean")):
+        with pytest.raises(ValueError, match="combine="):
+            pr.fit_predict_layers(states, layers, combine, *args)
+
+
+@pytest.mark.parametrize("combine", [None, "concat", "ensemble"])
+def test_pool_gold_and_features_never_reach_the_fit(monkeypatch, combine):
+    """Fit on the labelled questions, predict the pool: changing every pool answer and half the pool's
+    states leaves the other pool predictions bit-identical, and no fit ever sees a pool question."""
+    seqs, states = _two_layer_data(120, 13)
+    labelled = stratified_subset(seqs.answer, 0.5, seed=0)
+    pool = np.setdiff1d(np.arange(120), labelled)
+    layers = [7] if combine is None else [3, 7]
+    fitted = []
+    real_fit = pr.fit_probe
+
+    def spy_fit(X_rows, s, questions, *args, **kw):
+        fitted.append(np.asarray(questions).copy())
+        return real_fit(X_rows, s, questions, *args, **kw)
+
+    monkeypatch.setattr(pr, "fit_probe", spy_fit)
+    before = pr.fit_predict_layers(states, layers, combine, seqs, labelled, pool, 1.0, 200, 0)
+    changed = make_seqs("per_choice", seqs.n_choices, seqs.answer.copy())
+    changed.answer[pool] = (seqs.answer[pool] + 1) % seqs.n_choices[pool]
+    moved = pool[::2]
+    rows = np.isin(seqs.row_question, moved)
+    noisy = {k: np.where(rows[:, None], 10.0 * np.random.default_rng(k).standard_normal(x.shape), x).astype(np.float32)
+             for k, x in states.items()}
+    after = pr.fit_predict_layers(noisy, layers, combine, changed, labelled, pool, 1.0, 200, 0)
+    kept = ~np.isin(pool, moved)
+    np.testing.assert_array_equal(after[kept], before[kept])
+    assert not np.allclose(after[~kept], before[~kept])  # the moved questions really are predicted from their states
+    assert fitted and all(not set(f) & set(pool) and set(f) == set(labelled) for f in fitted)
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics and labels
 
 
@@ -317,17 +439,21 @@ def test_labels_each_source():
 # Ray sweep over a tiny store
 
 
-def build_store(path: str, mode: str, layers: list[int], signal_layer: int, sizes: dict[str, int], seed: int = 0):
+def build_store(path: str, mode: str, layers: list[int], signal_layer, sizes: dict[str, int], seed: int = 0,
+                identity: dict | None = None, strength: float = 3.0):
+    """A committed store of planted states (signal on `signal_layer`, an int or a tuple of layers)."""
     from engine.store import chunk_bounds, chunk_size, commit, create_or_resume, mark_done, n_chunks, write_chunk
 
     rng = np.random.default_rng(seed)
-    dim, chunk_rows = 16, 64
+    dim = 16
+    identity = identity or {"extract.chunk_rows": 64}
+    chunk_rows = identity["extract.chunk_rows"]
     data = {}
     for split, q in sizes.items():
         seqs = make_seqs(mode, *random_questions(q, rng))
-        states = np.stack([planted(seqs, dim, 3.0 if layer == signal_layer else 0.0, rng) for layer in layers], 1)
+        states = np.stack([planted(seqs, dim, strength if layer in np.atleast_1d(signal_layer) else 0.0, rng)
+                           for layer in layers], 1)
         data[split] = (seqs, states.astype(np.float16))
-    identity = {"extract.chunk_rows": chunk_rows}
     splits = {s: (seqs, [f"{s}-{i}" for i in range(seqs.n_questions)], len(layers), dim) for s, (seqs, _) in data.items()}
     part = create_or_resume(path, identity, {"layers": layers}, splits)
     for split, (seqs, states) in data.items():
@@ -340,24 +466,30 @@ def build_store(path: str, mode: str, layers: list[int], signal_layer: int, size
     return {s: seqs for s, (seqs, _) in data.items()}
 
 
-def test_run_probe_sweep_on_ray(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local 2-CPU Ray for this module's sweeps."""
     import ray
 
+    temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_run_probe_sweep_on_ray(tmp_path, capsys, local_ray):
     from cluster.probes import run_probe_sweep
 
     store = str(tmp_path / "store")
     seqs = build_store(store, "per_choice", [2, 5], 5, {"train": 90, "validation": 40, "test": 40})
     train_q = stratified_subset(seqs["train"].answer, 0.8, seed=0)
-    temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
-    try:
-        families = ("logreg", "conditional_logit", "mlp")
-        out = run_probe_sweep(store, "per_choice", [2, 5], [0.1],
-                              ProbeConfig(cs=(0.1,), folds=3, max_iter=200, families=families), seed=0, train_questions=train_q)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    families = ("logreg", "conditional_logit", "mlp")
+    out = run_probe_sweep(store, "per_choice", [2, 5], [0.1],
+                          ProbeConfig(cs=(0.1,), folds=3, max_iter=200, families=families), seed=0, train_questions=train_q)
     assert "[probes] 2/2 layer " in capsys.readouterr().out  # one task per layer, 3 fits each
     assert out["best"]["layer"] == 5 and out["best"]["C"] == 0.1
     # every (family, layer) was fitted; per_layer keeps each layer's best on validation; best is the top of all
@@ -377,3 +509,103 @@ def test_run_probe_sweep_on_ray(tmp_path, capsys):
     assert out["oof_acc"] > 0.6 and out["temperature"] > 0
     assert out["test_probs"].shape == (40, seqs["test"].max_choices)
     assert 0 <= out["ece_calibrated"] <= 1 and 0 <= out["ece_raw"] <= 1
+    assert not any(k.startswith("pool") for k in out)  # no pool unless probe.label_pool
+
+
+def test_pipeline_probe_combines_layers_and_labels_the_pool(tmp_path, capsys, local_ray):
+    """pipeline.probe with probe.combine and probe.label_pool: multi-layer candidates compete on validation,
+    the pool's pseudo-labels are saved in the artifact, and a second call reuses it."""
+    from types import SimpleNamespace
+
+    from cluster import pipeline
+    from engine.config import from_dict, store_identity
+
+    cfg = from_dict({
+        "out_dir": str(tmp_path / "run"), "data": {"train_fraction": 0.6}, "extract": {"layers": [2, 5, 7], "chunk_rows": 64},
+        "probe": {"cs": [0.1], "folds": 3, "max_iter": 200, "combine": ["ensemble", "concat"], "combine_layers": 2,
+                  "label_pool": True},
+    })
+    seqs = build_store(str(tmp_path / "run" / "activations.zarr"), "per_choice", [2, 5, 7], (5, 7),
+                       {"train": 100, "validation": 50, "test": 40}, identity=store_identity(cfg), strength=1.5)
+    run = pipeline.Run(cfg)
+    run.__dict__["model_config"] = SimpleNamespace(num_hidden_layers=7)  # no teacher here: the store is synthetic
+    tq = stratified_subset(seqs["train"].answer, 0.6, seed=0)
+    run.__dict__["train_questions"] = tq
+    meta, arrays = pipeline.probe(run)
+
+    combined = [r for r in meta["sweep"] if r["combine"]]
+    assert sorted(r["combine"] for r in combined) == ["concat", "ensemble"]
+    single = [r for r in meta["sweep"] if not r["combine"]]
+    members = pr.combine_members(single, 2, pr.best_result(single)["family"], 0.1)
+    assert all(r["layer"] is None and r["layers"] == members for r in combined)
+    assert [r["layer"] for r in meta["per_layer"]] == [2, 5, 7]
+    assert meta["best"]["val_acc"] == max(r["val_acc"] for r in meta["sweep"])
+    assert pr.layers_of(meta["best"]) == tuple(pr.best_result(meta["sweep"])["layers"])
+
+    tr = seqs["train"]
+    pool = arrays["pool_questions"]
+    np.testing.assert_array_equal(pool, np.setdiff1d(np.arange(tr.n_questions), tq))
+    assert meta["n_pool"] == len(pool) == tr.n_questions - len(tq)
+    for key in ("pool_probs", "pool_probs_raw"):
+        assert arrays[key].shape == (len(pool), tr.max_choices)
+        check_prob_rows(arrays[key], tr.n_choices[pool])
+    np.testing.assert_allclose(arrays["pool_probs"], pr.apply_temperature(arrays["pool_probs_raw"], meta["temperature"]),
+                               atol=1e-6)
+    assert meta["pool_acc"] == pytest.approx(accuracy(arrays["pool_probs_raw"], tr.answer[pool]))  # the withheld gold
+    assert meta["pool_ece"] == pytest.approx(ece(arrays["pool_probs"], tr.answer[pool]), abs=1e-6)
+    assert meta["pool_acc"] > float(np.mean(1.0 / tr.n_choices[pool])) + 0.15
+    assert arrays["oof_probs"].shape[0] == len(tq)  # the student's labels cover the labelled questions only
+
+    again, _ = pipeline.probe(run)
+    assert "reusing" in capsys.readouterr().out and again["pool_acc"] == meta["pool_acc"]
+
+
+def test_probe_identity_covers_combine_and_pool():
+    """The probe artifact is keyed by the whole probe config and data.train_fraction (the labelled/pool split)."""
+    from cluster.pipeline import _probe_identity
+    from engine.config import config_hash, from_dict
+
+    base = from_dict({"data": {"train_fraction": 0.1}})
+    variants = [{"probe": {"label_pool": True}}, {"probe": {"label_pool": True}, "data": {"train_fraction": 0.2}},
+                {"probe": {"combine": ["concat"]}}, {"probe": {"combine": ["ensemble"]}}, {"probe": {"combine_layers": 4}}]
+    hashes = {config_hash(_probe_identity(base))}
+    for v in variants:
+        hashes.add(config_hash(_probe_identity(from_dict({"data": {"train_fraction": 0.1}, **v}))))
+    assert len(hashes) == 1 + len(variants)
+
+
+def test_sweep_pool_gold_and_features_never_reach_the_fit(tmp_path, local_ray):
+    """Rewrite every pool answer and half the pool's states in the store: every fit, the selection, the
+    OOF labels, the temperature and the other pool predictions are unchanged; pool_acc follows the new gold."""
+    import zarr
+
+    from cluster.probes import run_probe_sweep
+
+    store = str(tmp_path / "store")
+    seqs = build_store(store, "per_choice", [2, 5], 5, {"train": 80, "validation": 40, "test": 30})
+    tq = stratified_subset(seqs["train"].answer, 0.5, seed=0)
+    cfg = ProbeConfig(cs=(0.1,), folds=3, max_iter=200, label_pool=True)
+    before = run_probe_sweep(store, "per_choice", [2, 5], [0.1], cfg, seed=0, train_questions=tq)
+    pool = before["pool_questions"]
+    assert len(pool) == 40 and not set(pool) & set(tq)
+
+    g = zarr.open_group(store, mode="r+")["train"]
+    answer = g["answer"][:]
+    answer[pool] = (answer[pool] + 1) % g["n_choices"][:][pool]
+    g["answer"][:] = answer
+    moved = pool[::2]
+    acts = g["activations"][:]
+    rows = np.isin(g["row_question"][:], moved)
+    acts[rows] = (10 * np.random.default_rng(9).standard_normal(acts[rows].shape)).astype(np.float16)
+    g["activations"][:] = acts
+    after = run_probe_sweep(store, "per_choice", [2, 5], [0.1], cfg, seed=0, train_questions=tq)
+
+    assert after["best"] == before["best"] and after["sweep"] == [dict(r, fit_seconds=a["fit_seconds"])
+                                                                  for r, a in zip(before["sweep"], after["sweep"])]
+    for key in ("oof_probs", "test_probs", "temperature"):
+        np.testing.assert_array_equal(after[key], before[key])
+    kept = ~np.isin(pool, moved)
+    np.testing.assert_array_equal(after["pool_probs"][kept], before["pool_probs"][kept])
+    assert not np.allclose(after["pool_probs"][~kept], before["pool_probs"][~kept])
+    assert after["pool_acc"] == pytest.approx(accuracy(after["pool_probs_raw"], answer[pool]))
+    assert before["pool_acc"] == pytest.approx(accuracy(before["pool_probs_raw"], seqs["train"].answer[pool]))

@@ -59,3 +59,35 @@ def test_artifacts_commit_reuse_and_refuse(tmp_path):
     # object arrays (pickles) are never written or read
     with pytest.raises(ValueError):
         artifacts.save(tmp_path / "bad", {}, {}, {"x": np.array([{"k": 1}], dtype=object)})
+
+
+@pytest.mark.parametrize("fmt", [" {letter}", "{letter}", "({letter})", "{number}."])
+def test_letter_labels_are_told_apart_by_one_scored_token(tiny_model, fmt):
+    """Shared leading label tokens (the '(' of '(A)') end the prompt; the next token is scored."""
+    from engine.models import load_tokenizer
+    from engine.sequences import label_tokens
+
+    tok = load_tokenizer(str(tiny_model))
+    shared, letter_ids = label_tokens(tok, 3, fmt)
+    assert len(set(letter_ids.tolist())) == 3
+    for i, label in enumerate(answer_texts(3, fmt)):
+        assert tok.decode(shared + [int(letter_ids[i])]) == tok.decode(tok(label, add_special_tokens=False)["input_ids"][: len(shared) + 1])
+    seqs = build_sequences([EX], tok, PromptConfig(mode="letter", answer_format=fmt))
+    assert np.array_equal(seqs.letter_ids, letter_ids)
+    prompt_ids = tok(letter_prompt(EX, fmt))["input_ids"]
+    assert seqs.ids[0].tolist() == list(prompt_ids) + shared
+    if fmt == "({letter})":
+        assert tok.decode(shared).strip() == "("
+
+
+def test_labels_no_token_tells_apart_are_refused():
+    from engine.config import ConfigError
+    from engine.sequences import label_tokens
+
+    def chars(text, add_special_tokens=False):  # a character-level tokenizer
+        return {"input_ids": [ord(c) for c in text]}
+
+    shared, ids = label_tokens(chars, 3, "({letter})")
+    assert shared == [ord("(")] and ids.tolist() == [ord("A"), ord("B"), ord("C")]
+    with pytest.raises(ConfigError, match="prompt.answer_format: '{number}.' gives labels that no single token"):
+        label_tokens(chars, 12, "{number}.")  # '1.' and '10.' first differ from '2.' on the same '1'

@@ -185,3 +185,35 @@ def test_overwrite_leaves_no_temp_files(tmp_path):
     paths = rp.write_report(results, tmp_path)
     assert "| Teacher logits | 60.0% |" in paths["markdown"].read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe_accuracy.png", "report.json", "report.md"]
+
+
+def test_multi_layer_candidates_and_pool(tmp_path):
+    results = make_results()
+    probes = results["probes"]
+    single = [dict(e, family="logreg", combine=None, layers=[e["layer"]]) for e in probes["per_layer"]]
+    concat = {"family": "logreg", "combine": "concat", "layer": None, "layers": [17, 18], "C": 0.1, "val_acc": 0.66,
+              "test_acc": 0.63}
+    ensemble = dict(concat, combine="ensemble", val_acc=0.64, test_acc=0.655)
+    probes.update(sweep=single + [concat, ensemble], best=dict(concat), n_pool=540, pool_acc=0.5712, pool_ece=0.0432)
+
+    md = rp.render_markdown(results)
+    top = section(md, "Teacher and probes on test")
+    assert "| Best probe (concat of logreg, layers 17+18, C=0.1) | 63.0% | chosen on validation (66.0%) |" in top
+    layers = section(md, "Probe accuracy by layer")
+    assert "←" not in layers  # no single layer was chosen
+    assert "The probe chosen on validation uses several layers (concat of logreg, layers 17+18)." in layers
+    assert "| combination | family | layers | C | validation | test |" in layers
+    assert "| concat | logreg | 17+18 | 0.1 | 66.0% | 63.0% |" in layers
+    assert "| ensemble | logreg | 17+18 | 0.1 | 64.0% | 65.5% |" in layers
+    per_layer_rows = [ln for ln in layers.split("| combination")[0].splitlines() if ln.startswith("| ") and "layer" not in ln]
+    assert len(per_layer_rows) == N_LAYERS  # the curve stays single-layer
+    assert "Pseudo-labels on 540 pool questions: acc 57.1%, ECE 4.3%" in section(md, "Calibration")
+
+    paths = rp.write_report(results, tmp_path)  # the plot copes with a multi-layer best
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["json"].read_text())["probes"]["best"]["layers"] == [17, 18]
+
+
+def test_no_combined_table_or_pool_line_by_default():
+    md = rp.render_markdown(make_results())
+    assert "combination" not in md and "Pseudo-labels" not in md

@@ -219,7 +219,8 @@ class StudentConfig:
     num_layers: Optional[int] = 4
     """Keep only the first N transformer blocks of the student model (null keeps all)."""
     label_sources: tuple[str, ...] = ("gold", "logit", "probe")
-    """Supervision each trained student gets: 'gold', 'logit' (teacher scores) or 'probe'."""
+    """Supervision each trained student gets: 'gold', 'logit' (teacher scores) or 'probe'. Empty: train
+    no student (the report then covers the teacher and the probes)."""
     soft: bool = True
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
     temperature: float = 1.0
@@ -245,7 +246,7 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
-        _check(not bad and self.label_sources, "student.label_sources", f"choose from {LABEL_SOURCES}, got {bad}")
+        _check(not bad, "student.label_sources", f"choose from {LABEL_SOURCES} (or []), got {bad}")
         _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
         _check(self.temperature > 0, "student.temperature", "must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")

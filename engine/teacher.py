@@ -230,7 +230,7 @@ def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[in
     bi, at, tok, owner = _targets(seqs, batch)
     logp = torch.log_softmax(lm_head(final[bi, at]).float(), -1).cpu()
     if seqs.mode == "letter":
-        lp = logp[:, torch.as_tensor(seqs.letter_ids)].numpy()
+        lp = logp[:, torch.tensor(seqs.letter_ids)].numpy()  # (a copy: arrays from Ray are read-only)
         for j, slot in enumerate(slots):
             k = int(seqs.n_choices[seqs.row_question[rows[slot]]])
             out[slot, :k] = lp[j, :k]

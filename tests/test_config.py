@@ -32,6 +32,8 @@ def test_overrides_are_typed():
         ("extract.layers=[0]", r"extract\.layers: layers are 1-based"),
         ("student.label_sources=[teacher]", r"student\.label_sources: choose from"),
         ("student=3", r"student: must be a mapping"),
+        ("baseline.formats=[A]", r"baseline\.formats: 'A' must contain exactly one of \{letter\} or \{number\}"),
+        ("baseline.permutations=-1", r"baseline\.permutations: must be >= 0"),
         ("noequals", r"overrides are key=value"),
     ],
 )
@@ -77,3 +79,10 @@ def test_probe_combine_and_label_pool_are_checked():
         from_dict({"probe": {"label_pool": True}})
     pooled = from_dict({"probe": {"label_pool": True}, "data": {"train_fraction": 0.1}})
     assert pooled.probe.label_pool
+
+
+def test_no_students_and_the_issue_configs_load():
+    assert load("configs/default.yaml", ["student.label_sources=[]"]).student.label_sources == ()
+    for name in ("arc_easy_letter", "arc_challenge", "arc_challenge_letter"):
+        cfg = load(f"configs/{name}.yaml")
+        assert cfg.student.label_sources == () and cfg.baseline.permutations == 3 and len(cfg.baseline.formats) == 4

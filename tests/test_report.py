@@ -217,3 +217,30 @@ def test_multi_layer_candidates_and_pool(tmp_path):
 def test_no_combined_table_or_pool_line_by_default():
     md = rp.render_markdown(make_results())
     assert "combination" not in md and "Pseudo-labels" not in md
+
+
+def _brittleness(with_probe: bool) -> dict:
+    rows = [{"variant": f"{f!r}, original order", "answer_format": f, "permutation": 0, "teacher_acc": t,
+             "probe_acc": p if with_probe else None}
+            for f, t, p in ((" {letter}", 0.25, 0.40), ("({letter})", 0.31, 0.41), ("{number}.", 0.22, 0.39))]
+    teacher, probe = [r["teacher_acc"] for r in rows], [0.40, 0.41, 0.39]
+
+    def stats(a):
+        return {"min": min(a), "max": max(a), "range": max(a) - min(a), "std": 0.0371}
+
+    return {"n_questions": 150, "rows": rows,
+            "probe": {"layer": 17, "family": "logreg", "C": 0.01} if with_probe else None,
+            "spread": {"teacher": stats(teacher), "probe": stats(probe) if with_probe else None}}
+
+
+@pytest.mark.parametrize("with_probe", [True, False])
+def test_brittleness_table(with_probe):
+    r = make_results()
+    r["vllm_baseline"]["brittleness"] = _brittleness(with_probe)
+    md = section(rp.render_markdown(r), "Answer formats and choice orders")
+    assert "the same 150 test questions" in md
+    assert "| '({letter})', original order | 31.0% |" + (" 41.0% |" if with_probe else "") in md
+    assert ("| **spread (max - min)** | 9.0% |" + (" 2.0% |" if with_probe else "")) in md
+    assert ("probe (logreg, layer 17, C=0.01)" in md) == with_probe
+    assert ("per-choice states, which hold no labels" in md) == (not with_probe)
+    assert "Answer formats" not in rp.render_markdown(make_results())  # no table without the data

@@ -91,3 +91,20 @@ def test_labels_no_token_tells_apart_are_refused():
     assert shared == [ord("(")] and ids.tolist() == [ord("A"), ord("B"), ord("C")]
     with pytest.raises(ConfigError, match="prompt.answer_format: '{number}.' gives labels that no single token"):
         label_tokens(chars, 12, "{number}.")  # '1.' and '10.' first differ from '2.' on the same '1'
+
+
+@pytest.mark.parametrize("dataset, split", [("arc_easy", "test"), ("arc_challenge", "test"), ("mmlu", "validation"),
+                                            ("aqua_rat", "test")])
+def test_both_modes_and_every_format_on_every_dataset(tiny_model, shared_data, dataset, split):
+    """Every dataset reads in both modes; in letter mode every brittleness format tells its labels apart."""
+    from engine.config import BaselineConfig, DataConfig
+    from engine.models import load_tokenizer
+    from engine.tasks import load_split
+
+    tok = load_tokenizer(str(tiny_model))
+    examples = load_split(DataConfig(dataset=dataset, source=str(shared_data / dataset), limit=40), split)
+    per = build_sequences(examples, tok, PromptConfig(mode="per_choice"))
+    assert per.n_rows == sum(len(ex.choices) for ex in examples) and (per.start < per.lengths()).all()
+    for fmt in BaselineConfig().formats:
+        letter = build_sequences(examples, tok, PromptConfig(mode="letter", answer_format=fmt))
+        assert letter.n_rows == len(examples) and len(set(letter.letter_ids.tolist())) == letter.max_choices

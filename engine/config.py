@@ -30,7 +30,7 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
-LABEL_SOURCES = ("gold", "logit", "probe")
+LABEL_SOURCES = ("gold", "logit", "probe", "probe_pseudo")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -249,8 +249,9 @@ class StudentConfig:
     num_layers: Optional[int] = 4
     """Keep only the first N transformer blocks of the student model (null keeps all)."""
     label_sources: tuple[str, ...] = ("gold", "logit", "probe")
-    """Supervision each trained student gets: 'gold', 'logit' (teacher scores) or 'probe'. Empty: train
-    no student (the report then covers the teacher and the probes)."""
+    """Supervision each trained student gets: 'gold', 'logit' (teacher scores), 'probe' (out-of-fold probe
+    labels) or 'probe_pseudo' (gold on the labelled train questions plus the probe's labels on the pool
+    of `probe.label_pool`). Empty: train no student (the report covers the teacher and the probes)."""
     soft: bool = True
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
     temperature: float = 1.0
@@ -273,6 +274,9 @@ class StudentConfig:
     """CPUs per Ray Train worker."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) rather than CPUs (gloo)."""
+    max_failures: int = 0
+    """Ray Train `FailureConfig.max_failures`: restarts from the last checkpoint after a worker fails
+    (a lost node or a preempted GPU); -1 retries forever. Errors in the training loop fail at once."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
@@ -283,6 +287,7 @@ class StudentConfig:
         for name in ("epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
             _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
         _check(self.lr > 0, "student.lr", "must be > 0")
+        _check(self.max_failures >= -1, "student.max_failures", "must be >= 0, or -1 for no limit")
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
+        _check(self.probe.label_pool or "probe_pseudo" not in self.student.label_sources, "student.label_sources",
+               "'probe_pseudo' trains on the probe's pool labels: set probe.label_pool=true (and data.train_fraction < 1)")
         _check(self.extract.teacher_scores or "logit" not in self.student.label_sources, "extract.teacher_scores",
                "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
         _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",

@@ -13,6 +13,7 @@ itself is one per out_dir: a config that would change it is refused, naming the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import time
 from dataclasses import dataclass, field
@@ -243,15 +244,24 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
             out.append(found[0])
             continue
         t0 = time.perf_counter()
-        targets = labels.make_targets(
-            source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
-            teacher_logp=None if train_logp is None else train_logp[tq][:, :width], probe_probs=probe_arrays["oof_probs"][:, :width],
-            soft=cfg.student.soft,
-        )
-        label_acc = labels.label_agreement(targets, train_seqs.answer)
-        log("train", f"student on {source} labels ({len(tq)} questions; labels agree with gold {label_acc:.1%})")
+        seqs = train_seqs
+        if source == "probe_pseudo":  # gold on the labelled questions, the probe's labels on the pool
+            pool = probe_arrays["pool_questions"]
+            seqs = run.seqs["train"].select(np.concatenate([tq, pool]))
+            targets, used = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, probe_arrays["pool_probs"],
+                                                   seqs.n_choices[len(tq):], soft=cfg.student.soft)
+            label_acc = labels.label_agreement(targets, seqs.answer)  # against the withheld gold: reported only
+            seqs = dataclasses.replace(seqs, answer=used)
+        else:
+            targets = labels.make_targets(
+                source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
+                teacher_logp=None if train_logp is None else train_logp[tq][:, :width],
+                probe_probs=probe_arrays["oof_probs"][:, :width], soft=cfg.student.soft,
+            )
+            label_acc = labels.label_agreement(targets, train_seqs.answer)
+        log("train", f"student on {source} labels ({seqs.n_questions} questions; labels agree with gold {label_acc:.1%})")
         res = train_student(
-            cfg, source=source, model_dir=run.model_path, train=train_seqs, targets=targets, test=test_seqs,
+            cfg, source=source, model_dir=run.model_path, train=seqs, targets=targets, test=test_seqs,
             pad_id=run.tokenizer.pad_token_id, storage_dir=str((run.out / "ray_train" / where.name).resolve()),
         )
         meta = {

@@ -31,8 +31,6 @@ import numpy as np
 from engine.config import LABEL_SOURCES, Config, StudentConfig, config_hash, to_dict
 from engine.sequences import Sequences
 
-MAX_FAILURES = 0
-"""Worker-failure retries (errors in the loop are bugs, not flakes). Preemptions are retried by Ray."""
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept per run (the latest is what a resume starts from)."""
 
@@ -347,7 +345,7 @@ def train_student(
         run_config=RunConfig(
             storage_path=os.path.abspath(storage_dir),
             name=f"student-{source}",
-            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            failure_config=FailureConfig(max_failures=cfg.student.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )

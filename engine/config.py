@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,8 +30,25 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
-LABEL_SOURCES = ("gold", "logit", "probe")
+LABEL_SOURCES = ("gold", "logit", "probe", "probe_pseudo")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+_SPLIT_SPEC = re.compile(r"^([\w.\-]+)(?:\[(?:(\d+(?:\.\d+)?)%)?:(?:(\d+(?:\.\d+)?)%)?\])?$")
+
+
+def parse_split(spec: str, name: str = "data.split") -> tuple[str, float, float]:
+    """'test' -> ('test', 0, 1); 'test[:50%]' -> ('test', 0, 0.5); 'test[50%:]' -> ('test', 0.5, 1).
+
+    A range takes that slice of the split's rows in a seeded random order (`data.split_seed`), so two
+    roles can share a split without sharing a question: 'test[:30%]' and 'test[30%:]'.
+    """
+    m = _SPLIT_SPEC.match(spec or "")
+    _check(m is not None, name, f"{spec!r} is not a split: use a name, or a name with a range like 'test[:50%]'")
+    lo = float(m.group(2)) / 100 if m.group(2) else 0.0
+    hi = float(m.group(3)) / 100 if m.group(3) else 1.0
+    _check(0.0 <= lo < hi <= 1.0, name, f"{spec!r}: the range must satisfy 0% <= start < end <= 100%")
+    return m.group(1), lo, hi
 
 
 @dataclass(frozen=True)
@@ -42,11 +60,14 @@ class DataConfig:
     hub_config: Optional[str] = None
     """Hub dataset config name, e.g. 'ARC-Easy' for allenai/ai2_arc or 'all' for cais/mmlu."""
     train_split: str = "train"
-    """Split the probes and the student are fitted on."""
+    """Split the probes and the student are fitted on; 'name' or a seeded slice 'name[a%:b%]'."""
     validation_split: str = "validation"
-    """Split that picks the probe layer and C. Never used for the final numbers."""
+    """Split that picks the probe layer and C. Never used for the final numbers. Same syntax."""
     test_split: str = "test"
-    """Split every reported accuracy is measured on."""
+    """Split every reported accuracy is measured on. Same syntax: for data without three splits,
+    roles can share one split through disjoint slices, e.g. 'test[:30%]' and 'test[30%:]'."""
+    split_seed: int = 0
+    """Order in which sliced splits are cut (fixed apart from `seed`, so seeds share one split)."""
     train_fraction: float = 1.0
     """Fraction of the train split kept (stratified by answer, seeded): the data-limited setting."""
     limit: Optional[int] = None
@@ -64,6 +85,15 @@ class DataConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name}", "must be a positive int or null")
         _check(bool(self.source), "data.source", "set a local folder or a hub id")
+        specs = {role: parse_split(getattr(self, f"{role}_split"), f"data.{role}_split")
+                 for role in ("train", "validation", "test")}
+        roles = list(specs)
+        for i, a in enumerate(roles):
+            for b in roles[i + 1:]:
+                (na, lo_a, hi_a), (nb, lo_b, hi_b) = specs[a], specs[b]
+                _check(na != nb or hi_a <= lo_b or hi_b <= lo_a, f"data.{b}_split",
+                       f"{getattr(self, f'{b}_split')!r} shares questions with data.{a}_split "
+                       f"{getattr(self, f'{a}_split')!r}; give them disjoint slices, e.g. '{na}[:50%]' and '{na}[50%:]'")
 
 
 @dataclass(frozen=True)
@@ -219,8 +249,9 @@ class StudentConfig:
     num_layers: Optional[int] = 4
     """Keep only the first N transformer blocks of the student model (null keeps all)."""
     label_sources: tuple[str, ...] = ("gold", "logit", "probe")
-    """Supervision each trained student gets: 'gold', 'logit' (teacher scores) or 'probe'. Empty: train
-    no student (the report then covers the teacher and the probes)."""
+    """Supervision each trained student gets: 'gold', 'logit' (teacher scores), 'probe' (out-of-fold probe
+    labels) or 'probe_pseudo' (gold on the labelled train questions plus the probe's labels on the pool
+    of `probe.label_pool`). Empty: train no student (the report covers the teacher and the probes)."""
     soft: bool = True
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
     temperature: float = 1.0
@@ -243,6 +274,9 @@ class StudentConfig:
     """CPUs per Ray Train worker."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) rather than CPUs (gloo)."""
+    max_failures: int = 0
+    """Ray Train `FailureConfig.max_failures`: restarts from the last checkpoint after a worker fails
+    (a lost node or a preempted GPU); -1 retries forever. Errors in the training loop fail at once."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
@@ -253,6 +287,7 @@ class StudentConfig:
         for name in ("epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
             _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
         _check(self.lr > 0, "student.lr", "must be > 0")
+        _check(self.max_failures >= -1, "student.max_failures", "must be >= 0, or -1 for no limit")
 
 
 @dataclass(frozen=True)
@@ -282,6 +317,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
+        _check(self.probe.label_pool or "probe_pseudo" not in self.student.label_sources, "student.label_sources",
+               "'probe_pseudo' trains on the probe's pool labels: set probe.label_pool=true (and data.train_fraction < 1)")
         _check(self.extract.teacher_scores or "logit" not in self.student.label_sources, "extract.teacher_scores",
                "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
         _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",
@@ -404,6 +441,7 @@ def store_identity(cfg: Config) -> dict:
         "data.dataset": cfg.data.dataset,
         "data.source": cfg.data.source,
         "data.hub_config": cfg.data.hub_config,
+        "data.splits": [cfg.data.train_split, cfg.data.validation_split, cfg.data.test_split, cfg.data.split_seed],
         "data.limit": cfg.data.limit,
         "data.max_train": cfg.data.max_train,
         "data.max_validation": cfg.data.max_validation,

@@ -1,6 +1,8 @@
 """Student label matrices: (Q, C_max) float32, each row summing to 1 over the question's present choices
-and 0 elsewhere. Sources: 'gold' (one-hot answers), 'logit' (the teacher's own choice scores) and
-'probe' (out-of-fold probe probabilities). Hard labels are the one-hot argmax of the soft ones.
+and 0 elsewhere. Sources: 'gold' (one-hot answers), 'logit' (the teacher's own choice scores),
+'probe' (out-of-fold probe probabilities) and 'probe_pseudo' (semi-supervised: gold on the labelled
+questions, the probe's predictions on the unlabelled pool; `pseudo_labelled`). Hard labels are the
+one-hot argmax of the soft ones.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import numpy as np
 
 from engine.metrics import accuracy, softmax_rows
 
-SOURCES = ("gold", "logit", "probe")
+SOURCES = ("gold", "logit", "probe", "probe_pseudo")
 
 
 def _present(n_choices: np.ndarray, width: int) -> np.ndarray:
@@ -99,3 +101,22 @@ def make_targets(
     if len(t) != len(n_choices):
         raise ValueError(f"make_targets({source!r}): {len(t)} label rows for {len(n_choices)} questions")
     return t if soft else hard(t)
+
+
+def pseudo_labelled(
+    answer: np.ndarray, n_choices: np.ndarray, pool_probs: np.ndarray, pool_n_choices: np.ndarray, *, soft: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Semi-supervised labels for [labelled questions; pool questions], in that order.
+
+    Returns (targets, answer_used): one-hot gold on the labelled questions and the probe's pool
+    predictions (hard argmax unless `soft`), and, as the answers any gold loss term may use, the gold
+    answers followed by the pool predictions' argmax: the pool's withheld gold is never an input.
+    """
+    n_all = np.concatenate([np.asarray(n_choices, np.int64), np.asarray(pool_n_choices, np.int64)])
+    width = int(n_all.max()) if len(n_all) else 0
+    gold = gold_targets(answer, n_choices, width)
+    pool = probe_targets(_fit_width(pool_probs, width, 0.0), pool_n_choices)
+    pool = pool if soft else hard(pool)
+    targets = np.concatenate([gold, pool]).astype(np.float32)
+    used = np.concatenate([np.asarray(answer, np.int64), pool.argmax(axis=1).astype(np.int64)])
+    return targets, used

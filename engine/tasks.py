@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.config import DataConfig
+from engine.config import DataConfig, parse_split
 
 
 @dataclass(frozen=True)
@@ -324,11 +324,21 @@ def select_train(examples: list[Example], data: DataConfig, seed: int) -> list[E
 ROLES = ("train", "validation", "test")
 
 
+def carve(n: int, lo: float, hi: float, seed: int) -> np.ndarray:
+    """Sorted indices of the [lo, hi) slice of n rows taken in a seeded random order. Slices of one
+    order that do not overlap share no row, and together [0, a) and [a, 1) cover every row."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[int(round(lo * n)):int(round(hi * n))])
+
+
 def load_role(data: DataConfig, role: str, seed: int) -> list[Example]:
-    """The split playing `role` ('train', 'validation' or 'test'), cut to `data.max_<role>` rows by a
-    seeded sample stratified by answer (rows keep their file order)."""
-    split = getattr(data, f"{role}_split")
+    """The split playing `role` ('train', 'validation' or 'test'): the whole split or its slice
+    (`parse_split`), then cut to `data.max_<role>` rows by a seeded sample stratified by answer
+    (rows keep their file order)."""
+    split, lo, hi = parse_split(getattr(data, f"{role}_split"), f"data.{role}_split")
     examples = load_split(data, split)
+    if (lo, hi) != (0.0, 1.0):
+        examples = [examples[i] for i in carve(len(examples), lo, hi, data.split_seed)]
     cap = getattr(data, f"max_{role}")
     if cap is None or cap >= len(examples):
         return examples

@@ -86,3 +86,12 @@ def test_no_students_and_the_issue_configs_load():
     for name in ("arc_easy_letter", "arc_challenge", "arc_challenge_letter"):
         cfg = load(f"configs/{name}.yaml")
         assert cfg.student.label_sources == () and cfg.baseline.permutations == 3 and len(cfg.baseline.formats) == 4
+
+
+def test_store_identity_covers_the_splits():
+    from engine.config import store_identity
+
+    a = store_identity(load("configs/default.yaml"))
+    b = store_identity(load("configs/default.yaml", ["data.validation_split=test[:30%]", "data.test_split=test[30%:]"]))
+    c = store_identity(load("configs/default.yaml", ["data.split_seed=1"]))
+    assert a["data.splits"] != b["data.splits"] and a["data.splits"] != c["data.splits"]

@@ -14,6 +14,7 @@ from engine.tasks import (
     DataError,
     Example,
     adapt_row,
+    load_role,
     load_split,
     pick_adapter,
     select_train,
@@ -207,3 +208,37 @@ def test_select_train():
     assert select_train(examples, DataConfig(train_fraction=1.0), seed=0) == examples
     kept = select_train(examples, DataConfig(train_fraction=0.25), seed=0)
     assert len(kept) == 10 and sum(ex.answer for ex in kept) == 5
+
+
+def test_split_specs_parse_and_refuse():
+    from engine.config import ConfigError, parse_split
+
+    assert parse_split("test") == ("test", 0.0, 1.0)
+    assert parse_split("test[:30%]") == ("test", 0.0, 0.3)
+    assert parse_split("validation[12.5%:]") == ("validation", 0.125, 1.0)
+    for bad in ("test[30%]", "test[:30]", "test[60%:40%]", "test[:120%]", ""):
+        with pytest.raises(ConfigError, match="data.split"):
+            parse_split(bad)
+    with pytest.raises(ConfigError, match=r"data\.test_split: 'test\[40%:\]' shares questions with data\.validation_split"):
+        DataConfig(validation_split="test[:50%]", test_split="test[40%:]")
+    with pytest.raises(ConfigError, match=r"data\.test_split: 'validation' shares questions with data\.validation_split"):
+        DataConfig(test_split="validation")
+    DataConfig(train_split="validation", validation_split="test[:30%]", test_split="test[30%:]")
+
+
+def test_carved_roles_share_no_question_and_cover_the_split(shared_data):
+    """AQuA-RAT has validation and test only: train on validation, pick on 30% of test, report on the rest."""
+    data = DataConfig(dataset="aqua_rat", source=str(shared_data / "aqua_rat"), train_split="validation",
+                      validation_split="test[:30%]", test_split="test[30%:]")
+    roles = {r: load_role(data, r, seed=0) for r in ("train", "validation", "test")}
+    ids = {r: {ex.id for ex in exs} for r, exs in roles.items()}
+    assert len(ids["validation"]) == 76 and len(ids["test"]) == 178 and len(ids["train"]) == 254
+    assert not ids["validation"] & ids["test"] and not ids["train"] & (ids["validation"] | ids["test"])
+    whole = load_split(data, "test")
+    assert ids["validation"] | ids["test"] == {ex.id for ex in whole}
+    order = [ex.id for ex in whole]
+    assert [order.index(x.id) for x in roles["test"]] == sorted(order.index(x.id) for x in roles["test"])  # file order
+    # the cut depends on split_seed, not on the run's seed
+    assert [ex.id for ex in load_role(data, "test", seed=5)] == [ex.id for ex in roles["test"]]
+    other = DataConfig(**{**data.__dict__, "split_seed": 1})
+    assert {ex.id for ex in load_role(other, "test", seed=0)} != ids["test"]

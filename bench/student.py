@@ -1,0 +1,119 @@
+"""Student epoch wall time: Ray Train (TorchTrainer, one worker) against a plain torch loop, same data.
+
+    .venv/bin/python bench/student.py          # prints, writes bench/results/student.json
+
+Both train the default's student (the teacher's first 2 blocks + a fresh head, per-choice mode) for one
+epoch on the same ARC-Easy train questions with gold labels, the same batches, optimiser, schedule and
+threads, then score the same test questions:
+  plain:  `engine.student` in this process: build the model, one `train_epoch`, `predict`;
+  ray:    `cluster.train.train_student` (1 worker, `cpus` CPUs): the whole `TorchTrainer.fit()`,
+          including worker start-up, checkpointing and the test prediction, timed from the driver.
+The ratio is ray / plain over the whole call; the epoch alone (the loop's own `train_seconds`) is
+given too. Ray's own start-up (`ray.init`) is timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+import numpy as np  # noqa: E402
+
+from cluster import runtime  # noqa: E402  (sets Ray's environment before ray is imported)
+from engine import labels  # noqa: E402
+from engine.config import load  # noqa: E402
+from engine.models import load_tokenizer, resolve_model  # noqa: E402
+from engine.sequences import build_sequences  # noqa: E402
+from engine.tasks import load_role  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "student.json"
+
+
+def plain(cfg, model_dir: str, train, targets, test, pad_id: int) -> dict:
+    import torch
+
+    from engine import student as st
+
+    s = cfg.student
+    t0 = time.perf_counter()
+    torch.set_num_threads(s.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+    model = st.StudentModel.from_pretrained(st.resolve_student_path(s, model_dir), mode=train.mode,
+                                            max_choices=max(train.max_choices, test.max_choices), num_layers=s.num_layers)
+    optimizer = st.make_optimizer(model, s.lr, s.weight_decay)
+    steps = -(-train.n_questions // s.batch_size)
+    scheduler = st.make_scheduler(optimizer, steps * s.epochs, start_step=0)
+    t1 = time.perf_counter()
+    batches = st.make_batches(train, targets, st.shard_questions(train.n_questions, 0, 1, seed=cfg.seed, epoch=0),
+                              s.batch_size, pad_id, s.max_length, rng=np.random.default_rng([cfg.seed, 0, 0]))
+    loss = st.train_epoch(model, batches, optimizer, scheduler, device="cpu", soft=s.soft, temperature=s.temperature,
+                          alpha=s.alpha)
+    epoch_s = time.perf_counter() - t1
+    probs = st.predict(model, test, batch_size=s.batch_size, pad_id=pad_id, max_length=s.max_length, device="cpu")
+    return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(epoch_s, 2), "train_loss": loss,
+            "test_acc": st.accuracy(probs, test.answer)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--train-questions", type=int, default=600)
+    ap.add_argument("--test-questions", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    cfg = load(args.config, ["student.epochs=1", "student.num_workers=1", "student.label_sources=[gold]"])
+    model_dir = resolve_model(cfg.teacher)
+    tok = load_tokenizer(model_dir)
+    train_ex = load_role(cfg.data, "train", cfg.seed)[: args.train_questions]
+    test_ex = load_role(cfg.data, "test", cfg.seed)[: args.test_questions]
+    train, test = (build_sequences(ex, tok, cfg.prompt) for ex in (train_ex, test_ex))
+    targets = labels.gold_targets(train.answer, train.n_choices)
+
+    p = plain(cfg, model_dir, train, targets, test, tok.pad_token_id)
+    print(f"plain: {p['wall_seconds']} s in all, epoch {p['epoch_seconds']} s, test acc {p['test_acc']:.3f}", flush=True)
+
+    from cluster.train import train_student
+
+    t0 = time.perf_counter()
+    runtime.init(cfg.ray)
+    ray_init_s = time.perf_counter() - t0
+    storage = tempfile.mkdtemp(prefix="bench-student-")
+    try:
+        r = train_student(cfg, source="gold", model_dir=model_dir, train=train, targets=targets, test=test,
+                          pad_id=tok.pad_token_id, storage_dir=storage)
+    finally:
+        runtime.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
+    ray = {"wall_seconds": round(r["wall_seconds"], 2), "epoch_seconds": round(r["train_seconds"], 2),
+           "test_acc": r["test_accuracy"], "ray_init_seconds": round(ray_init_s, 2)}
+    print(f"ray:   {ray['wall_seconds']} s in all (fit), epoch {ray['epoch_seconds']} s, test acc {ray['test_acc']:.3f}; "
+          f"ray.init {ray['ray_init_seconds']} s", flush=True)
+    results = {
+        "command": "python bench/student.py", "config": args.config,
+        "train_questions": train.n_questions, "test_questions": test.n_questions, "rows": train.n_rows,
+        "student": {"num_layers": cfg.student.num_layers, "batch_size": cfg.student.batch_size,
+                    "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.prompt.mode},
+        "plain": p, "ray_train": ray,
+        "ratio_whole_call": round(ray["wall_seconds"] / p["wall_seconds"], 3),
+        "ratio_epoch_only": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
+        "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": {k: md.version(k) for k in ("torch", "transformers", "ray")},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Ray Train / plain: {results['ratio_whole_call']} (whole call), {results['ratio_epoch_only']} (epoch only); "
+          f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

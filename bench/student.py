@@ -8,8 +8,9 @@ threads, then score the same test questions:
   plain:  `engine.student` in this process: build the model, one `train_epoch`, `predict`;
   ray:    `cluster.train.train_student` (1 worker, `cpus` CPUs): the whole `TorchTrainer.fit()`,
           including worker start-up, checkpointing and the test prediction, timed from the driver.
-The ratio is ray / plain over the whole call; the epoch alone (the loop's own `train_seconds`) is
-given too. Ray's own start-up (`ray.init`) is timed apart.
+The two alternate `--repeats` times (the epoch time on this shared machine drifts by up to 20%
+between runs) and the medians are compared: ray / plain over the whole call, and for the epoch alone
+(the loop's own `train_seconds`). Ray's own start-up (`ray.init`) is timed apart.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--train-questions", type=int, default=600)
     ap.add_argument("--test-questions", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cfg = load(args.config, ["student.epochs=1", "student.num_workers=1", "student.label_sources=[gold]"])
@@ -78,25 +80,34 @@ def main() -> None:
     train, test = (build_sequences(ex, tok, cfg.prompt) for ex in (train_ex, test_ex))
     targets = labels.gold_targets(train.answer, train.n_choices)
 
-    p = plain(cfg, model_dir, train, targets, test, tok.pad_token_id)
-    print(f"plain: {p['wall_seconds']} s in all, epoch {p['epoch_seconds']} s, test acc {p['test_acc']:.3f}", flush=True)
-
     from cluster.train import train_student
 
     t0 = time.perf_counter()
     runtime.init(cfg.ray)
     ray_init_s = time.perf_counter() - t0
-    storage = tempfile.mkdtemp(prefix="bench-student-")
+    plains, rays = [], []
     try:
-        r = train_student(cfg, source="gold", model_dir=model_dir, train=train, targets=targets, test=test,
-                          pad_id=tok.pad_token_id, storage_dir=storage)
+        for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
+            plains.append(plain(cfg, model_dir, train, targets, test, tok.pad_token_id))
+            storage = tempfile.mkdtemp(prefix="bench-student-")
+            try:
+                r = train_student(cfg, source="gold", model_dir=model_dir, train=train, targets=targets, test=test,
+                                  pad_id=tok.pad_token_id, storage_dir=storage)
+            finally:
+                shutil.rmtree(storage, ignore_errors=True)
+            rays.append({"wall_seconds": round(r["wall_seconds"], 2), "epoch_seconds": round(r["train_seconds"], 2),
+                         "test_acc": r["test_accuracy"]})
+            print(f"[{i + 1}/{args.repeats}] plain {plains[-1]['wall_seconds']} s (epoch {plains[-1]['epoch_seconds']} s), "
+                  f"ray {rays[-1]['wall_seconds']} s (epoch {rays[-1]['epoch_seconds']} s)", flush=True)
     finally:
         runtime.shutdown()
-        shutil.rmtree(storage, ignore_errors=True)
-    ray = {"wall_seconds": round(r["wall_seconds"], 2), "epoch_seconds": round(r["train_seconds"], 2),
-           "test_acc": r["test_accuracy"], "ray_init_seconds": round(ray_init_s, 2)}
-    print(f"ray:   {ray['wall_seconds']} s in all (fit), epoch {ray['epoch_seconds']} s, test acc {ray['test_acc']:.3f}; "
-          f"ray.init {ray['ray_init_seconds']} s", flush=True)
+
+    def med(runs, key):
+        return round(float(np.median([r[key] for r in runs])), 2)
+
+    p = {"wall_seconds": med(plains, "wall_seconds"), "epoch_seconds": med(plains, "epoch_seconds"), "runs": plains}
+    ray = {"wall_seconds": med(rays, "wall_seconds"), "epoch_seconds": med(rays, "epoch_seconds"), "runs": rays,
+           "ray_init_seconds": round(ray_init_s, 2)}
     results = {
         "command": "python bench/student.py", "config": args.config,
         "train_questions": train.n_questions, "test_questions": test.n_questions, "rows": train.n_rows,
@@ -111,6 +122,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"medians: plain {p['wall_seconds']} s (epoch {p['epoch_seconds']} s), ray {ray['wall_seconds']} s "
+          f"(epoch {ray['epoch_seconds']} s); ray.init {ray['ray_init_seconds']} s")
     print(f"Ray Train / plain: {results['ratio_whole_call']} (whole call), {results['ratio_epoch_only']} (epoch only); "
           f"wrote {args.out}")
 

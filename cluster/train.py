@@ -1,19 +1,21 @@
-"""Ray Train (V2) around `engine.student`: one TorchTrainer run per label source.
+"""Ray Train (V2) around `engine.student`: students trained one after another in one TorchTrainer run.
 
-`train_student` ships the token rows and the target matrix to the workers through the object store,
-trains with DDP (gloo on CPU, NCCL on GPU, both set up by TorchTrainer), checkpoints every epoch and,
-after the last epoch, has rank 0 predict the test split. The test probabilities come back to the
-driver inside the final checkpoint as `test_probs.npy`.
+`train_students` takes a list of jobs (label source, seed, train questions, targets), ships their token
+rows and targets to the workers through the object store, and trains each job's student from fresh
+pretrained weights with DDP (gloo on CPU, NCCL on GPU, both set up by TorchTrainer). It checkpoints
+every epoch; when a job's last epoch is done, rank 0 predicts the test split and the probabilities ride
+along in every later checkpoint as `probs_<job>.npy`. One run per stage (or per benchmark dataset)
+pays the worker group's start-up once rather than once per student. `train_student` is one job.
 
 Checkpoints hold no pickles: weights and optimizer tensors are safetensors, everything else JSON/NPY.
 
-Resume: Ray Train V2 keeps a checkpoint-manager snapshot under `<storage_dir>/student-<source>/`. A new
-`train_student` call with the same `storage_dir` and source picks that up, so `ray.train.get_checkpoint()`
-returns the latest checkpoint even when the earlier run had completed; the loop then starts at the
-next epoch (a run asked for more epochs continues; one already done only re-predicts). A checkpoint
-made under other settings (data, targets, model, hyper-parameters other than `epochs` and the
-worker resources) is refused: use a fresh `storage_dir` per experiment. On a multi-node cluster
-`storage_dir` must be shared storage (NFS or a cloud URI Ray Train understands).
+Resume: Ray Train V2 keeps a checkpoint-manager snapshot under `<storage_dir>/<name>/`. A new call with
+the same `storage_dir`, name and jobs picks that up, so `ray.train.get_checkpoint()` returns the latest
+checkpoint (after a kill, or when a worker died and `FailureConfig` restarts the group): the run goes on
+at the job and epoch after it. A single-job run asked for more epochs continues its job. A checkpoint
+made under other jobs or settings (data, targets, model, hyper-parameters other than the worker
+resources, and `epochs` when there are several jobs) is refused: use a fresh `storage_dir` per
+experiment. On a multi-node cluster `storage_dir` must be shared storage (NFS or a URI Ray Train reads).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,7 @@ def _fingerprint(
             "max_choices": max_choices,
             "pad_id": pad_id,
             "data": h.hexdigest(),
+            "format": 2,
         }
     )
 
@@ -150,7 +155,22 @@ def _write_checkpoint(d: Path, *, model, optimizer, scheduler, state: dict, prob
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-worker loop
+# The per-worker loop: the jobs in order, each from a fresh student, checkpointing every epoch
+
+
+def _student_config(d: dict) -> StudentConfig:
+    return StudentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def _resume_point(state: dict | None, epochs: int, n_jobs: int) -> tuple[int, int]:
+    """(job, epoch) to start at, given the latest checkpoint's state: its job continues while it has
+    epochs left (a single-job run asked for more epochs continues), else the next job starts."""
+    if state is None:
+        return 0, 0
+    job, epoch = int(state["job"]), int(state["epoch"])
+    if epoch < epochs or job + 1 >= n_jobs:
+        return job, epoch
+    return job + 1, 0
 
 
 def _train_loop(config: dict) -> None:
@@ -163,124 +183,228 @@ def _train_loop(config: dict) -> None:
 
     from engine import student as st
 
-    scfg = StudentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["student"].items()})
-    seed, source = int(config["seed"]), config["source"]
+    scfg = _student_config(config["student"])
+    jobs = config["jobs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(scfg.cpus_per_worker)
-    torch.manual_seed(seed)
     device = ray.train.torch.get_device()
-
-    train = unpack_sequences(ray.get(config["train_ref"]))
-    targets = np.asarray(ray.get(config["targets_ref"]), dtype=np.float32)
     test = unpack_sequences(ray.get(config["test_ref"])) if rank == 0 else None
     pad_id, max_length = int(config["pad_id"]), scfg.max_length
     loss_kw = dict(soft=scfg.soft, temperature=scfg.temperature, alpha=scfg.alpha)
 
-    model = st.StudentModel.from_pretrained(
-        config["model_path"], mode=train.mode, max_choices=int(config["max_choices"]), num_layers=scfg.num_layers
-    )
-    start_epoch, train_seconds, history = 0, 0.0, []
+    state, ckpt_dir, done_probs, reported = None, None, {}, False
     ckpt = ray.train.get_checkpoint()
-    resume_state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume_state = json.loads((Path(d) / _STATE).read_text())
-            if resume_state.get("fingerprint") != config["fingerprint"]:
+            state = json.loads((Path(d) / _STATE).read_text())
+            if state.get("fingerprint") != config["fingerprint"]:
                 raise ValueError(
-                    f"student-{source}: the checkpoint under the run's storage was made with other data or "
+                    f"{config['name']}: the checkpoint under the run's storage was made with other data or "
                     "settings; pass a fresh storage_dir for a new experiment"
                 )
-            load_model(model, str(Path(d) / _MODEL), device="cpu")
-            start_epoch = int(resume_state["epoch"])
-            train_seconds = float(resume_state.get("train_seconds", 0.0))
-            history = list(resume_state.get("history", []))
-            optim_tensors = load_file(str(Path(d) / _OPTIM))
+            done_probs = {int(j): np.load(Path(d) / f"probs_{int(j):03d}.npy", allow_pickle=False)
+                          for j in state["finished"] if rank == 0}
+            ckpt_dir = tempfile.mkdtemp()  # keep the weights past the context manager
+            for name in (_MODEL, _OPTIM):
+                shutil.copyfile(Path(d, name), Path(ckpt_dir, name))
+    start_job, start_epoch = _resume_point(state, scfg.epochs, len(jobs))
+    finished = dict(state["finished"]) if state else {}
+    resumes = [*state.get("resumes", []), [start_job, start_epoch]] if state else []  # where each restart began
+    if state is not None and rank == 0:
+        print(f"[{config['name']}] resumed at job {start_job + 1}/{len(jobs)}, epoch {start_epoch}/{scfg.epochs}",
+              flush=True)
 
-    model = ray.train.torch.prepare_model(model)
-    inner = st.unwrap(model)
-    optimizer = st.make_optimizer(model, scfg.lr, scfg.weight_decay)
-    per_worker = -(-train.n_questions // world)
-    steps_per_epoch = -(-per_worker // scfg.batch_size)
-    if resume_state is not None:
-        _load_optimizer(optimizer, optim_tensors, resume_state["optimizer"])
-    # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
-    scheduler = st.make_scheduler(optimizer, steps_per_epoch * scfg.epochs, start_step=steps_per_epoch * start_epoch)
-    if resume_state is not None:
-        if rank == 0:
-            print(f"[student-{source}] resumed after epoch {start_epoch}/{scfg.epochs}", flush=True)
-
-    def report(epoch: int, metrics: dict, probs: np.ndarray | None, dir_name: str | None) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                state = {
-                    "epoch": epoch,
-                    "fingerprint": config["fingerprint"],
-                    "train_seconds": train_seconds,
-                    "history": history,
-                    "source": source,
-                }
-                _write_checkpoint(
-                    Path(tmp), model=inner, optimizer=optimizer, scheduler=scheduler, state=state, probs=probs
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
-
-    def test_probs() -> tuple[np.ndarray | None, float | None]:
-        if rank != 0:
-            return None, None
-        probs = st.predict(inner, test, batch_size=scfg.batch_size, pad_id=pad_id, max_length=max_length, device=device)
-        return probs, st.accuracy(probs, test.answer)
-
-    for epoch in range(start_epoch, scfg.epochs):
-        t0 = time.perf_counter()
-        questions = st.shard_questions(train.n_questions, rank, world, seed=seed, epoch=epoch)
-        batches = st.make_batches(
-            train,
-            targets,
-            questions,
-            scfg.batch_size,
-            pad_id,
-            max_length,
-            rng=np.random.default_rng([seed, epoch, rank]),
+    for j in range(start_job, len(jobs)):
+        job = jobs[j]
+        seed, tag = int(job["seed"]), f"student-{job['source']}"
+        torch.manual_seed(seed)
+        train = unpack_sequences(ray.get(job["train_ref"]))
+        targets = np.asarray(ray.get(job["targets_ref"]), dtype=np.float32)
+        model = st.StudentModel.from_pretrained(
+            config["model_path"], mode=train.mode, max_choices=int(config["max_choices"]), num_layers=scfg.num_layers
         )
-        loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, **loss_kw)
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            buf = torch.tensor([loss * len(questions), float(len(questions))], dtype=torch.float64, device=device)
-            dist.all_reduce(buf)
-            loss = float((buf[0] / buf[1]).cpu())
-        train_seconds += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "train_loss": loss})
-        last = epoch + 1 == scfg.epochs
-        probs, acc = test_probs() if last else (None, None)
-        metrics = {"epoch": epoch + 1, "train_loss": loss, "start_epoch": start_epoch, "train_seconds": train_seconds}
-        if acc is not None:
-            metrics["test_accuracy"] = acc
-        if rank == 0:
-            extra = f" test_acc {acc:.4f}" if acc is not None else ""
-            print(
-                f"[student-{source}] epoch {epoch + 1}/{scfg.epochs} loss {loss:.4f} "
-                f"elapsed {train_seconds:.1f}s{extra}",
-                flush=True,
-            )
-        report(epoch + 1, metrics, probs, f"epoch_{epoch + 1:04d}")
+        first = start_epoch if j == start_job else 0
+        resuming = first > 0
+        train_seconds = float(state["train_seconds"]) if resuming else 0.0
+        history = list(state["history"]) if resuming else []
+        if resuming:
+            load_model(model, str(Path(ckpt_dir) / _MODEL), device="cpu")
+        model = ray.train.torch.prepare_model(model)
+        inner = st.unwrap(model)
+        optimizer = st.make_optimizer(model, scfg.lr, scfg.weight_decay)
+        per_worker = -(-train.n_questions // world)
+        steps_per_epoch = -(-per_worker // scfg.batch_size)
+        if resuming:
+            _load_optimizer(optimizer, load_file(str(Path(ckpt_dir) / _OPTIM)), state["optimizer"])
+        # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
+        scheduler = st.make_scheduler(optimizer, steps_per_epoch * scfg.epochs, start_step=steps_per_epoch * first)
 
-    if start_epoch >= scfg.epochs:  # the stored run already did every epoch: predict again only
-        probs, acc = test_probs()
-        metrics = {
-            "epoch": start_epoch,
-            "train_loss": history[-1]["train_loss"] if history else float("nan"),
-            "start_epoch": start_epoch,
-            "train_seconds": train_seconds,
-        }
-        if acc is not None:
-            metrics["test_accuracy"] = acc
-        report(start_epoch, metrics, probs, None)
+        for epoch in range(first, scfg.epochs):
+            t0 = time.perf_counter()
+            questions = st.shard_questions(train.n_questions, rank, world, seed=seed, epoch=epoch)
+            batches = st.make_batches(train, targets, questions, scfg.batch_size, pad_id, max_length,
+                                      rng=np.random.default_rng([seed, epoch, rank]))
+            loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, **loss_kw)
+            if world > 1 and dist.is_available() and dist.is_initialized():
+                buf = torch.tensor([loss * len(questions), float(len(questions))], dtype=torch.float64, device=device)
+                dist.all_reduce(buf)
+                loss = float((buf[0] / buf[1]).cpu())
+            train_seconds += time.perf_counter() - t0
+            history.append({"epoch": epoch + 1, "train_loss": loss})
+            metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first,
+                       "train_seconds": train_seconds}
+            if epoch + 1 == scfg.epochs and rank == 0:  # the job is done: score the test split
+                probs = st.predict(inner, test, batch_size=scfg.batch_size, pad_id=pad_id, max_length=max_length,
+                                   device=device)
+                done_probs[j] = probs
+                finished[str(j)] = {"epochs": epoch + 1, "start_epoch": first, "train_seconds": train_seconds,
+                                    "history": history, "test_accuracy": st.accuracy(probs, test.answer)}
+                metrics["test_accuracy"] = finished[str(j)]["test_accuracy"]
+            if rank == 0:
+                extra = f" test_acc {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else ""
+                print(f"[{tag}] job {j + 1}/{len(jobs)} epoch {epoch + 1}/{scfg.epochs} loss {loss:.4f} "
+                      f"elapsed {train_seconds:.1f}s{extra}", flush=True)
+            state = {"job": j, "epoch": epoch + 1, "fingerprint": config["fingerprint"],
+                     "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes}
+            _report(rank, metrics, state, inner, optimizer, scheduler, done_probs, f"job_{j:03d}_epoch_{epoch + 1:04d}")
+            reported = True
+        start_epoch = 0
+    if not reported:  # the stored run had finished every job: hand its results on as this run's
+        state = {**state, "resumes": resumes}
+        _report(rank, {"job": len(jobs) - 1, "epoch": scfg.epochs, "start_epoch": scfg.epochs}, state, inner,
+                optimizer, scheduler, done_probs, None)
+    if ckpt_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_name) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _write_checkpoint(Path(tmp), model=model, optimizer=optimizer, scheduler=scheduler, state=state, probs=None)
+            for j, probs in done_probs.items():
+                np.save(Path(tmp) / f"probs_{j:03d}.npy", np.asarray(probs, dtype=np.float32), allow_pickle=False)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One student to train: its label source, seed, train questions and targets (Q_train, C)."""
+
+    source: str
+    seed: int
+    train: Sequences
+    targets: np.ndarray
+
+    def check(self) -> None:
+        if self.source not in LABEL_SOURCES:
+            raise ValueError(f"source: must be one of {LABEL_SOURCES}, got {self.source!r}")
+        t, q = self.targets, self.train.n_questions
+        if t.ndim != 2 or t.shape[0] != q or t.shape[1] < self.train.max_choices:
+            raise ValueError(f"targets: expected shape ({q}, >= {self.train.max_choices}), got {t.shape}")
+        if not np.isfinite(t).all():
+            raise ValueError("targets: contains NaN or inf")
+
+
+def train_students(
+    student: StudentConfig,
+    jobs: list[StudentJob],
+    *,
+    model_dir: str,
+    test: Sequences,
+    pad_id: int,
+    storage_dir: str,
+    name: str,
+    max_failures: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train every job's student, one after another, in one Ray Train run, and score each on `test`.
+
+    One run amortises the worker group's start-up over many students (the benchmark trains dozens).
+    Returns, per job, {"source", "seed", "test_accuracy", "test_probs" (Q_test, C), "train_seconds",
+    "epochs", "history", "start_epoch", "wall_seconds" (of the whole run), "resumes" ([job, epoch] where
+    each resumed attempt of the run began)}. The run's checkpoints live
+    under `<storage_dir>/<name>`; the same call after a kill resumes at the last finished epoch.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from engine.student import resolve_student_path
+
+    if not jobs:
+        return []
+    for job in jobs:
+        job.check()
+        if job.train.mode != test.mode:
+            raise ValueError(f"train rows are {job.train.mode!r} but test rows are {test.mode!r}")
+    model_path = resolve_student_path(student, model_dir)
+    if os.path.isdir(model_path):
+        model_path = os.path.abspath(model_path)
+    max_choices = max(max(j.train.max_choices for j in jobs), test.max_choices)
+    packed = [pack_sequences(j.train) for j in jobs]
+    targets = [np.ascontiguousarray(j.targets, dtype=np.float32) for j in jobs]
+    prints = [_fingerprint(student, j.seed, j.source, model_path, p, t, max_choices, pad_id)
+              for j, p, t in zip(jobs, packed, targets, strict=True)]
+    # One job may be continued with more epochs; in a run of several, finished jobs would be stale.
+    fingerprint = prints[0] if len(jobs) == 1 else config_hash({"jobs": prints, "epochs": student.epochs})
+    loop_config = {
+        "name": name,
+        "student": to_dict(student),
+        "model_path": model_path,
+        "max_choices": max_choices,
+        "pad_id": int(pad_id),
+        "fingerprint": fingerprint,
+        "test_ref": ray.put(pack_sequences(test)),
+        "jobs": [{"source": j.source, "seed": j.seed, "train_ref": ray.put(p), "targets_ref": ray.put(t)}
+                 for j, p, t in zip(jobs, packed, targets, strict=True)],
+    }
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=student.num_workers,
+            use_gpu=student.use_gpu,
+            resources_per_worker={"CPU": student.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            storage_path=os.path.abspath(storage_dir),
+            name=name,
+            failure_config=FailureConfig(
+                max_failures=student.max_failures if max_failures is None else max_failures
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    out = []
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / _STATE).read_text())
+        finished = state["finished"]
+        for j, job in enumerate(jobs):
+            if str(j) not in finished:
+                raise RuntimeError(f"{name}: job {j} ({job.source}, seed {job.seed}) has no result")
+            probs = np.load(Path(d) / f"probs_{j:03d}.npy", allow_pickle=False)
+            done = finished[str(j)]
+            acc = float((probs.argmax(-1) == test.answer).mean()) if test.n_questions else float("nan")
+            out.append({"source": job.source, "seed": job.seed, "test_accuracy": acc, "test_probs": probs,
+                        "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
+                        "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
+                        "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", [])})
+    return out
 
 
 def train_student(
@@ -294,80 +418,8 @@ def train_student(
     pad_id: int,
     storage_dir: str,
 ) -> dict[str, Any]:
-    """Train one student on `targets` (Q_train, C) and score it on `test`.
-
-    Returns {"source", "test_accuracy", "test_probs" (Q_test, test.max_choices), "train_seconds",
-    "epochs", "wall_seconds", "history"}. Uses the Ray cluster already initialised (or starts one).
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from engine.student import resolve_student_path
-
-    if source not in LABEL_SOURCES:
-        raise ValueError(f"source: must be one of {LABEL_SOURCES}, got {source!r}")
-    if train.mode != test.mode:
-        raise ValueError(f"train rows are {train.mode!r} but test rows are {test.mode!r}")
-    targets = np.ascontiguousarray(targets, dtype=np.float32)
-    if targets.ndim != 2 or targets.shape[0] != train.n_questions or targets.shape[1] < train.max_choices:
-        raise ValueError(f"targets: expected shape ({train.n_questions}, >= {train.max_choices}), got {targets.shape}")
-    if not np.isfinite(targets).all():
-        raise ValueError("targets: contains NaN or inf")
-    scfg = cfg.student
-    model_path = resolve_student_path(scfg, model_dir)
-    if os.path.isdir(model_path):
-        model_path = os.path.abspath(model_path)
-    max_choices = max(train.max_choices, test.max_choices)
-    packed_train = pack_sequences(train)
-    fingerprint = _fingerprint(scfg, cfg.seed, source, model_path, packed_train, targets, max_choices, pad_id)
-
-    loop_config = {
-        "student": to_dict(scfg),
-        "seed": cfg.seed,
-        "source": source,
-        "model_path": model_path,
-        "max_choices": max_choices,
-        "pad_id": int(pad_id),
-        "fingerprint": fingerprint,
-        "train_ref": ray.put(packed_train),
-        "targets_ref": ray.put(targets),
-        "test_ref": ray.put(pack_sequences(test)),
-    }
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=scfg.num_workers,
-            use_gpu=scfg.use_gpu,
-            resources_per_worker={"CPU": scfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            storage_path=os.path.abspath(storage_dir),
-            name=f"student-{source}",
-            failure_config=FailureConfig(max_failures=cfg.student.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-        ),
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"student-{source}: training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / _STATE).read_text())
-        probs = np.load(Path(d) / _PROBS, allow_pickle=False)
-    acc = float((probs.argmax(-1) == test.answer).mean()) if test.n_questions else float("nan")
-    return {
-        "source": source,
-        "test_accuracy": acc,
-        "test_probs": probs,
-        "train_seconds": float(state["train_seconds"]),
-        "epochs": int(state["epoch"]),
-        "wall_seconds": wall,
-        "history": state.get("history", []),
-        "checkpoint_path": result.checkpoint.path,
-        "start_epoch": int(result.metrics.get("start_epoch", 0)) if result.metrics else 0,
-    }
+    """Train one student on `targets` (Q_train, C) and score it on `test`: `train_students` with one job,
+    run under the name `student-<source>`."""
+    job = StudentJob(source, cfg.seed, train, np.asarray(targets))
+    return train_students(cfg.student, [job], model_dir=model_dir, test=test, pad_id=pad_id,
+                          storage_dir=storage_dir, name=f"student-{source}")[0]

@@ -31,6 +31,8 @@ def _check(ok: bool, name: str, msg: str) -> None:
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
 LABEL_SOURCES = ("gold", "logit", "probe", "probe_pseudo")
+BENCH_DATASETS = ("arc_easy", "arc_challenge", "mmlu", "aqua_rat")
+"""The benchmark's datasets; `engine.tasks.benchmark_data` gives each one's honest splits."""
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,6 +70,9 @@ class DataConfig:
     roles can share one split through disjoint slices, e.g. 'test[:30%]' and 'test[30%:]'."""
     split_seed: int = 0
     """Order in which sliced splits are cut (fixed apart from `seed`, so seeds share one split)."""
+    sample_seed: int = 0
+    """Seed of the `max_<role>` samples, i.e. which questions the store holds (fixed apart from `seed`,
+    so runs under other seeds, such as the benchmark's, share one store)."""
     train_fraction: float = 1.0
     """Fraction of the train split kept (stratified by answer, seeded): the data-limited setting."""
     limit: Optional[int] = None
@@ -291,6 +296,34 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """The matrix `distill bench` runs: datasets x label sources x train fractions x seeds. Each dataset
+    gets its store under `<out_dir>/<dataset>` (extracted once, then reused); every cell reuses that
+    store, and every probe sweep and student it makes is an artifact reused by later runs."""
+
+    datasets: tuple[str, ...] = BENCH_DATASETS
+    """Datasets, each with its honest train / validation / test roles (README "Data")."""
+    data_root: Optional[str] = "../shared/data"
+    """Folder holding `<dataset>/<split>.jsonl` in the shared schema; null reads the hub ids."""
+    sources: tuple[str, ...] = LABEL_SOURCES
+    """Label sources compared; 'probe_pseudo' is trained at fractions below 1 (it needs a pool)."""
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
+    """Train fractions (`data.train_fraction`), each a stratified subset of the stored train questions."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Replicates: the fraction's subset, the probe folds and the student's init (the store is shared)."""
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.datasets if d not in BENCH_DATASETS]
+        _check(bool(self.datasets) and not bad, "bench.datasets", f"choose from {BENCH_DATASETS}, got {list(self.datasets)}")
+        bad = [x for x in self.sources if x not in LABEL_SOURCES]
+        _check(bool(self.sources) and not bad, "bench.sources", f"choose from {LABEL_SOURCES}, got {list(self.sources)}")
+        bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
+        _check(bool(self.fractions) and not bad, "bench.fractions", f"each must be in (0, 1], e.g. [0.1, 1.0]; got {bad or '[]'}")
+        _check(len(set(self.seeds)) == len(self.seeds) >= 1, "bench.seeds", "give at least one seed, without repeats")
+        _check(len(set(self.fractions)) == len(self.fractions), "bench.fractions", "repeats a fraction")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: Optional[str] = None
     """Cluster address ('auto' or 'ray://host:port'); null starts a local Ray bound to 127.0.0.1."""
@@ -305,7 +338,8 @@ class Config:
     out_dir: str = "runs/default"
     """Where the run's store, probes, students and report go."""
     seed: int = 0
-    """Seed for subsets, folds and student init."""
+    """Seed of the `data.train_fraction` subset, probe folds, choice permutations and student init. Not of
+    the store's questions (`data.sample_seed`), so seeds are replicates over one store."""
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -313,6 +347,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -446,7 +481,7 @@ def store_identity(cfg: Config) -> dict:
         "data.max_train": cfg.data.max_train,
         "data.max_validation": cfg.data.max_validation,
         "data.max_test": cfg.data.max_test,
-        "seed": cfg.seed,
+        "data.sample_seed": cfg.data.sample_seed,
         "extract.chunk_rows": cfg.extract.chunk_rows,
         "extract.teacher_scores": cfg.extract.teacher_scores,
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -321,6 +321,28 @@ def select_train(examples: list[Example], data: DataConfig, seed: int) -> list[E
     return [examples[i] for i in idx]
 
 
+# The benchmark's datasets: hub id, and honest (train, validation, test) roles. MMLU has no train split:
+# train on validation, pick on dev, report on test. AQuA-RAT here has validation and test only: train
+# on validation, pick on a seeded 30% of test, report on the other 70%.
+BENCHMARK_SPLITS = {
+    "arc_easy": ("allenai/ai2_arc", ("train", "validation", "test")),
+    "arc_challenge": ("allenai/ai2_arc", ("train", "validation", "test")),
+    "mmlu": ("cais/mmlu", ("validation", "dev", "test")),
+    "aqua_rat": ("deepmind/aqua_rat", ("validation", "test[:30%]", "test[30%:]")),
+}
+
+
+def benchmark_data(data: DataConfig, dataset: str, root: str | None) -> DataConfig:
+    """`data` (its caps and seeds) pointed at one benchmark dataset with its honest splits: the local
+    folder `<root>/<dataset>`, or the hub id when `root` is null."""
+    if dataset not in BENCHMARK_SPLITS:
+        raise DataError(f"bench.datasets: unknown dataset {dataset!r}; choose from {sorted(BENCHMARK_SPLITS)}")
+    hub, (train, validation, test) = BENCHMARK_SPLITS[dataset]
+    source = str(Path(root) / dataset) if root else hub
+    return replace(data, dataset=dataset, source=source, hub_config=None, train_split=train,
+                   validation_split=validation, test_split=test)
+
+
 ROLES = ("train", "validation", "test")
 
 
@@ -331,7 +353,7 @@ def carve(n: int, lo: float, hi: float, seed: int) -> np.ndarray:
     return np.sort(order[int(round(lo * n)):int(round(hi * n))])
 
 
-def load_role(data: DataConfig, role: str, seed: int) -> list[Example]:
+def load_role(data: DataConfig, role: str) -> list[Example]:
     """The split playing `role` ('train', 'validation' or 'test'): the whole split or its slice
     (`parse_split`), then cut to `data.max_<role>` rows by a seeded sample stratified by answer
     (rows keep their file order)."""
@@ -342,5 +364,5 @@ def load_role(data: DataConfig, role: str, seed: int) -> list[Example]:
     cap = getattr(data, f"max_{role}")
     if cap is None or cap >= len(examples):
         return examples
-    idx = stratified_subset(np.array([ex.answer for ex in examples]), cap / len(examples), seed)
+    idx = stratified_subset(np.array([ex.answer for ex in examples]), cap / len(examples), data.sample_seed)
     return [examples[i] for i in idx]

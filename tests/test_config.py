@@ -95,3 +95,12 @@ def test_store_identity_covers_the_splits():
     b = store_identity(load("configs/default.yaml", ["data.validation_split=test[:30%]", "data.test_split=test[30%:]"]))
     c = store_identity(load("configs/default.yaml", ["data.split_seed=1"]))
     assert a["data.splits"] != b["data.splits"] and a["data.splits"] != c["data.splits"]
+
+
+def test_seeds_share_a_store_the_sample_seed_does_not():
+    """`seed` is a replicate over one store (the benchmark's seeds); `data.sample_seed` picks its questions."""
+    from engine.config import store_identity
+
+    a = store_identity(load("configs/default.yaml"))
+    assert a == store_identity(load("configs/default.yaml", ["seed=7"]))
+    assert a != store_identity(load("configs/default.yaml", ["data.sample_seed=7"]))

@@ -346,10 +346,10 @@ def test_train_student_on_ray_and_resume(local_ray, shared_data, tokenizer, tiny
     assert first["test_accuracy"] == pytest.approx(float((probs.argmax(1) == test.answer).mean()))
     assert first["train_seconds"] > 0 and math.isfinite(first["history"][0]["train_loss"])
     run_dir = storage / "student-probe"
-    ckpts = sorted(p.name for p in run_dir.glob("epoch_*"))
-    assert ckpts == ["epoch_0001"]
-    assert {"model.safetensors", "optimizer.safetensors", "state.json", "test_probs.npy"} <= {
-        p.name for p in (run_dir / "epoch_0001").iterdir()
+    ckpts = sorted(p.name for p in run_dir.glob("job_*"))
+    assert ckpts == ["job_000_epoch_0001"]
+    assert {"model.safetensors", "optimizer.safetensors", "state.json", "probs_000.npy"} <= {
+        p.name for p in (run_dir / "job_000_epoch_0001").iterdir()
     }
 
     # Same storage and name, more epochs: Ray Train V2 hands the latest checkpoint to the new run.
@@ -358,7 +358,7 @@ def test_train_student_on_ray_and_resume(local_ray, shared_data, tokenizer, tiny
     assert second["start_epoch"] == 1 and second["epochs"] == 2
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in run_dir.glob("job_*")) == ["job_000_epoch_0001", "job_000_epoch_0002"]
     assert second["test_probs"].shape == probs.shape and np.allclose(second["test_probs"].sum(1), 1, atol=1e-5)
     assert not np.allclose(second["test_probs"], probs)  # epoch 2 changed the weights
     print(f"ray fits: {first['wall_seconds']:.1f}s (1 worker), {second['wall_seconds']:.1f}s (2 workers)")
@@ -382,3 +382,87 @@ def test_resume_fingerprint_ignores_epochs_and_resources(shared_data, tokenizer)
     assert fp() != fp(from_dict({"student": {"epochs": 1, "lr": 1e-3}}))
     assert fp() != fp(t=targets[::-1].copy())
     assert fp() != fp(source="probe")
+
+
+def resume_jobs(model_dir: str):
+    """Three students (gold, probe, logit-like soft targets; other seeds and sizes) on the tiny model."""
+    from transformers import AutoTokenizer
+
+    from cluster.train import StudentJob
+    from tests.conftest import SHARED_DATA
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train = sequences(SHARED_DATA, tok, "per_choice", 40)
+    test = sequences(SHARED_DATA, tok, "per_choice", 16, skip=40)
+    soft = st.one_hot(train.answer, train.max_choices) * 0.6 + 0.4 / train.max_choices
+    part = train.select(np.arange(24))
+    jobs = [StudentJob("gold", 0, train, st.one_hot(train.answer, train.max_choices)),
+            StudentJob("probe", 1, train, soft),
+            StudentJob("logit", 2, part, soft[:24])]
+    cfg = from_dict({"student": {"num_layers": 2, "epochs": 2, "batch_size": 8, "max_length": 32, "lr": 1e-3,
+                                 "num_workers": 1, "cpus_per_worker": 1}})
+    return cfg.student, jobs, test, tok.pad_token_id
+
+
+_KILLED_RUN = """
+import sys
+sys.path.insert(0, {repo!r})
+from cluster import runtime
+from cluster.train import train_students
+from engine.config import RayConfig
+from tests.test_student import resume_jobs
+runtime.init(RayConfig(num_cpus=2, temp_dir={temp!r}))
+student, jobs, test, pad = resume_jobs({model!r})
+train_students(student, jobs, model_dir={model!r}, test=test, pad_id=pad, storage_dir={storage!r}, name="kill")
+print("FINISHED", flush=True)
+"""
+
+
+def test_students_killed_mid_run_resume_from_the_last_checkpoint(local_ray, tiny_model, tmp_path):
+    """SIGKILL a three-student run (driver, Ray and workers) after two checkpoints; the same call then
+    resumes there, and every student ends exactly as in an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cluster.train import train_students
+
+    repo = str(Path(__file__).resolve().parents[1])
+    storage = tmp_path / "killed"
+    script = _KILLED_RUN.format(repo=repo, temp=f"/tmp/pkd-kill-{os.getpid()}", model=str(tiny_model),
+                                storage=str(storage))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while len(list((storage / "kill").glob("job_*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate(timeout=60)[0]
+    assert "FINISHED" not in out, "the run ended before it could be killed"
+    made = sorted(p.name for p in (storage / "kill").glob("job_*"))
+    assert made and made[-1] < "job_002_epoch_0002", made
+
+    student, jobs, test, pad = resume_jobs(str(tiny_model))
+    kw = dict(model_dir=str(tiny_model), test=test, pad_id=pad)
+    resumed = train_students(student, jobs, storage_dir=str(storage), name="kill", **kw)
+    (job, epoch), = resumed[0]["resumes"]
+    assert (job, epoch) >= (0, 1), resumed[0]["resumes"]  # started from a checkpoint, not from scratch
+    whole = train_students(student, jobs, storage_dir=str(tmp_path / "whole"), name="whole", **kw)
+    assert whole[0]["resumes"] == []
+    for a, b in zip(resumed, whole, strict=True):
+        assert (a["source"], a["seed"], a["epochs"]) == (b["source"], b["seed"], 2)
+        assert [h["epoch"] for h in a["history"]] == [1, 2]
+        assert np.allclose([h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]], atol=1e-5)
+        assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-5)
+    print(f"killed after {made[-1]}; resumed at job {job}, epoch {epoch}")
+
+
+def test_resume_point():
+    from cluster.train import _resume_point
+
+    assert _resume_point(None, 2, 3) == (0, 0)
+    assert _resume_point({"job": 0, "epoch": 1}, 2, 3) == (0, 1)  # the job goes on
+    assert _resume_point({"job": 0, "epoch": 2}, 2, 3) == (1, 0)  # the next job starts fresh
+    assert _resume_point({"job": 2, "epoch": 2}, 2, 3) == (2, 2)  # all done: results handed on
+    assert _resume_point({"job": 0, "epoch": 1}, 3, 1) == (0, 1)  # one job asked for more epochs

@@ -75,8 +75,8 @@ def main() -> None:
     cfg = load(args.config, ["student.epochs=1", "student.num_workers=1", "student.label_sources=[gold]"])
     model_dir = resolve_model(cfg.teacher)
     tok = load_tokenizer(model_dir)
-    train_ex = load_role(cfg.data, "train", cfg.seed)[: args.train_questions]
-    test_ex = load_role(cfg.data, "test", cfg.seed)[: args.test_questions]
+    train_ex = load_role(cfg.data, "train")[: args.train_questions]
+    test_ex = load_role(cfg.data, "test")[: args.test_questions]
     train, test = (build_sequences(ex, tok, cfg.prompt) for ex in (train_ex, test_ex))
     targets = labels.gold_targets(train.answer, train.n_choices)
 

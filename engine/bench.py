@@ -124,10 +124,11 @@ def plot(summary: list[dict], refs: dict, out_dir: str | Path) -> dict[str, Path
         ref = refs.get(dataset, {})
         fractions = sorted({r["fraction"] for r in rows})
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for source in sorted({r["source"] for r in rows}, key=_source_key):
+        for k, source in enumerate(sorted({r["source"] for r in rows}, key=_source_key)):
             pts = sorted((r["fraction"], r["mean"], 0.0 if math.isnan(r["ci95"]) else r["ci95"])
                          for r in rows if r["source"] == source)
             x, y, e = (np.array(v) for v in zip(*pts, strict=True))
+            x = x * 1.04 ** (k - 1.5)  # side by side, so the intervals stay readable
             ax.errorbar(x, 100 * y, yerr=100 * e, marker="o", capsize=3, label=f"student: {source}")
         probe = [(f, np.mean(_probe_at(ref, f))) for f in fractions if _probe_at(ref, f)]
         if probe:
@@ -136,6 +137,7 @@ def plot(summary: list[dict], refs: dict, out_dir: str | Path) -> dict[str, Path
             ax.axhline(100 * ref["teacher"], color="tab:red", linestyle="--", label="teacher logits")
         if "chance" in ref:
             ax.axhline(100 * ref["chance"], color="grey", linestyle=":", label="chance")
+        ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(100.0, ax.get_ylim()[1]))
         ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
         ax.minorticks_off()

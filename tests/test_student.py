@@ -285,8 +285,10 @@ def test_shards_cover_all_questions_evenly():
 def local_ray():
     ray = pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="ray-st-", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_AUTH_MODE")}
+    saved = {k: os.environ.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_AUTH_MODE",
+                                            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a local node bound to 127.0.0.1
     os.environ["RAY_AUTH_MODE"] = "disabled"
     repo = str(Path(__file__).resolve().parents[1])
     ray.init(
@@ -466,3 +468,45 @@ def test_resume_point():
     assert _resume_point({"job": 0, "epoch": 2}, 2, 3) == (1, 0)  # the next job starts fresh
     assert _resume_point({"job": 2, "epoch": 2}, 2, 3) == (2, 2)  # all done: results handed on
     assert _resume_point({"job": 0, "epoch": 1}, 3, 1) == (0, 1)  # one job asked for more epochs
+
+
+def test_a_dead_worker_is_restarted_from_the_last_checkpoint(local_ray, tiny_model, tmp_path):
+    """`student.max_failures` reaches Ray Train's FailureConfig: SIGKILL the training worker after its
+    second checkpoint; the controller starts a new worker group, which resumes there and finishes."""
+    import dataclasses
+    import signal
+    import threading
+    import time
+
+    import psutil
+    from ray._private import worker as ray_worker
+
+    from cluster.train import train_students
+
+    student, jobs, test, pad = resume_jobs(str(tiny_model))
+    storage, out = tmp_path / "retry", {}
+
+    def fit(max_failures):
+        try:
+            out["res"] = train_students(dataclasses.replace(student, max_failures=max_failures), jobs,
+                                        model_dir=str(tiny_model), test=test, pad_id=pad, storage_dir=str(storage),
+                                        name="retry")
+        except Exception as err:  # noqa: BLE001 - handed to the test thread
+            out["err"] = err
+
+    thread = threading.Thread(target=fit, args=(1,))
+    thread.start()
+    deadline = time.monotonic() + 600
+    while len(list((storage / "retry").glob("job_*"))) < 2 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # This test's own Ray: the training worker is a child of its raylet (other Ray instances may run here).
+    raylet = psutil.Process(ray_worker._global_node.all_processes["raylet"][0].process.pid)
+    workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "err" not in out, out.get("err")
+    res = out["res"]
+    (job, epoch), = res[0]["resumes"]  # one restart, from a checkpoint
+    assert (job, epoch) >= (0, 1)
+    assert all(r["epochs"] == 2 and 0.0 <= r["test_accuracy"] <= 1.0 for r in res)

@@ -313,7 +313,8 @@ def train_plans(run: Run, plans: list[StudentPlan]) -> list[dict]:
                 "history": res["history"], "config_hash": config_hash(p.cfg), "stage_seconds": share,
                 "ray_train_run": name,
             }
-            log("train", f"student[{p.source}] seed {p.cfg.seed}: test accuracy {meta['test_acc']:.3f}")
+            log("train", f"student[{p.source}] test accuracy {meta['test_acc']:.3f} (seed {p.cfg.seed}, "
+                         f"fraction {p.cfg.data.train_fraction:g})")
             artifacts.save(p.where, _student_identity(p.cfg, p.source), meta, {"test_probs": res["test_probs"]})
             p.found = meta
     return [p.found for p in plans]

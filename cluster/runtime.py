@@ -15,14 +15,26 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes a local
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train tees a worker's print() to stdout and to its logger, so the driver showed every line twice.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker gets: the repo on the path and quiet, bounded threading."""
-    keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE")
+    keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH", "TOKENIZERS_PARALLELISM",
+            "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
     return env
+
+
+def quiet_local_workers() -> None:
+    """`worker_process_setup_hook` of a local Ray: it runs without the dashboard, so Ray Train's
+    placement-group cleaner cannot reach the State API and would warn once a second for the whole run.
+    (Its job, freeing a dead controller's resources, is moot here: the local Ray ends with the job.)"""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def init(cfg: RayConfig) -> None:
@@ -36,6 +48,7 @@ def init(cfg: RayConfig) -> None:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
         return
     Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
+    runtime_env["worker_process_setup_hook"] = "cluster.runtime.quiet_local_workers"
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=False,

@@ -3,7 +3,8 @@
 `train_students` takes a list of jobs (label source, seed, train questions, targets), ships their token
 rows and targets to the workers through the object store, and trains each job's student from fresh
 pretrained weights with DDP (gloo on CPU, NCCL on GPU, both set up by TorchTrainer). It checkpoints
-every epoch; when a job's last epoch is done, rank 0 predicts the test split and the probabilities ride
+every epoch (Ray Train copies each to storage in the background while training goes on); when a job's
+last epoch is done, rank 0 predicts the test split and the probabilities ride
 along in every later checkpoint as `probs_<job>.npy`. One run per stage (or per benchmark dataset)
 pays the worker group's start-up once rather than once per student. `train_student` is one job.
 
@@ -211,6 +212,7 @@ def _train_loop(config: dict) -> None:
     start_job, start_epoch = _resume_point(state, scfg.epochs, len(jobs))
     finished = dict(state["finished"]) if state else {}
     resumes = [*state.get("resumes", []), [start_job, start_epoch]] if state else []  # where each restart began
+    held = list(state.get("report_seconds", [])) if state else []  # each checkpoint's hold-up of the loop
     if state is not None and rank == 0:
         print(f"[{config['name']}] resumed at job {start_job + 1}/{len(jobs)}, epoch {start_epoch}/{scfg.epochs}",
               flush=True)
@@ -250,8 +252,9 @@ def _train_loop(config: dict) -> None:
                 buf = torch.tensor([loss * len(questions), float(len(questions))], dtype=torch.float64, device=device)
                 dist.all_reduce(buf)
                 loss = float((buf[0] / buf[1]).cpu())
-            train_seconds += time.perf_counter() - t0
-            history.append({"epoch": epoch + 1, "train_loss": loss})
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            history.append({"epoch": epoch + 1, "train_loss": loss, "seconds": seconds})
             metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first,
                        "train_seconds": train_seconds}
             if epoch + 1 == scfg.epochs and rank == 0:  # the job is done: score the test split
@@ -266,8 +269,10 @@ def _train_loop(config: dict) -> None:
                 print(f"[{tag}] job {j + 1}/{len(jobs)} epoch {epoch + 1}/{scfg.epochs} loss {loss:.4f} "
                       f"elapsed {train_seconds:.1f}s{extra}", flush=True)
             state = {"job": j, "epoch": epoch + 1, "fingerprint": config["fingerprint"],
-                     "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes}
-            _report(rank, metrics, state, inner, optimizer, scheduler, done_probs, f"job_{j:03d}_epoch_{epoch + 1:04d}")
+                     "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes,
+                     "report_seconds": held}
+            held = [*held, _report(rank, metrics, state, inner, optimizer, scheduler, done_probs,
+                                   f"job_{j:03d}_epoch_{epoch + 1:04d}")]
             reported = True
         start_epoch = 0
     if not reported:  # the stored run had finished every job: hand its results on as this run's
@@ -278,17 +283,24 @@ def _train_loop(config: dict) -> None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_name) -> None:
+def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_name) -> float:
+    """Write rank 0's checkpoint to a local folder and report it; Ray Train copies it to storage in a
+    background thread (ASYNC upload) and then deletes the local folder, so training goes on meanwhile.
+    Returns the seconds this worker was held up (writing the files, and the report barrier)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _write_checkpoint(Path(tmp), model=model, optimizer=optimizer, scheduler=scheduler, state=state, probs=None)
-            for j, probs in done_probs.items():
-                np.save(Path(tmp) / f"probs_{j:03d}.npy", np.asarray(probs, dtype=np.float32), allow_pickle=False)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+    t0 = time.perf_counter()
+    checkpoint = None
+    if rank == 0:
+        tmp = tempfile.mkdtemp(prefix="student-ckpt-")
+        _write_checkpoint(Path(tmp), model=model, optimizer=optimizer, scheduler=scheduler, state=state, probs=None)
+        for j, probs in done_probs.items():
+            np.save(Path(tmp) / f"probs_{j:03d}.npy", np.asarray(probs, dtype=np.float32), allow_pickle=False)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name,
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +342,8 @@ def train_students(
     One run amortises the worker group's start-up over many students (the benchmark trains dozens).
     Returns, per job, {"source", "seed", "test_accuracy", "test_probs" (Q_test, C), "train_seconds",
     "epochs", "history", "start_epoch", "wall_seconds" (of the whole run), "resumes" ([job, epoch] where
-    each resumed attempt of the run began)}. The run's checkpoints live
+    each resumed attempt of the run began), "report_seconds" (of the run: how long each checkpoint but the
+    last held up the loop; the copy to storage runs in the background)}. The run's checkpoints live
     under `<storage_dir>/<name>`; the same call after a kill resumes at the last finished epoch.
     """
     import ray
@@ -403,7 +416,8 @@ def train_students(
             out.append({"source": job.source, "seed": job.seed, "test_accuracy": acc, "test_probs": probs,
                         "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
                         "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
-                        "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", [])})
+                        "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", []),
+                        "report_seconds": state.get("report_seconds", [])})
     return out
 
 

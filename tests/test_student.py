@@ -362,6 +362,9 @@ def test_train_student_on_ray_and_resume(local_ray, shared_data, tokenizer, tiny
     assert second["history"][0] == first["history"][0]
     assert sorted(p.name for p in run_dir.glob("job_*")) == ["job_000_epoch_0001", "job_000_epoch_0002"]
     assert second["test_probs"].shape == probs.shape and np.allclose(second["test_probs"].sum(1), 1, atol=1e-5)
+    # Each epoch's training time, and how long each checkpoint but the last held the loop (the resumed
+    # run's first checkpoint is the first run's last, so neither run recorded one).
+    assert [h["seconds"] > 0 for h in second["history"]] == [True, True] and second["report_seconds"] == []
     assert not np.allclose(second["test_probs"], probs)  # epoch 2 changed the weights
     print(f"ray fits: {first['wall_seconds']:.1f}s (1 worker), {second['wall_seconds']:.1f}s (2 workers)")
 
@@ -452,6 +455,8 @@ def test_students_killed_mid_run_resume_from_the_last_checkpoint(local_ray, tiny
     assert (job, epoch) >= (0, 1), resumed[0]["resumes"]  # started from a checkpoint, not from scratch
     whole = train_students(student, jobs, storage_dir=str(tmp_path / "whole"), name="whole", **kw)
     assert whole[0]["resumes"] == []
+    held = whole[0]["report_seconds"]  # 3 jobs x 2 epochs = 6 checkpoints; the last one's hold is not kept
+    assert len(held) == 5 and all(0 < s < 60 for s in held), held
     for a, b in zip(resumed, whole, strict=True):
         assert (a["source"], a["seed"], a["epochs"]) == (b["source"], b["seed"], 2)
         assert [h["epoch"] for h in a["history"]] == [1, 2]

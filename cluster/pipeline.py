@@ -13,7 +13,6 @@ itself is one per out_dir: a config that would change it is refused, naming the 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata as md
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from engine import artifacts, labels, metrics, store
-from engine.config import Config, ConfigError, config_hash, store_identity, to_dict
+from engine import student as st
+from engine.config import STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
@@ -64,6 +64,22 @@ class Run:
         return {r: build_sequences(ex, self.tokenizer, self.cfg.prompt) for r, ex in self.examples.items()}
 
     @cached_property
+    def student_path(self) -> str:
+        """The student model's folder or hub id (`student.model`)."""
+        return st.resolve_student_path(self.cfg.student, self.model_path)
+
+    @cached_property
+    def student_io(self):
+        """(tokenizer, InputSpec) of the student: it reads the questions with its own tokenizer."""
+        return st.student_inputs(self.cfg.student, self.student_path, self.cfg.prompt.answer_format)
+
+    @cached_property
+    def student_seqs(self) -> dict[str, Sequences]:
+        """Every split tokenized for the student (its own vocabulary, inputs and truncation)."""
+        tok, spec = self.student_io
+        return {r: st.encode_examples(ex, tok, spec) for r, ex in self.examples.items()}
+
+    @cached_property
     def model_config(self):
         from transformers import AutoConfig
 
@@ -98,7 +114,8 @@ class Run:
         if store_identity(cfg) != store_identity(self.cfg) or cfg.out_dir != self.cfg.out_dir:
             raise ConfigError("Run.variant: the config describes another store; start a new Run")
         other = Run(cfg)
-        for name in ("model_path", "tokenizer", "examples", "seqs", "model_config"):
+        for name in ("model_path", "tokenizer", "examples", "seqs", "model_config", "student_path", "student_io",
+                     "student_seqs"):
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
         return other
@@ -107,6 +124,8 @@ class Run:
         """Resolve the model, tokenize every split, and check an existing (or partial) store was made
         under this config: raises DataError/ModelError/ConfigError/StoreError before Ray starts."""
         _ = self.model_path, self.seqs, self.layers
+        if self.cfg.student.label_sources:
+            st.check_student(self.cfg.student, self.student_path)
         if self.store_path.exists() or store.partial_path(self.store_path).exists():
             store.open_store(self.store_path, store_identity(self.cfg), allow_incomplete=True)
 
@@ -236,7 +255,8 @@ def teacher_logp(run: Run, role: str, *, normalise: bool = False) -> tuple[np.nd
 
 
 def _student_identity(cfg: Config, source: str) -> dict:
-    student = {k: v for k, v in to_dict(cfg.student).items() if k != "label_sources"}  # `source` says which
+    drop = ("label_sources", *STUDENT_RUNTIME)  # `source` says which; resources do not change what is learnt
+    student = {k: v for k, v in to_dict(cfg.student).items() if k not in drop}
     return {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
 
 
@@ -262,19 +282,20 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
     train_seqs = run.seqs["train"].select(tq)
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
-        where = run.out / "students" / f"{source}-{config_hash(_student_identity(cfg, source))[:8]}"
-        found = artifacts.load(where, _student_identity(cfg, source))
+        ident = _student_identity(cfg, source)
+        where = run.out / "students" / f"{source}-{config_hash(ident)[:8]}"
+        found = artifacts.load(where, ident)
         if found:
             plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))
             continue
-        seqs = train_seqs
+        questions, answers = tq, train_seqs.answer
         if source == "probe_pseudo":  # gold on the labelled questions, the probe's labels on the pool
             pool = probe_arrays["pool_questions"]
-            seqs = run.seqs["train"].select(np.concatenate([tq, pool]))
-            targets, used = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, probe_arrays["pool_probs"],
-                                                   seqs.n_choices[len(tq):], soft=cfg.student.soft)
+            questions = np.concatenate([tq, pool])
+            seqs = run.seqs["train"].select(questions)
+            targets, answers = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, probe_arrays["pool_probs"],
+                                                      seqs.n_choices[len(tq):], soft=cfg.student.soft)
             label_acc = labels.label_agreement(targets, seqs.answer)  # against the withheld gold: reported only
-            seqs = dataclasses.replace(seqs, answer=used)
         else:
             targets = labels.make_targets(
                 source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
@@ -282,49 +303,81 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
                 probe_probs=probe_arrays["oof_probs"][:, :width], soft=cfg.student.soft,
             )
             label_acc = labels.label_agreement(targets, train_seqs.answer)
-        plans.append(StudentPlan(cfg, source, where, label_acc, StudentJob(source, cfg.seed, seqs, targets), None))
+        meta = {"config_hash": config_hash(cfg), "identity_hash": config_hash(ident), "dataset": cfg.data.dataset,
+                "teacher": cfg.teacher.model, "student_model": cfg.student.model, "finetune": cfg.student.finetune,
+                "train_fraction": cfg.data.train_fraction, "n_train": int(len(questions)), "train_label_acc": label_acc,
+                "config": to_dict(cfg)}
+        job = StudentJob(source, cfg.seed, np.asarray(questions), targets, np.asarray(answers), meta)
+        plans.append(StudentPlan(cfg, source, where, label_acc, job, None))
     return plans
 
 
 def train_plans(run: Run, plans: list[StudentPlan]) -> list[dict]:
-    """Train every plan not made yet in one Ray Train run (over `run`'s test split), commit an artifact
-    per student, and return each plan's meta in order."""
+    """Train every plan not made yet in one Ray Train run (over `run`'s splits, tokenized for the student),
+    commit an artifact per student (its model folder under `model/`), and return each plan's meta in order."""
     from cluster.train import train_students
 
     todo = [p for p in plans if p.job is not None]
     for p in todo:
         log("train", f"student[{p.source}] seed {p.cfg.seed}, fraction {p.cfg.data.train_fraction:g}: "
-                     f"{p.job.train.n_questions} questions, labels agree with gold {p.label_acc:.1%}")
+                     f"{len(p.job.questions)} questions, labels agree with gold {p.label_acc:.1%}")
     for p in plans:
         if p.found is not None:
             log("train", f"reusing {p.where}")
     if todo:
         t0 = time.perf_counter()
         name = "students-" + config_hash([_student_identity(p.cfg, p.source) for p in todo])[:8]
-        results = train_students(run.cfg.student, [p.job for p in todo], model_dir=run.model_path,
-                                 test=run.seqs["test"], pad_id=run.tokenizer.pad_token_id,
-                                 storage_dir=str((run.out / "ray_train").resolve()), name=name)
+        tok, spec = run.student_io
+        results = train_students(run.cfg.student, [p.job for p in todo], model_path=run.student_path,
+                                 splits=run.student_seqs, spec=spec, pad_id=tok.pad_token_id,
+                                 storage_dir=str((run.out / "ray_train").resolve()), name=name,
+                                 features_dir=str((run.out / "student_features").resolve()))
         share = round((time.perf_counter() - t0) / len(todo), 1)  # the run's wall time, split evenly
         for p, res in zip(todo, results, strict=True):
             meta = {
                 "source": p.source, "seed": p.cfg.seed, "train_fraction": p.cfg.data.train_fraction,
-                "n_train": p.job.train.n_questions, "test_acc": float(res["test_accuracy"]),
-                "train_label_acc": p.label_acc, "epochs": res["epochs"], "train_seconds": res["train_seconds"],
-                "history": res["history"], "config_hash": config_hash(p.cfg), "stage_seconds": share,
-                "ray_train_run": name,
+                "n_train": len(p.job.questions), "test_acc": float(res["test_accuracy"]),
+                "val_acc": metrics.accuracy(res["val_probs"], run.student_seqs["validation"].answer),
+                "best_epoch": res["best_epoch"], "train_label_acc": p.label_acc, "epochs": res["epochs"],
+                "train_seconds": res["train_seconds"], "history": res["history"], "config_hash": config_hash(p.cfg),
+                "stage_seconds": share, "ray_train_run": name, "finetune": p.cfg.student.finetune,
             }
             log("train", f"student[{p.source}] test accuracy {meta['test_acc']:.3f} (seed {p.cfg.seed}, "
-                         f"fraction {p.cfg.data.train_fraction:g})")
-            artifacts.save(p.where, _student_identity(p.cfg, p.source), meta, {"test_probs": res["test_probs"]})
+                         f"fraction {p.cfg.data.train_fraction:g}; epoch {meta['best_epoch']} kept on validation, "
+                         f"{meta['val_acc']:.3f})")
+            artifacts.save(p.where, _student_identity(p.cfg, p.source), meta,
+                           {"test_probs": res["test_probs"], "val_probs": res["val_probs"]},
+                           folders={"model": res["student_dir"]})
+            log("train", f"student[{p.source}] saved as a model folder: {p.where / 'model'}")
             p.found = meta
     return [p.found for p in plans]
 
 
 def train(run: Run, probe_arrays: dict) -> list[dict]:
-    out = train_plans(run, student_plans(run, probe_arrays))
-    for meta in out:
+    plans = student_plans(run, probe_arrays)
+    out = train_plans(run, plans)
+    for p, meta in zip(plans, out, strict=True):
         run.timings[f"student_{meta['source']}"] = meta.get("stage_seconds")
+        meta["artifact"] = str(p.where)
     return out
+
+
+def student_summary(students: list[dict], answer: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """Each student's test accuracy with a 95% bootstrap interval over the test questions, its validation
+    curve and kept epoch; and the paired difference of every two label sources on the same questions."""
+    rows, correct = [], {}
+    for s in students:
+        probs = np.load(Path(s["artifact"]) / "test_probs.npy", allow_pickle=False)
+        correct[s["source"]] = probs.argmax(1) == answer
+        acc, lo, hi = metrics.bootstrap_accuracy(correct[s["source"]])
+        rows.append({"source": s["source"], "test_acc": acc, "test_ci": [lo, hi], "val_acc": s.get("val_acc"),
+                     "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"), "train_seconds": s.get("train_seconds"),
+                     "finetune": s.get("finetune"), "model_dir": str(Path(s["artifact"]) / "model"),
+                     "val_curve": [h.get("val_acc") for h in s.get("history", [])]})
+    sources = list(correct)
+    pairs = [{"a": a, "b": b, **metrics.paired_difference(correct[a], correct[b])}
+             for i, a in enumerate(sources) for b in sources[i + 1:]]
+    return rows, pairs
 
 
 def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) -> dict:
@@ -338,6 +391,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
                    "source": "transformers (extraction forward)"}
     else:
         teacher = {"test_acc": base["test_acc"], "source": f"vLLM on {base['n_questions']} test questions"}
+    summary, pairs = student_summary(students, test_meta.answer)
     keys = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "n_pool", "pool_acc",
             "pool_ece")
     results = {
@@ -350,7 +404,8 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "vllm_baseline": base,
         "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
         "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
-        "students": [{k: s[k] for k in ("source", "test_acc", "epochs", "train_seconds")} for s in students],
+        "students": summary,
+        "student_pairs": pairs,
         "timings": {**run.timings, "total": round(sum(v for v in run.timings.values() if v), 1)},
         "versions": versions(),
     }

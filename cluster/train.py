@@ -1,14 +1,21 @@
 """Ray Train (V2) around `engine.student`: students trained one after another in one TorchTrainer run.
 
-`train_students` takes a list of jobs (label source, seed, train questions, targets), ships their token
-rows and targets to the workers through the object store, and trains each job's student from fresh
-pretrained weights with DDP (gloo on CPU, NCCL on GPU, both set up by TorchTrainer). It checkpoints
-every epoch (Ray Train copies each to storage in the background while training goes on); when a job's
-last epoch is done, rank 0 predicts the test split and the probabilities ride
-along in every later checkpoint as `probs_<job>.npy`. One run per stage (or per benchmark dataset)
-pays the worker group's start-up once rather than once per student. `train_student` is one job.
+`train_students` takes a list of jobs (label source, seed, train questions, targets) over one set of
+splits tokenized for the student, ships them to the workers through the object store, and trains each
+job's student from fresh pretrained weights with DDP (gloo on CPU, NCCL on GPU, both set up by
+TorchTrainer). After every epoch rank 0 scores the validation split; the best epoch (validation
+accuracy, then loss: `engine.student.best_epoch`) is the student that is kept. When a job's last epoch
+is done, rank 0 scores the test split with that student and writes it as a model folder
+(`engine.student.save_student`) under `<storage_dir>/<name>-students/job_<j>`; its test and validation
+probabilities ride along in every later checkpoint. One run per stage (or per benchmark dataset) pays
+the worker group's start-up once rather than once per student. `train_student` is one job.
 
-Checkpoints hold no pickles: weights and optimizer tensors are safetensors, everything else JSON/NPY.
+With `student.finetune='head'` the frozen backbone's pooled features of each split are computed once,
+by a Ray task, and cached under `features_dir` keyed by their identity; the workers train heads on them.
+
+Checkpoints hold no pickles: trainable weights (the current and the best epoch's) and optimizer tensors
+are safetensors, everything else JSON/NPY. Full and top-block students checkpoint every epoch, heads at
+the end of each job (their epochs take milliseconds).
 
 Resume: Ray Train V2 keeps a checkpoint-manager snapshot under `<storage_dir>/<name>/`. A new call with
 the same `storage_dir`, name and jobs picks that up, so `ray.train.get_checkpoint()` returns the latest
@@ -33,16 +40,18 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import LABEL_SOURCES, Config, StudentConfig, config_hash, to_dict
+from engine.config import LABEL_SOURCES, STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
-"""Checkpoints kept per run (the latest is what a resume starts from)."""
+"""Checkpoints kept per run (the latest is what a resume starts from); every finished student's folder
+is kept apart from them."""
 
-_MODEL = "model.safetensors"
+_MODEL = "trainable.safetensors"
+_BEST = "best.safetensors"
 _OPTIM = "optimizer.safetensors"
 _STATE = "state.json"
-_PROBS = "test_probs.npy"
+ROLES = ("train", "validation", "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +61,7 @@ _PROBS = "test_probs.npy"
 def pack_sequences(seqs: Sequences) -> dict[str, np.ndarray | str]:
     lengths = seqs.lengths()
     flat = np.concatenate(seqs.ids).astype(np.int64) if seqs.ids else np.zeros(0, dtype=np.int64)
-    return {
+    out = {
         "mode": seqs.mode,
         "flat": flat,
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -63,53 +72,58 @@ def pack_sequences(seqs: Sequences) -> dict[str, np.ndarray | str]:
         "answer": np.asarray(seqs.answer),
         "letter_ids": np.asarray(seqs.letter_ids),
     }
+    if seqs.type_ids is not None:
+        out["types"] = np.concatenate(seqs.type_ids).astype(np.int64) if seqs.type_ids else np.zeros(0, np.int64)
+    return out
 
 
 def unpack_sequences(d: dict) -> Sequences:
     flat, off = d["flat"], d["offsets"]
+    rows = range(len(off) - 1)
     return Sequences(
         mode=str(d["mode"]),
-        ids=[flat[off[i] : off[i + 1]] for i in range(len(off) - 1)],
+        ids=[flat[off[i] : off[i + 1]] for i in rows],
         start=d["start"],
         row_question=d["row_question"],
         row_choice=d["row_choice"],
         n_choices=d["n_choices"],
         answer=d["answer"],
         letter_ids=d["letter_ids"],
+        type_ids=[d["types"][off[i] : off[i + 1]] for i in rows] if "types" in d else None,
     )
 
 
-def _fingerprint(
-    student: StudentConfig,
-    seed: int,
-    source: str,
-    model_path: str,
-    packed: dict,
-    targets: np.ndarray,
-    max_choices: int,
-    pad_id: int,
-) -> str:
-    """What a resumed run must share with the checkpoint it resumes: all but `epochs` and resources."""
+def _digest(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
-    for key in ("flat", "offsets", "row_question", "row_choice", "n_choices", "answer"):
-        h.update(np.ascontiguousarray(packed[key]).tobytes())
-    h.update(np.ascontiguousarray(targets, dtype=np.float32).tobytes())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _split_digest(packed: dict) -> str:
+    keys = ("flat", "offsets", "row_question", "row_choice", "n_choices", "answer", "start", "types")
+    return _digest(*(packed[k] for k in keys if k in packed))
+
+
+def _weights_stamp(model_path: str) -> list:
+    """What identifies the weights at a local path (name, size, mtime of each safetensors file)."""
+    p = Path(model_path)
+    if not p.is_dir():
+        return [model_path]
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.glob("*.safetensors"))
+
+
+def _fingerprint(student: StudentConfig, job: StudentJob, model_path: str, splits: dict[str, str], spec: dict,
+                 max_choices: int, pad_id: int) -> str:
+    """What a resumed run must share with the checkpoint it resumes: all but `epochs` and resources."""
     s = to_dict(student)
-    for key in ("epochs", "num_workers", "cpus_per_worker", "use_gpu"):  # more epochs / other resources are fine
+    for key in ("epochs", "head_epochs", "label_sources", *STUDENT_RUNTIME):  # more epochs / other resources are fine
         s.pop(key)
-    return config_hash(
-        {
-            "student": s,
-            "seed": seed,
-            "source": source,
-            "model": model_path,
-            "mode": packed["mode"],
-            "max_choices": max_choices,
-            "pad_id": pad_id,
-            "data": h.hexdigest(),
-            "format": 2,
-        }
-    )
+    return config_hash({
+        "student": s, "seed": job.seed, "source": job.source, "model": model_path, "spec": spec,
+        "max_choices": max_choices, "pad_id": pad_id, "splits": splits,
+        "job": _digest(job.questions, np.asarray(job.targets, np.float32), job.answers), "format": 3,
+    })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,18 +159,29 @@ def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _write_checkpoint(d: Path, *, model, optimizer, scheduler, state: dict, probs: np.ndarray | None) -> None:
-    from safetensors.torch import save_model
+def _trainable_state(model, names: list[str]) -> dict:
+    sd = model.state_dict()
+    return {n: sd[n].detach().cpu().clone().contiguous() for n in names}
 
-    save_model(model, str(d / _MODEL))
+
+def _load_trainable(model, tensors: dict, names: list[str]) -> None:
+    if sorted(tensors) != sorted(names):
+        raise ValueError("the checkpoint's trainable weights do not match the student's; use a fresh storage_dir")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _write_checkpoint(d: Path, *, current: dict, best: dict | None, optimizer, scheduler, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(current, str(d / _MODEL))
+    if best is not None:
+        save_file(best, str(d / _BEST))
     state = dict(state, optimizer=_save_optimizer(optimizer, d / _OPTIM), schedule_step=scheduler.last_epoch)
     (d / _STATE).write_text(json.dumps(state))
-    if probs is not None:
-        np.save(d / _PROBS, np.asarray(probs, dtype=np.float32), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-worker loop: the jobs in order, each from a fresh student, checkpointing every epoch
+# The per-worker loop: the jobs in order, each from a fresh student, scored on validation every epoch
 
 
 def _student_config(d: dict) -> StudentConfig:
@@ -180,21 +205,30 @@ def _train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
 
     from engine import student as st
 
     scfg = _student_config(config["student"])
-    jobs = config["jobs"]
+    spec = st.InputSpec(**config["spec"])
+    jobs, epochs = config["jobs"], scfg.train_epochs
+    every = epochs if scfg.finetune == "head" else 1  # heads checkpoint once per job
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(scfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    test = unpack_sequences(ray.get(config["test_ref"])) if rank == 0 else None
-    pad_id, max_length = int(config["pad_id"]), scfg.max_length
+    roles = ROLES if rank == 0 else ("train",)
+    splits = {r: unpack_sequences(ray.get(config["split_refs"][r])) for r in roles}
+    feats = {r: ray.get(config["feature_refs"][r]) for r in roles} if config["feature_refs"] else {}
+    train = splits["train"]
+    pad_id, model_path = int(config["pad_id"]), config["model_path"]
     loss_kw = dict(soft=scfg.soft, temperature=scfg.temperature, alpha=scfg.alpha)
+    out_root = Path(config["students_dir"])
+    tokenizer = st.load_tokenizer(model_path, st.load_config(model_path, revision=scfg.revision,
+                                  trust_remote_code=scfg.trust_remote_code), revision=scfg.revision,
+                                  trust_remote_code=scfg.trust_remote_code) if rank == 0 else None
 
-    state, ckpt_dir, done_probs, reported = None, None, {}, False
+    state, ckpt_dir, reported = None, None, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -204,86 +238,126 @@ def _train_loop(config: dict) -> None:
                     f"{config['name']}: the checkpoint under the run's storage was made with other data or "
                     "settings; pass a fresh storage_dir for a new experiment"
                 )
-            done_probs = {int(j): np.load(Path(d) / f"probs_{int(j):03d}.npy", allow_pickle=False)
-                          for j in state["finished"] if rank == 0}
             ckpt_dir = tempfile.mkdtemp()  # keep the weights past the context manager
-            for name in (_MODEL, _OPTIM):
-                shutil.copyfile(Path(d, name), Path(ckpt_dir, name))
-    start_job, start_epoch = _resume_point(state, scfg.epochs, len(jobs))
+            for name in (_MODEL, _BEST, _OPTIM):
+                if Path(d, name).is_file():
+                    shutil.copyfile(Path(d, name), Path(ckpt_dir, name))
+    start_job, start_epoch = _resume_point(state, epochs, len(jobs))
     finished = dict(state["finished"]) if state else {}
     resumes = [*state.get("resumes", []), [start_job, start_epoch]] if state else []  # where each restart began
     held = list(state.get("report_seconds", [])) if state else []  # each checkpoint's hold-up of the loop
     if state is not None and rank == 0:
-        print(f"[{config['name']}] resumed at job {start_job + 1}/{len(jobs)}, epoch {start_epoch}/{scfg.epochs}",
+        print(f"[{config['name']}] resumed at job {start_job + 1}/{len(jobs)}, epoch {start_epoch}/{epochs}",
               flush=True)
+    backbone_dir = None
+    if scfg.finetune == "head" and rank == 0:  # one frozen backbone on disk, hard-linked into every student
+        backbone_dir = out_root / "backbone"
 
     for j in range(start_job, len(jobs)):
         job = jobs[j]
         seed, tag = int(job["seed"]), f"student-{job['source']}"
         torch.manual_seed(seed)
-        train = unpack_sequences(ray.get(job["train_ref"]))
-        targets = np.asarray(ray.get(job["targets_ref"]), dtype=np.float32)
-        model = st.StudentModel.from_pretrained(
-            config["model_path"], mode=train.mode, max_choices=int(config["max_choices"]), num_layers=scfg.num_layers
-        )
+        questions = np.asarray(ray.get(job["questions_ref"]), dtype=np.int64)
+        targets = np.zeros((train.n_questions, int(config["max_choices"])), dtype=np.float32)
+        job_targets = np.asarray(ray.get(job["targets_ref"]), dtype=np.float32)
+        targets[questions, : job_targets.shape[1]] = job_targets
+        gold = np.asarray(train.answer).copy()
+        gold[questions] = np.asarray(ray.get(job["answers_ref"]), dtype=np.int64)
+        model = st.build_student(model_path, scfg, max_choices=int(config["max_choices"]),
+                                 answer_format=spec.answer_format, tokenizer=tokenizer)
+        names = st.set_trainable(model, scfg.finetune, scfg.top_blocks)
+        if backbone_dir is not None and not backbone_dir.exists():
+            tmp = Path(tempfile.mkdtemp(prefix="backbone.tmp-", dir=out_root))
+            model.backbone.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, backbone_dir)
         first = start_epoch if j == start_job else 0
         resuming = first > 0
         train_seconds = float(state["train_seconds"]) if resuming else 0.0
         history = list(state["history"]) if resuming else []
+        best = None
         if resuming:
-            load_model(model, str(Path(ckpt_dir) / _MODEL), device="cpu")
+            _load_trainable(model, load_file(str(Path(ckpt_dir) / _MODEL)), names)
+            if rank == 0 and Path(ckpt_dir, _BEST).is_file():
+                best = load_file(str(Path(ckpt_dir) / _BEST))
         model = ray.train.torch.prepare_model(model)
         inner = st.unwrap(model)
-        optimizer = st.make_optimizer(model, scfg.lr, scfg.weight_decay)
-        per_worker = -(-train.n_questions // world)
+        optimizer = st.make_optimizer(model, scfg.train_lr, scfg.weight_decay)
+        per_worker = -(-len(questions) // world)
         steps_per_epoch = -(-per_worker // scfg.batch_size)
         if resuming:
             _load_optimizer(optimizer, load_file(str(Path(ckpt_dir) / _OPTIM)), state["optimizer"])
         # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
-        scheduler = st.make_scheduler(optimizer, steps_per_epoch * scfg.epochs, start_step=steps_per_epoch * first)
+        scheduler = st.make_scheduler(optimizer, steps_per_epoch * epochs, start_step=steps_per_epoch * first)
 
-        for epoch in range(first, scfg.epochs):
+        for epoch in range(first, epochs):
             t0 = time.perf_counter()
-            questions = st.shard_questions(train.n_questions, rank, world, seed=seed, epoch=epoch)
-            batches = st.make_batches(train, targets, questions, scfg.batch_size, pad_id, max_length,
-                                      rng=np.random.default_rng([seed, epoch, rank]))
+            mine = questions[st.shard_questions(len(questions), rank, world, seed=seed, epoch=epoch)]
+            batches = st.make_batches(train, targets, mine, scfg.batch_size, pad_id, gold=gold,
+                                      rng=np.random.default_rng([seed, epoch, rank]), features=feats.get("train"))
             loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, **loss_kw)
             if world > 1 and dist.is_available() and dist.is_initialized():
-                buf = torch.tensor([loss * len(questions), float(len(questions))], dtype=torch.float64, device=device)
+                buf = torch.tensor([loss * len(mine), float(len(mine))], dtype=torch.float64, device=device)
                 dist.all_reduce(buf)
                 loss = float((buf[0] / buf[1]).cpu())
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            history.append({"epoch": epoch + 1, "train_loss": loss, "seconds": seconds})
-            metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first,
-                       "train_seconds": train_seconds}
-            if epoch + 1 == scfg.epochs and rank == 0:  # the job is done: score the test split
-                probs = st.predict(inner, test, batch_size=scfg.batch_size, pad_id=pad_id, max_length=max_length,
-                                   device=device)
-                done_probs[j] = probs
+            entry = {"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}
+            metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first}
+            if rank == 0:  # validation picks the epoch that is kept
+                val = splits["validation"]
+                probs = st.predict(inner, val, batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
+                                   features=feats.get("validation"))
+                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": st.gold_nll(probs, val.answer)}
+                history.append(entry)
+                if st.best_epoch(history) == epoch + 1:
+                    best = _trainable_state(inner, names)
+                metrics |= {"val_acc": entry["val_acc"]}
+            else:
+                history.append(entry)
+            last = epoch + 1 == epochs
+            if last and rank == 0:  # the job is done: its best epoch is the student
+                _load_trainable(inner, best, names)
+                keep = st.best_epoch(history)
+                test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
+                                        device=device, features=feats.get("test"))
+                val_probs = st.predict(inner, splits["validation"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
+                                       device=device, features=feats.get("validation"))
+                test_acc = st.accuracy(test_probs, splits["test"].answer)
+                folder = out_root / f"job_{j:03d}"
+                shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
+                meta = {**job["meta"], "best_epoch": keep, "history": history, "test_acc": test_acc,
+                        "val_acc": st.accuracy(val_probs, splits["validation"].answer)}
+                st.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
+                np.save(folder.parent / f"job_{j:03d}.test_probs.npy", test_probs, allow_pickle=False)
+                np.save(folder.parent / f"job_{j:03d}.val_probs.npy", val_probs, allow_pickle=False)
                 finished[str(j)] = {"epochs": epoch + 1, "start_epoch": first, "train_seconds": train_seconds,
-                                    "history": history, "test_accuracy": st.accuracy(probs, test.answer)}
-                metrics["test_accuracy"] = finished[str(j)]["test_accuracy"]
-            if rank == 0:
-                extra = f" test_acc {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else ""
-                print(f"[{tag}] job {j + 1}/{len(jobs)} epoch {epoch + 1}/{scfg.epochs} loss {loss:.4f} "
+                                    "history": history, "best_epoch": keep, "test_accuracy": test_acc}
+                metrics["test_accuracy"] = test_acc
+            if rank == 0 and (not scfg.finetune == "head" or last):
+                extra = f" val_acc {entry['val_acc']:.4f}"
+                if "test_accuracy" in metrics:
+                    extra += f"; kept epoch {finished[str(j)]['best_epoch']}, test_acc {metrics['test_accuracy']:.4f}"
+                print(f"[{tag}] job {j + 1}/{len(jobs)} epoch {epoch + 1}/{epochs} loss {loss:.4f} "
                       f"elapsed {train_seconds:.1f}s{extra}", flush=True)
+            if (epoch + 1) % every and not last:
+                continue
             state = {"job": j, "epoch": epoch + 1, "fingerprint": config["fingerprint"],
                      "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes,
                      "report_seconds": held}
-            held = [*held, _report(rank, metrics, state, inner, optimizer, scheduler, done_probs,
+            current = _trainable_state(inner, names) if rank == 0 else None
+            held = [*held, _report(rank, metrics, state, current, None if last else best, optimizer, scheduler,
                                    f"job_{j:03d}_epoch_{epoch + 1:04d}")]
             reported = True
         start_epoch = 0
     if not reported:  # the stored run had finished every job: hand its results on as this run's
         state = {**state, "resumes": resumes}
-        _report(rank, {"job": len(jobs) - 1, "epoch": scfg.epochs, "start_epoch": scfg.epochs}, state, inner,
-                optimizer, scheduler, done_probs, None)
+        _report(rank, {"job": len(jobs) - 1, "epoch": epochs, "start_epoch": epochs}, state,
+                _trainable_state(inner, names) if rank == 0 else None, None, optimizer, scheduler, None)
     if ckpt_dir:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_name) -> float:
+def _report(rank, metrics, state, current, best, optimizer, scheduler, dir_name) -> float:
     """Write rank 0's checkpoint to a local folder and report it; Ray Train copies it to storage in a
     background thread (ASYNC upload) and then deletes the local folder, so training goes on meanwhile.
     Returns the seconds this worker was held up (writing the files, and the report barrier)."""
@@ -294,13 +368,55 @@ def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_n
     checkpoint = None
     if rank == 0:
         tmp = tempfile.mkdtemp(prefix="student-ckpt-")
-        _write_checkpoint(Path(tmp), model=model, optimizer=optimizer, scheduler=scheduler, state=state, probs=None)
-        for j, probs in done_probs.items():
-            np.save(Path(tmp) / f"probs_{j:03d}.npy", np.asarray(probs, dtype=np.float32), allow_pickle=False)
+        _write_checkpoint(Path(tmp), current=current, best=best, optimizer=optimizer, scheduler=scheduler, state=state)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name,
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
     return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Head regime: the frozen backbone's pooled features, computed once per split and cached
+
+
+def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choices: int, pad_id: int) -> np.ndarray:
+    import torch
+
+    from engine import student as st
+
+    scfg = _student_config(student)
+    torch.set_num_threads(scfg.cpus_per_worker)
+    device = "cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model = st.build_student(model_path, scfg, max_choices=max_choices, answer_format=spec["answer_format"]).to(device)
+    return st.pool_features(model, unpack_sequences(packed), batch_size=4 * scfg.batch_size, pad_id=pad_id,
+                            device=device)
+
+
+def cached_features(student: StudentConfig, model_path: str, spec: dict, packed: dict[str, dict], max_choices: int,
+                    pad_id: int, features_dir: str) -> dict[str, np.ndarray]:
+    """Pooled features of each split from the frozen backbone: read from `features_dir` when a file of
+    the same identity (weights, blocks, pooling, the split's tokens) is there, else computed by one Ray
+    task per split and written atomically."""
+    import ray
+
+    ident = {"model": model_path, "weights": _weights_stamp(model_path), "revision": student.revision,
+             "num_layers": student.num_layers, "pooling": student.pooling, "spec": spec}
+    out, todo = {}, {}
+    Path(features_dir).mkdir(parents=True, exist_ok=True)
+    for role, p in packed.items():
+        path = Path(features_dir) / f"{role}-{config_hash({**ident, 'split': _split_digest(p)})}.npy"
+        if path.is_file():
+            out[role] = np.load(path, allow_pickle=False)
+            continue
+        task = ray.remote(_features).options(num_cpus=student.cpus_per_worker, num_gpus=1 if student.use_gpu else 0)
+        todo[role] = (path, task.remote(model_path, to_dict(student), spec, p, max_choices, pad_id))
+    for role, (path, ref) in todo.items():
+        arr = ray.get(ref)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, path)
+        out[role] = arr
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,75 +425,101 @@ def _report(rank, metrics, state, model, optimizer, scheduler, done_probs, dir_n
 
 @dataclass(frozen=True)
 class StudentJob:
-    """One student to train: its label source, seed, train questions and targets (Q_train, C)."""
+    """One student to train: its label source, seed, train questions (indices into the train split),
+    their targets (n, C) and the answers its gold loss term may use (n,)."""
 
     source: str
     seed: int
-    train: Sequences
+    questions: np.ndarray
     targets: np.ndarray
+    answers: np.ndarray
+    meta: dict | None = None
+    """Extra fields for the student's `student.json` (label source details, config hash, ...)."""
 
-    def check(self) -> None:
+    def check(self, train: Sequences) -> None:
         if self.source not in LABEL_SOURCES:
             raise ValueError(f"source: must be one of {LABEL_SOURCES}, got {self.source!r}")
-        t, q = self.targets, self.train.n_questions
-        if t.ndim != 2 or t.shape[0] != q or t.shape[1] < self.train.max_choices:
-            raise ValueError(f"targets: expected shape ({q}, >= {self.train.max_choices}), got {t.shape}")
+        q = np.asarray(self.questions)
+        if q.ndim != 1 or len(q) == 0 or q.min() < 0 or q.max() >= train.n_questions:
+            raise ValueError(f"questions: expected indices into the {train.n_questions} train questions")
+        t = self.targets
+        width = int(train.n_choices[q].max())
+        if t.ndim != 2 or t.shape[0] != len(q) or t.shape[1] < width:
+            raise ValueError(f"targets: expected shape ({len(q)}, >= {width}), got {t.shape}")
         if not np.isfinite(t).all():
             raise ValueError("targets: contains NaN or inf")
+        if len(self.answers) != len(q):
+            raise ValueError(f"answers: expected {len(q)}, got {len(self.answers)}")
 
 
 def train_students(
     student: StudentConfig,
     jobs: list[StudentJob],
     *,
-    model_dir: str,
-    test: Sequences,
+    model_path: str,
+    splits: dict[str, Sequences],
+    spec,
     pad_id: int,
     storage_dir: str,
     name: str,
+    features_dir: str | None = None,
     max_failures: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every job's student, one after another, in one Ray Train run, and score each on `test`.
+    """Train every job's student, one after another, in one Ray Train run; pick each one's epoch on
+    `splits['validation']` and score it on `splits['test']`. `spec` is the students' `InputSpec`.
 
-    One run amortises the worker group's start-up over many students (the benchmark trains dozens).
-    Returns, per job, {"source", "seed", "test_accuracy", "test_probs" (Q_test, C), "train_seconds",
-    "epochs", "history", "start_epoch", "wall_seconds" (of the whole run), "resumes" ([job, epoch] where
-    each resumed attempt of the run began), "report_seconds" (of the run: how long each checkpoint but the
-    last held up the loop; the copy to storage runs in the background)}. The run's checkpoints live
-    under `<storage_dir>/<name>`; the same call after a kill resumes at the last finished epoch.
+    Returns, per job, {"source", "seed", "test_accuracy", "test_probs" (Q_test, C), "val_probs", "student_dir"
+    (its model folder), "best_epoch", "history" (per epoch: train_loss, val_acc, val_loss, seconds),
+    "train_seconds", "epochs", "start_epoch", "wall_seconds" (of the whole run), "resumes" ([job, epoch]
+    where each resumed attempt began), "report_seconds" (how long each checkpoint but the last held up
+    the loop)}. Checkpoints live under `<storage_dir>/<name>`, student folders under
+    `<storage_dir>/<name>-students`; the same call after a kill resumes at the last checkpoint.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from engine.student import resolve_student_path
-
     if not jobs:
         return []
+    missing = [r for r in ROLES if r not in splits]
+    if missing:
+        raise ValueError(f"splits: missing {missing}")
     for job in jobs:
-        job.check()
-        if job.train.mode != test.mode:
-            raise ValueError(f"train rows are {job.train.mode!r} but test rows are {test.mode!r}")
-    model_path = resolve_student_path(student, model_dir)
+        job.check(splits["train"])
+    if len({s.mode for s in splits.values()}) != 1:
+        raise ValueError("splits: every split must be tokenized in the same mode")
     if os.path.isdir(model_path):
         model_path = os.path.abspath(model_path)
-    max_choices = max(max(j.train.max_choices for j in jobs), test.max_choices)
-    packed = [pack_sequences(j.train) for j in jobs]
-    targets = [np.ascontiguousarray(j.targets, dtype=np.float32) for j in jobs]
-    prints = [_fingerprint(student, j.seed, j.source, model_path, p, t, max_choices, pad_id)
-              for j, p, t in zip(jobs, packed, targets, strict=True)]
+    max_choices = max(s.max_choices for s in splits.values())
+    packed = {r: pack_sequences(splits[r]) for r in ROLES}
+    digests = {r: _split_digest(p) for r, p in packed.items()}
+    spec_d = spec.to_dict()
+    prints = [_fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
     # One job may be continued with more epochs; in a run of several, finished jobs would be stale.
-    fingerprint = prints[0] if len(jobs) == 1 else config_hash({"jobs": prints, "epochs": student.epochs})
+    fingerprint = prints[0] if len(jobs) == 1 else config_hash({"jobs": prints, "epochs": student.train_epochs})
+    feature_refs = {}
+    if student.finetune == "head":
+        if features_dir is None:
+            raise ValueError("features_dir: student.finetune='head' caches the backbone's features there; pass a folder")
+        feats = cached_features(student, model_path, spec_d, packed, max_choices, pad_id, features_dir)
+        feature_refs = {r: ray.put(a) for r, a in feats.items()}
+    students_dir = Path(storage_dir).absolute() / f"{name}-students"
+    students_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {
         "name": name,
         "student": to_dict(student),
+        "spec": spec_d,
         "model_path": model_path,
         "max_choices": max_choices,
         "pad_id": int(pad_id),
         "fingerprint": fingerprint,
-        "test_ref": ray.put(pack_sequences(test)),
-        "jobs": [{"source": j.source, "seed": j.seed, "train_ref": ray.put(p), "targets_ref": ray.put(t)}
-                 for j, p, t in zip(jobs, packed, targets, strict=True)],
+        "students_dir": str(students_dir),
+        "split_refs": {r: ray.put(p) for r, p in packed.items()},
+        "feature_refs": feature_refs,
+        "jobs": [{"source": j.source, "seed": j.seed, "meta": {"source": j.source, "seed": j.seed, **(j.meta or {})},
+                  "questions_ref": ray.put(np.asarray(j.questions, np.int64)),
+                  "targets_ref": ray.put(np.ascontiguousarray(j.targets, dtype=np.float32)),
+                  "answers_ref": ray.put(np.asarray(j.answers, np.int64))} for j in jobs],
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -388,7 +530,7 @@ def train_students(
             resources_per_worker={"CPU": student.cpus_per_worker},
         ),
         run_config=RunConfig(
-            storage_path=os.path.abspath(storage_dir),
+            storage_path=str(Path(storage_dir).absolute()),
             name=name,
             failure_config=FailureConfig(
                 max_failures=student.max_failures if max_failures is None else max_failures
@@ -406,34 +548,24 @@ def train_students(
     out = []
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / _STATE).read_text())
-        finished = state["finished"]
-        for j, job in enumerate(jobs):
-            if str(j) not in finished:
-                raise RuntimeError(f"{name}: job {j} ({job.source}, seed {job.seed}) has no result")
-            probs = np.load(Path(d) / f"probs_{j:03d}.npy", allow_pickle=False)
-            done = finished[str(j)]
-            acc = float((probs.argmax(-1) == test.answer).mean()) if test.n_questions else float("nan")
-            out.append({"source": job.source, "seed": job.seed, "test_accuracy": acc, "test_probs": probs,
-                        "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
-                        "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
-                        "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", []),
-                        "report_seconds": state.get("report_seconds", [])})
+    finished = state["finished"]
+    test = splits["test"]
+    for j, job in enumerate(jobs):
+        folder = students_dir / f"job_{j:03d}"
+        if str(j) not in finished or not folder.is_dir():
+            raise RuntimeError(f"{name}: job {j} ({job.source}, seed {job.seed}) has no result")
+        probs = np.load(students_dir / f"job_{j:03d}.test_probs.npy", allow_pickle=False)
+        done = finished[str(j)]
+        out.append({"source": job.source, "seed": job.seed, "test_accuracy": float((probs.argmax(-1) == test.answer).mean()),
+                    "test_probs": probs, "val_probs": np.load(students_dir / f"job_{j:03d}.val_probs.npy"),
+                    "student_dir": str(folder), "best_epoch": int(done["best_epoch"]),
+                    "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
+                    "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
+                    "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", []),
+                    "report_seconds": state.get("report_seconds", [])})
     return out
 
 
-def train_student(
-    cfg: Config,
-    *,
-    source: str,
-    model_dir: str,
-    train: Sequences,
-    targets: np.ndarray,
-    test: Sequences,
-    pad_id: int,
-    storage_dir: str,
-) -> dict[str, Any]:
-    """Train one student on `targets` (Q_train, C) and score it on `test`: `train_students` with one job,
-    run under the name `student-<source>`."""
-    job = StudentJob(source, cfg.seed, train, np.asarray(targets))
-    return train_students(cfg.student, [job], model_dir=model_dir, test=test, pad_id=pad_id,
-                          storage_dir=storage_dir, name=f"student-{source}")[0]
+def train_student(student: StudentConfig, job: StudentJob, **kw) -> dict[str, Any]:
+    """One student: `train_students` with one job, run under the name `student-<source>`."""
+    return train_students(student, [job], name=kw.pop("name", f"student-{job.source}"), **kw)[0]

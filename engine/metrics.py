@@ -63,3 +63,32 @@ def ci95(values) -> tuple[float, float]:
 
     half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return mean, half
+
+
+def bootstrap_accuracy(correct, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(accuracy, lo, hi): a 95% percentile-bootstrap interval over the test questions."""
+    c = np.asarray(correct, dtype=np.float64)
+    if len(c) == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
+    means = c[idx].mean(axis=1)
+    return float(c.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_difference(correct_a, correct_b, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy of A minus B on the same questions: the difference, its 95% paired-bootstrap interval
+    (questions resampled together), and McNemar's exact p-value on the questions where they disagree."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: {a.shape} vs {b.shape}; both must score the same questions")
+    d = a - b
+    if len(d) == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p_mcnemar": float("nan"), "n": 0}
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"diff": float(d.mean()), "lo": float(np.percentile(means, 2.5)), "hi": float(np.percentile(means, 97.5)),
+            "p_mcnemar": p, "only_a": only_a, "only_b": only_b, "n": int(len(d))}

@@ -14,7 +14,9 @@
     n_layers, config_hash, config, chance       optional (chance = mean of 1/n_choices on test)
     vllm_baseline     {n_questions, test_acc, max_abs_diff_vs_transformers, tokens_per_s?} or null
     labels            {source: {train_label_acc}}                        optional
-    students          [{source, test_acc, epochs?, train_seconds?}, ...] optional
+    students          [{source, test_acc, test_ci?: [lo, hi], val_acc?, best_epoch?, val_curve?: [...],
+                        epochs?, train_seconds?, finetune?, model_dir?}, ...] optional
+    student_pairs     [{a, b, diff, lo, hi, p_mcnemar}, ...]            optional (paired, same test questions)
     timings           {stage: seconds, ..., total?}                      optional
     versions          {package: version}                                 optional
 
@@ -283,17 +285,35 @@ def render_markdown(results: Mapping) -> str:
     rows = []
     for s in students:
         lab = labels.get(s["source"]) or {}
+        ci = s.get("test_ci")
+        acc = fmt_pct(s["test_acc"]) + (f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else "")
+        curve = " → ".join(fmt_pct(v) for v in (s.get("val_curve") or []))
         rows.append([
-            s["source"], fmt_pct(lab.get("train_label_acc")), fmt_pct(s["test_acc"]),
-            _fmt_num(s.get("epochs")), _fmt_seconds(s.get("train_seconds")),
+            s["source"], fmt_pct(lab.get("train_label_acc")), acc, _fmt_num(s.get("best_epoch")), curve or _MISSING,
+            _fmt_seconds(s.get("train_seconds")),
         ])
     seen = {s["source"] for s in students}
     for source, lab in labels.items():
         if source not in seen:
-            rows.append([source, fmt_pct((lab or {}).get("train_label_acc")), _MISSING, _MISSING, _MISSING])
+            rows.append([source, fmt_pct((lab or {}).get("train_label_acc")), _MISSING, _MISSING, _MISSING, _MISSING])
     if rows:
-        lines += _table(["source", "train-label accuracy", "student test accuracy", "epochs", "seconds"], rows)
-        lines += ["", "Train-label accuracy: how often that source's label equals the gold answer on train.", ""]
+        lines += _table(["source", "train-label accuracy", "student test accuracy [95% CI]", "epoch kept",
+                         "validation accuracy by epoch", "seconds"], rows)
+        lines += ["", "Train-label accuracy: how often that source's label equals the gold answer on train. The interval "
+                  "is a percentile bootstrap over the test questions. Each student is the epoch with the best validation "
+                  "accuracy; test never enters that choice."]
+        dirs = [s for s in students if s.get("model_dir")]
+        if dirs:
+            lines += ["", "Student model folders (`distill predict DIR questions.jsonl`, `distill eval DIR`): "
+                      + ", ".join(f"`{s['model_dir']}` ({s['source']})" for s in dirs)]
+        lines += [""]
+        pairs = r.get("student_pairs") or []
+        if pairs:
+            prow = [[f"{p['a']} − {p['b']}", f"{100 * p['diff']:+.1f}", f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]",
+                     f"{p['p_mcnemar']:.3f}", "yes" if p["lo"] > 0 or p["hi"] < 0 else "no"] for p in pairs]
+            lines += ["Paired differences on the same test questions (points; 95% paired bootstrap; McNemar's exact test):", ""]
+            lines += _table(["difference", "points", "95% CI", "McNemar p", "interval excludes 0"], prow)
+            lines += [""]
     else:
         lines += ["_No students were trained in this run._", ""]
 

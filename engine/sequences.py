@@ -34,6 +34,8 @@ class Sequences:
     """(Q,) gold answer index per question."""
     letter_ids: np.ndarray
     """(C_max,) token id of each choice label in letter mode; empty in per-choice mode."""
+    type_ids: list[np.ndarray] | None = None
+    """Token type (segment) ids of each row, for encoders that read a text pair; None elsewhere."""
 
     @property
     def n_rows(self) -> int:
@@ -66,6 +68,7 @@ class Sequences:
             n_choices=self.n_choices,
             answer=self.answer,
             letter_ids=self.letter_ids,
+            type_ids=None if self.type_ids is None else self.type_ids[lo:hi],
         )
 
     def select(self, questions: np.ndarray) -> Sequences:
@@ -84,6 +87,7 @@ class Sequences:
             n_choices=self.n_choices[questions],
             answer=self.answer[questions],
             letter_ids=self.letter_ids,
+            type_ids=None if self.type_ids is None else [self.type_ids[r] for r in rows],
         )
 
 

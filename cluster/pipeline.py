@@ -374,7 +374,8 @@ def student_summary(students: list[dict], answer: np.ndarray) -> tuple[list[dict
                      "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"), "train_seconds": s.get("train_seconds"),
                      "finetune": s.get("finetune"), "model_dir": str(Path(s["artifact"]) / "model"),
                      "val_curve": [h.get("val_acc") for h in s.get("history", [])]})
-    sources = list(correct)
+    first = ("probe_pseudo", "probe", "logit", "gold")  # differences read as probe - logit, probe - gold, ...
+    sources = sorted(correct, key=lambda x: first.index(x) if x in first else len(first))
     pairs = [{"a": a, "b": b, **metrics.paired_difference(correct[a], correct[b])}
              for i, a in enumerate(sources) for b in sources[i + 1:]]
     return rows, pairs

@@ -304,10 +304,11 @@ def _train_loop(config: dict) -> None:
             entry = {"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}
             metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first}
             if rank == 0:  # validation picks the epoch that is kept
-                val = splits["validation"]
+                val, t1 = splits["validation"], time.perf_counter()
                 probs = st.predict(inner, val, batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
                                    features=feats.get("validation"))
-                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": st.gold_nll(probs, val.answer)}
+                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": st.gold_nll(probs, val.answer),
+                          "val_seconds": time.perf_counter() - t1}
                 history.append(entry)
                 if st.best_epoch(history) == epoch + 1:
                     best = _trainable_state(inner, names)
@@ -345,7 +346,7 @@ def _train_loop(config: dict) -> None:
                      "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes,
                      "report_seconds": held}
             current = _trainable_state(inner, names) if rank == 0 else None
-            held = [*held, _report(rank, metrics, state, current, None if last else best, optimizer, scheduler,
+            held = [*held, _report(rank, metrics, state, current, best, optimizer, scheduler,
                                    f"job_{j:03d}_epoch_{epoch + 1:04d}")]
             reported = True
         start_epoch = 0

@@ -132,7 +132,6 @@ def load_tokenizer(path: str, config, *, revision: Optional[str] = None, trust_r
         if tok.eos_token is None:
             raise ModelError(f"{field_name}: the tokenizer in {path!r} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
-    tok.truncation_side = "left"  # an over-long input loses the start of its question, never its choice
     return tok
 
 
@@ -220,14 +219,14 @@ def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> 
     answer = np.asarray([ex.answer for ex in examples], dtype=np.int64)
     if spec.mode == "letter":
         firsts = [letter_prompt(ex, spec.answer_format) for ex in examples]
-        enc = tokenizer(firsts, truncation=True, max_length=spec.max_length) if firsts else {"input_ids": []}
+        with _truncating_left(tokenizer):
+            enc = tokenizer(firsts, truncation=True, max_length=spec.max_length) if firsts else {"input_ids": []}
         row_q = np.arange(len(examples), dtype=np.int64)
         row_c = np.zeros(len(examples), dtype=np.int64)
     else:
         firsts = [ex.question.strip() for ex in examples for _ in ex.choices]
         seconds = [c.strip() for ex in examples for c in ex.choices]
-        enc = (tokenizer(firsts, seconds, truncation="longest_first", max_length=spec.max_length)
-               if firsts else {"input_ids": []})
+        enc = _encode_pairs(tokenizer, firsts, seconds, spec.max_length) if firsts else {"input_ids": []}
         row_q = np.repeat(np.arange(len(examples), dtype=np.int64), n_choices)
         row_c = np.concatenate([np.arange(n, dtype=np.int64) for n in n_choices]) if len(examples) else row_q
     ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
@@ -237,6 +236,37 @@ def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> 
         row_choice=row_c, n_choices=n_choices, answer=answer, letter_ids=np.zeros(0, dtype=np.int64),
         type_ids=None if types is None else [np.asarray(x, dtype=np.int64) for x in types],
     )
+
+
+class _truncating_left:
+    """Within the block, the tokenizer cuts over-long inputs from the left (the start of the question)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.side = tokenizer, tokenizer.truncation_side
+
+    def __enter__(self):
+        self.tokenizer.truncation_side = "left"
+
+    def __exit__(self, *exc):
+        self.tokenizer.truncation_side = self.side
+
+
+def _encode_pairs(tokenizer, firsts: list[str], seconds: list[str], max_length: int) -> dict:
+    """(question, choice) pairs cut to `max_length` by dropping the start of the question; a pair whose
+    choice alone is too long loses tokens from the longer side (`longest_first`) instead."""
+    with _truncating_left(tokenizer):
+        try:
+            return tokenizer(firsts, seconds, truncation="only_first", max_length=max_length)
+        except Exception:  # noqa: BLE001 - the fast tokenizer's error when a choice alone is too long
+            out: dict[str, list] = {}
+            for a, b in zip(firsts, seconds, strict=True):
+                try:
+                    one = tokenizer(a, b, truncation="only_first", max_length=max_length)
+                except Exception:  # noqa: BLE001
+                    one = tokenizer(a, b, truncation="longest_first", max_length=max_length)
+                for k, v in one.items():
+                    out.setdefault(k, []).append(v)
+            return out
 
 
 def letter_ids_for(tokenizer, n: int, answer_format: str) -> np.ndarray:

@@ -34,11 +34,7 @@ def build_tiny_model(out: Path, *, layers: int = 4, hidden: int = 128, seed: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = []
-    with open(SHARED_DATA / "arc_easy" / "train.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            texts.append(row["question"] + " " + " ".join(row["choices"]))
+    texts = arc_texts()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -73,6 +69,45 @@ def build_tiny_model(out: Path, *, layers: int = 4, hidden: int = 128, seed: int
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def arc_texts() -> list[str]:
+    texts = []
+    with open(SHARED_DATA / "arc_easy" / "train.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["question"] + " " + " ".join(row["choices"]))
+    return texts
+
+
+def build_tiny_bert(out: Path, *, layers: int = 2, hidden: int = 64, vocab: int = 600, seed: int = 0) -> Path:
+    """A random BERT-style encoder with its own WordPiece vocabulary (uncased, [CLS]/[SEP] pairs with
+    segment ids), trained here on ARC text: a student whose tokenizer differs from the teacher's."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(arc_texts(), trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=fast.pad_token_id)
+    BertModel(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 EXTRACT_CHUNK_ROWS = 8  # many chunks on the tiny config: room to kill a run between two of them

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 from conftest import distill
@@ -85,6 +86,79 @@ def test_combine_layers_beyond_the_store(tmp_path, tiny_model, capsys):
     _assert_nothing_written(tmp_path)
 
 
+def tiny_test_examples():
+    from engine.config import load
+    from engine.tasks import load_role
+
+    return load_role(load("configs/tiny.yaml").data, "test")
+
+
+def write_questions(path, examples, drop_answer: bool = False):
+    with open(path, "w") as f:
+        for e in examples:
+            row = {"id": e.id, "question": e.question, "choices": list(e.choices), "answer": e.answer}
+            if drop_answer:
+                row.pop("answer")
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.slow
+def test_a_student_with_its_own_vocabulary_end_to_end(tmp_path, tiny_model, tiny_bert):
+    """A BERT-style student whose tokenizer is not the teacher's trains through `distill run`, reads its own
+    tokens, and predicts from its folder in a fresh process what the run reported."""
+    out = tmp_path / "run"
+    res = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"student.model={tiny_bert}",
+                  f"out_dir={out}", "student.label_sources=[gold, probe]", "student.epochs=2", "baseline.enabled=false",
+                  "student.num_layers=null", "student.lr=1e-3")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["source"] for s in report["students"]] == ["gold", "probe"]
+    for s in report["students"]:
+        info = json.loads((Path(s["model_dir"]) / "student.json").read_text())
+        assert info["input"]["kind"] == "encoder" and info["pooling"] == "mean" and len(info["history"]) == 2
+        assert info["best_epoch"] == s["best_epoch"] and s["test_ci"][0] <= s["test_acc"] <= s["test_ci"][1]
+    [pair] = report["student_pairs"]
+    assert (pair["a"], pair["b"]) == ("probe", "gold") and pair["lo"] <= pair["diff"] <= pair["hi"]
+    questions = tmp_path / "q.jsonl"
+    write_questions(questions, tiny_test_examples(), drop_answer=True)
+    for s in report["students"]:
+        dest = tmp_path / f"{s['source']}.jsonl"
+        pred = distill("predict", s["model_dir"], str(questions), "--out", str(dest))
+        assert pred.returncode == 0, pred.stderr[-3000:]
+        rows = [json.loads(x) for x in dest.read_text().splitlines()]
+        answers = [e.answer for e in tiny_test_examples()]
+        assert "correct" not in rows[0]  # no answers were given
+        assert np.mean([r["prediction"] == a for r, a in zip(rows, answers, strict=True)]) == pytest.approx(s["test_acc"])
+
+
+def test_predict_refuses_bad_input_and_writes_nothing(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    from engine import student as st
+    from engine.config import from_dict
+
+    model = st.build_student(str(tiny_bert), from_dict({"student": {"model": str(tiny_bert)}}).student, max_choices=4)
+    folder = st.save_student(tmp_path / "s", model, AutoTokenizer.from_pretrained(tiny_bert),
+                             st.InputSpec("encoder", "per_choice", 32), {"source": "gold"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "question": "Q?", "options": ["x", "y"]}) + "\n")
+    res = distill("predict", str(folder), str(bad))
+    assert res.returncode == 2 and "field 'choices': missing" in res.stderr and "Traceback" not in res.stderr
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"id": "a", "question": "Q?", "choices": ["x"]}) + "\n")
+    res = distill("predict", str(folder), str(one))
+    assert res.returncode == 2 and "has 1 choice(s)" in res.stderr
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text(json.dumps({"id": "a", "question": "Q?", "choices": []}) + "\n")
+    assert "has 0 choice(s)" in distill("predict", str(folder), str(zero)).stderr
+    (folder / "model.safetensors").unlink()
+    good = tmp_path / "good.jsonl"
+    write_questions(good, tiny_test_examples()[:2])
+    res = distill("predict", str(folder), str(good))
+    assert res.returncode == 2 and "weights are missing" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "one.jsonl", "s", "zero.jsonl"]
+
+
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "run"
@@ -135,4 +209,18 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     refused = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")
     assert refused.returncode == 2
     assert "extract.layers: store has [1, 2, 3, 4], config has [1, 2]" in refused.stderr
+
+    # Every student is a model folder: in a fresh process `distill eval` and `distill predict` reproduce its
+    # reported test accuracy from the folder alone.
+    gold = next(s for s in report["students"] if s["source"] == "gold")
+    ev = distill("eval", gold["model_dir"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"accuracy {gold['test_acc']:.4f}" in ev.stdout and "on 24 questions" in ev.stdout
+    questions = tmp_path / "test_questions.jsonl"
+    write_questions(questions, tiny_test_examples())
+    pred = distill("predict", gold["model_dir"], str(questions), "--out", str(tmp_path / "pred.jsonl"))
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows)
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(gold["test_acc"])
     shutil.rmtree(out / "ray_train", ignore_errors=True)

@@ -39,10 +39,13 @@ def make_results() -> dict:
         "labels": {"gold": {"train_label_acc": 1.0}, "logit": {"train_label_acc": 0.5},
                    "probe": {"train_label_acc": 0.58}},
         "students": [
-            {"source": "gold", "test_acc": 0.301, "epochs": 2, "train_seconds": 100.0},
+            {"source": "gold", "test_acc": 0.301, "test_ci": [0.25, 0.35], "best_epoch": 2, "val_curve": [0.28, 0.31],
+             "epochs": 2, "train_seconds": 100.0, "model_dir": "runs/x/students/gold-1/model"},
             {"source": "logit", "test_acc": 0.284, "epochs": 2, "train_seconds": 98.5},
             {"source": "probe", "test_acc": 0.322, "epochs": 2, "train_seconds": 101.2},
         ],
+        "student_pairs": [{"a": "probe", "b": "gold", "diff": 0.021, "lo": -0.01, "hi": 0.05, "p_mcnemar": 0.2},
+                          {"a": "probe", "b": "logit", "diff": 0.038, "lo": 0.005, "hi": 0.07, "p_mcnemar": 0.03}],
         "timings": {"extract": 300.0, "probes": 60.0, "baseline": 90.0, "students": 200.0, "total": 700.0},
         "versions": {"torch": "2.6.0", "transformers": "4.57.0", "numpy": "2.3.5"},
     }
@@ -97,9 +100,13 @@ def test_markdown_tables():
     assert rows[0] == "| 1 | 0.01 | 31.1% | 30.1% |"
 
     students = section(md, "Students on test by label source")
-    assert "| source | train-label accuracy | student test accuracy | epochs | seconds |" in students
-    assert "| gold | 100.0% | 30.1% | 2 | 100.0 s |" in students
-    assert "| probe | 58.0% | 32.2% | 2 | 101.2 s |" in students
+    assert ("| source | train-label accuracy | student test accuracy [95% CI] | epoch kept | validation accuracy by epoch "
+            "| seconds |") in students
+    assert "| gold | 100.0% | 30.1% [25.0%, 35.0%] | 2 | 28.0% → 31.0% | 100.0 s |" in students
+    assert "| probe | 58.0% | 32.2% | — | — | 101.2 s |" in students
+    assert "`runs/x/students/gold-1/model` (gold)" in students
+    assert "| probe − gold | +2.1 | [-1.0, +5.0] | 0.200 | no |" in students
+    assert "| probe − logit | +3.8 | [+0.5, +7.0] | 0.030 | yes |" in students
 
     cal = section(md, "Calibration")
     for text in ("58.1%", "1.300", "8.2%", "3.1%"):

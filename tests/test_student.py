@@ -15,7 +15,6 @@ import torch
 
 from engine import student as st
 from engine.config import from_dict
-from engine.sequences import build_sequences
 from engine.tasks import Example
 
 torch.set_num_threads(1)  # the test machine is oversubscribed: 2 threads ran ~10x slower than 1
@@ -41,9 +40,13 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def sequences(shared_data, tokenizer, mode: str, n: int, skip: int = 0):
-    cfg = from_dict({"prompt": {"mode": mode, "max_length": 64}})
-    return build_sequences(load_examples(shared_data, n, skip=skip), tokenizer, cfg.prompt)
+def sequences(shared_data, tokenizer, mode: str, n: int, skip: int = 0, kind: str = "decoder", max_length: int = 64):
+    spec = st.InputSpec(kind=kind, mode=mode, max_length=max_length)
+    return st.encode_examples(load_examples(shared_data, n, skip=skip), tokenizer, spec)
+
+
+def student_cfg(model, **kw):
+    return from_dict({"student": {"model": str(model), **kw}}).student
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,93 +184,191 @@ def test_schedule_warms_up_then_decays():
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and batches
+# Model, inputs and batches
 
 
 def test_truncated_backbone_keeps_pretrained_layers(tiny_model):
     from safetensors.torch import load_file
 
-    m = st.StudentModel.from_pretrained(tiny_model, mode="per_choice", max_choices=4, num_layers=2)
-    assert m.num_layers == 2 and len(m.backbone.layers) == 2
+    m = st.build_student(str(tiny_model), student_cfg(tiny_model, num_layers=2), max_choices=4)
+    assert m.num_layers == 2 and len(m.backbone.layers) == 2 and m.pooling == "last"  # a decoder pools its last token
     ref = load_file(str(Path(tiny_model) / "model.safetensors"))
     own = m.backbone.state_dict()
     layer0 = [k for k in own if k.startswith("layers.0.")]
     assert layer0
     for k in layer0 + ["embed_tokens.weight", "norm.weight", "layers.1.mlp.up_proj.weight"]:
         assert torch.equal(own[k], ref["model." + k]), k
-    with pytest.raises(ValueError, match="num_layers"):
-        st.load_backbone(str(tiny_model), 9)
+    with pytest.raises(st.ModelError, match="num_layers"):
+        st.load_backbone(str(tiny_model), num_layers=9)
 
 
-def test_batches_group_questions_and_truncate_left(shared_data, tokenizer):
+def test_encoder_reads_question_choice_pairs_in_its_own_vocabulary(shared_data, tiny_bert, tokenizer):
+    """The student's rows are its own tokens: [CLS] question [SEP] choice [SEP] with segment ids, and an
+    over-long input loses the start of the question, never the choice."""
+    from transformers import AutoTokenizer
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    exs = load_examples(shared_data, 3)
+    seqs = sequences(shared_data, btok, "per_choice", 3, kind="encoder", max_length=512)
+    assert seqs.n_rows == sum(len(e.choices) for e in exs) and seqs.type_ids is not None
+    r = 0
+    for q, ex in enumerate(exs):
+        for c, choice in enumerate(ex.choices):
+            assert (seqs.row_question[r], seqs.row_choice[r]) == (q, c)
+            want = btok(ex.question.strip(), choice.strip())
+            assert seqs.ids[r].tolist() == want["input_ids"] and seqs.type_ids[r].tolist() == want["token_type_ids"]
+            assert btok.decode(seqs.ids[r], skip_special_tokens=True).split()[-1] == btok.decode(
+                btok(choice)["input_ids"], skip_special_tokens=True).split()[-1]
+            r += 1
+    assert seqs.ids[0].tolist() != sequences(shared_data, tokenizer, "per_choice", 1).ids[0].tolist()
+    short = sequences(shared_data, btok, "per_choice", 3, kind="encoder", max_length=16)
+    for r in range(short.n_rows):
+        assert len(short.ids[r]) <= 16 and short.ids[r][0] == btok.cls_token_id  # [CLS] stays, the question's start goes
+        choice = exs[short.row_question[r]].choices[short.row_choice[r]]
+        tail = btok(choice.strip(), add_special_tokens=False)["input_ids"]
+        if len(tail) < 10:
+            assert short.ids[r][-len(tail) - 1 : -1].tolist() == tail  # the choice is whole
+    letter = sequences(shared_data, btok, "letter", 3, kind="encoder")
+    assert letter.n_rows == 3 and "answer :" in btok.decode(letter.ids[0])
+
+
+def test_batches_group_questions(shared_data, tokenizer):
     seqs = sequences(shared_data, tokenizer, "per_choice", 10)
     targets = st.one_hot(seqs.answer, seqs.max_choices)
-    batches = st.make_batches(seqs, targets, np.arange(10), 3, pad_id=7, max_length=20, rng=np.random.default_rng(0))
+    gold = np.roll(seqs.answer, 1)
+    batches = st.make_batches(seqs, targets, np.arange(10), 3, pad_id=7, rng=np.random.default_rng(0), gold=gold)
     assert sorted(np.concatenate([b.questions for b in batches]).tolist()) == list(range(10))
     rows_of = st.question_rows(seqs)
     for b in batches:
         assert b.input_ids.shape[0] == sum(len(rows_of[q]) for q in b.questions)
-        assert b.input_ids.shape[1] <= 20
         for i in range(b.input_ids.shape[0]):
             q = b.questions[int(b.row_question[i])]
             r = rows_of[q][int(b.row_choice[i])]
-            want = seqs.ids[r][-20:]
             n = int(b.attention_mask[i].sum())
-            assert n == len(want) and int(b.last_index[i]) == n - 1
-            assert b.input_ids[i, :n].tolist() == want.tolist()
+            assert n == len(seqs.ids[r]) and int(b.last_index[i]) == n - 1 and int(b.start[i]) == seqs.start[r]
+            assert b.input_ids[i, :n].tolist() == seqs.ids[r].tolist()
             assert (b.input_ids[i, n:] == 7).all()
-        assert torch.equal(b.gold, torch.from_numpy(seqs.answer[b.questions]))
+        assert torch.equal(b.gold, torch.from_numpy(gold[b.questions]))  # the answers the gold term may use
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+def test_pooling(tiny_bert, shared_data, pooling):
+    from transformers import AutoTokenizer
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    seqs = sequences(shared_data, btok, "per_choice", 2, kind="encoder")
+    m = st.build_student(str(tiny_bert), student_cfg(tiny_bert, pooling=pooling), max_choices=4).eval()
+    [b] = st.make_batches(seqs, None, np.arange(2), 2, btok.pad_token_id)
+    got = m.pool(b.input_ids, b.attention_mask, b.token_type_ids, b.last_index)
+    hidden = m.backbone(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                        token_type_ids=b.token_type_ids).last_hidden_state
+    for i in range(hidden.shape[0]):
+        n = int(b.attention_mask[i].sum())
+        want = {"mean": hidden[i, :n].mean(0), "first": hidden[i, 0], "last": hidden[i, n - 1]}[pooling]
+        assert torch.allclose(got[i], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["per_choice", "letter"])
-def test_logits_shape_and_masking(shared_data, tokenizer, tiny_model, mode):
+@pytest.mark.parametrize("scoring", ["head", "lm"])
+def test_logits_shape_and_masking(shared_data, tokenizer, tiny_model, mode, scoring):
     seqs = sequences(shared_data, tokenizer, mode, 6)
     seqs.n_choices[1] = 3  # pretend question 1 has three choices (per-choice: drop its last row)
     if mode == "per_choice":
         keep = ~((seqs.row_question == 1) & (seqs.row_choice == 3))
-        seqs = type(seqs)(
-            mode=mode,
-            ids=[x for x, k in zip(seqs.ids, keep, strict=True) if k],
-            start=seqs.start[keep],
-            row_question=seqs.row_question[keep],
-            row_choice=seqs.row_choice[keep],
-            n_choices=seqs.n_choices,
-            answer=np.minimum(seqs.answer, 2),
-            letter_ids=seqs.letter_ids,
-        )
+        seqs = type(seqs)(mode=mode, ids=[x for x, k in zip(seqs.ids, keep, strict=True) if k], start=seqs.start[keep],
+                          row_question=seqs.row_question[keep], row_choice=seqs.row_choice[keep],
+                          n_choices=seqs.n_choices, answer=np.minimum(seqs.answer, 2), letter_ids=seqs.letter_ids)
     torch.manual_seed(0)
-    m = st.StudentModel.from_pretrained(tiny_model, mode=mode, max_choices=5, num_layers=1)
-    [b] = st.make_batches(seqs, None, np.arange(6), 6, tokenizer.pad_token_id, 48)
-    out = m(**b.model_inputs())
+    m = st.build_student(str(tiny_model), student_cfg(tiny_model, mode=mode, scoring=scoring, num_layers=1),
+                         max_choices=5, tokenizer=tokenizer)
+    [b] = st.make_batches(seqs, None, np.arange(6), 6, tokenizer.pad_token_id)
+    out = m(b)
     assert out.shape == (6, 4)
     absent = torch.arange(4)[None, :] >= b.n_choices[:, None]
     assert absent.sum() == 1 and torch.isneginf(out[absent]).all() and torch.isfinite(out[~absent]).all()
-    probs = st.predict(m, seqs, batch_size=4, pad_id=tokenizer.pad_token_id, max_length=48)
+    probs = st.predict(m, seqs, batch_size=4, pad_id=tokenizer.pad_token_id)
     assert probs.shape == (6, 4)
     assert np.allclose(probs.sum(1), 1, atol=1e-5) and probs[1, 3] == 0
     # Padding does not change a row's logits (right padding + last real token).
-    [solo] = st.make_batches(seqs, None, np.array([int(b.questions[0])]), 1, tokenizer.pad_token_id, 48)
-    alone = m(**solo.model_inputs())
-    assert torch.allclose(alone[0], out[0], atol=1e-4)
+    [solo] = st.make_batches(seqs, None, np.array([int(b.questions[0])]), 1, tokenizer.pad_token_id)
+    assert torch.allclose(m(solo)[0], out[0], atol=1e-4)
+    if scoring == "lm" and mode == "per_choice":  # the choice's log-likelihood under the causal LM
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(tiny_model)
+        lm.model.layers = lm.model.layers[:1]
+        r = int(np.flatnonzero((seqs.row_question == b.questions[0]) & (seqs.row_choice == 0))[0])
+        ids = torch.from_numpy(seqs.ids[r])[None]
+        logp = torch.log_softmax(lm(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        want = float(logp[seqs.start[r] - 1 :].sum())
+        assert float(out[0, 0]) == pytest.approx(want, abs=1e-3)
 
 
-def test_few_steps_reduce_loss(shared_data, tokenizer, tiny_model):
-    seqs = sequences(shared_data, tokenizer, "per_choice", 16)
-    targets = st.one_hot(seqs.answer, seqs.max_choices)
+def test_lm_scoring_needs_a_decoder(tiny_bert):
+    with pytest.raises(st.ModelError, match="student.scoring"):
+        st.check_student(student_cfg(tiny_bert, scoring="lm"), str(tiny_bert))
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
+    """A task a tiny student can learn from scratch: the right choice is the one that says 'water'."""
+    rng = np.random.default_rng(seed)
+    words = ["rock", "sand", "metal", "glass", "wood", "paper", "salt", "air"]
+    out = []
+    for i in range(n):
+        choices = list(rng.choice(words, 3, replace=False))
+        k = int(rng.integers(0, 4))
+        choices.insert(k, "water")
+        out.append(Example(f"s{i}", "Which of these is a liquid at room temperature?", tuple(choices), k))
+    return out
+
+
+@pytest.mark.parametrize("finetune", ["full", "top", "head"])
+def test_student_with_its_own_vocabulary_learns(tiny_bert, finetune):
+    """A BERT-style student whose vocabulary is not the teacher's learns a task from its own tokens in every
+    regime, and the head regime's features equal the frozen backbone's pooled states."""
+    from transformers import AutoTokenizer
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    cfg = student_cfg(tiny_bert, finetune=finetune, top_blocks=1)
+    spec = st.InputSpec(kind="encoder", mode="per_choice", max_length=32)
+    train, test = (st.encode_examples(synthetic_examples(n, seed), btok, spec) for n, seed in ((64, 0), (32, 1)))
     torch.manual_seed(0)
-    m = st.StudentModel.from_pretrained(tiny_model, mode="per_choice", max_choices=seqs.max_choices, num_layers=2)
-    opt = st.make_optimizer(m, 2e-3, 0.01)
-    sched = st.make_scheduler(opt, 3 * 2)
-    kw = dict(soft=True, temperature=2.0, alpha=0.5)
-    fixed = st.make_batches(seqs, targets, np.arange(16), 8, tokenizer.pad_token_id, 24)
-    before = st.evaluate_loss(m, fixed, **kw)
-    for epoch in range(3):
-        batches = st.make_batches(
-            seqs, targets, np.arange(16), 8, tokenizer.pad_token_id, 24, rng=np.random.default_rng(epoch)
-        )
-        st.train_epoch(m, batches, opt, sched, **kw)
-    after = st.evaluate_loss(m, fixed, **kw)
-    assert after < 0.8 * before, (before, after)
+    m = st.build_student(str(tiny_bert), cfg, max_choices=4)
+    names = st.set_trainable(m, finetune, 1)
+    assert names == [n for n, p in m.named_parameters() if p.requires_grad]
+    if finetune == "head":
+        assert names == ["head.weight", "head.bias"]
+    elif finetune == "top":
+        assert any(".layer.1." in n for n in names) and not any(".layer.0." in n or "embeddings" in n for n in names)
+    feats = {}
+    if finetune == "head":
+        feats = {"train": st.pool_features(m, train, batch_size=8, pad_id=btok.pad_token_id),
+                 "test": st.pool_features(m, test, batch_size=8, pad_id=btok.pad_token_id)}
+        [b] = st.make_batches(test, None, np.arange(2), 2, btok.pad_token_id)
+        rows = np.concatenate(st.question_rows(test)[:2])
+        m.eval()
+        assert np.allclose(feats["test"][rows], m.pool(b.input_ids, b.attention_mask, b.token_type_ids).detach(), atol=1e-5)
+    lr, epochs = (3e-2, 30) if finetune == "head" else (3e-3, 6)
+    opt = st.make_optimizer(m, lr, 0.0)
+    targets = st.one_hot(train.answer, 4)
+    for epoch in range(epochs):
+        batches = st.make_batches(train, targets, np.arange(64), 8, btok.pad_token_id,
+                                  rng=np.random.default_rng(epoch), features=feats.get("train"))
+        st.train_epoch(m, batches, opt, soft=True, temperature=1.0, alpha=1.0)
+    probs = st.predict(m, test, batch_size=8, pad_id=btok.pad_token_id, features=feats.get("test"))
+    assert st.accuracy(probs, test.answer) >= 0.9, st.accuracy(probs, test.answer)
+
+
+def test_best_epoch_is_chosen_on_validation_only():
+    hist = [{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.9},
+            {"epoch": 2, "val_acc": 0.6, "val_loss": 1.2, "test_acc": 0.1},
+            {"epoch": 3, "val_acc": 0.6, "val_loss": 1.1, "test_acc": 0.2}]
+    assert st.best_epoch(hist) == 3  # best accuracy, then lower loss; test plays no part
+    assert st.best_epoch(hist[:1]) == 1
+    hist[2]["val_loss"] = 1.2
+    assert st.best_epoch(hist) == 2  # a full tie keeps the earlier epoch
+    with pytest.raises(ValueError):
+        st.best_epoch([])
 
 
 def test_shards_cover_all_questions_evenly():
@@ -275,6 +376,64 @@ def test_shards_cover_all_questions_evenly():
     assert {len(p) for p in parts} == {4}
     assert set(np.concatenate(parts).tolist()) == set(range(10))
     assert np.array_equal(st.shard_questions(10, 0, 1, seed=1, epoch=2), st.shard_questions(10, 0, 1, seed=1, epoch=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The student as a model folder
+
+
+def test_saved_student_loads_and_predicts_the_same(tiny_bert, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    spec = st.InputSpec(kind="encoder", mode="per_choice", max_length=32)
+    exs = synthetic_examples(12)
+    torch.manual_seed(1)
+    m = st.build_student(str(tiny_bert), student_cfg(tiny_bert), max_choices=4)
+    want = st.predict(m, st.encode_examples(exs, btok, spec), batch_size=4, pad_id=btok.pad_token_id)
+    folder = st.save_student(tmp_path / "s", m, btok, spec, {"source": "gold", "test_acc": 0.5})
+    loaded, tok, info = st.load_student(folder)
+    assert info["source"] == "gold" and info["pooling"] == "mean" and info["input"]["kind"] == "encoder"
+    assert np.allclose(st.predict_examples(loaded, tok, info, exs, batch_size=5), want, atol=1e-5)
+    plain = AutoModel.from_pretrained(folder)  # the backbone is a plain transformers model
+    assert torch.equal(plain.embeddings.word_embeddings.weight, m.backbone.embeddings.word_embeddings.weight)
+    with pytest.raises(st.StudentError, match="exists"):
+        st.save_student(folder, m, btok, spec, {})
+
+
+def test_bad_student_folders_fail_clearly(tiny_bert, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    m = st.build_student(str(tiny_bert), student_cfg(tiny_bert), max_choices=4)
+    folder = st.save_student(tmp_path / "s", m, btok, st.InputSpec("encoder", "per_choice", 32), {})
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(folder, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(st.StudentError, match="weights are missing"):
+        st.load_student(no_weights)
+    other_tok = tmp_path / "other-tokenizer"
+    shutil.copytree(folder, other_tok)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (other_tok / f).unlink(missing_ok=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other_tok)  # a BPE tokenizer of another model
+    with pytest.raises(st.StudentError, match="tokenizer"):
+        st.load_student(other_tok)
+    with pytest.raises(st.StudentError, match="not a student folder"):
+        st.load_student(tiny_bert)
+    # A model folder whose tokenizer has more tokens than the model embeds is refused before training.
+    big = tmp_path / "big-vocab"
+    shutil.copytree(tiny_bert, big)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (big / f).unlink(missing_ok=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(big)  # 1024 tokens for a 600-token model
+    with pytest.raises(st.ModelError, match="does not belong to this model"):
+        st.check_student(student_cfg(big), str(big))
+    (tiny_bert_copy := tmp_path / "no-safetensors").mkdir()
+    shutil.copy(tiny_bert / "config.json", tiny_bert_copy / "config.json")
+    btok.save_pretrained(tiny_bert_copy)
+    with pytest.raises(st.ModelError, match="safetensors"):
+        st.check_student(student_cfg(tiny_bert_copy), str(tiny_bert_copy))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +455,8 @@ def local_ray():
         _node_ip_address="127.0.0.1",
         _temp_dir=temp,
         include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}},
+        runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                                  "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
         log_to_driver=True,
     )
     yield ray
@@ -309,69 +469,99 @@ def local_ray():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_train_student_on_ray_and_resume(local_ray, shared_data, tokenizer, tiny_model, tmp_path):
-    from cluster.train import train_student
+def make_splits(model_dir, kind: str = "decoder", n_train: int = 24, max_length: int = 32):
+    from transformers import AutoTokenizer
 
-    train = sequences(shared_data, tokenizer, "per_choice", 24)
-    test = sequences(shared_data, tokenizer, "per_choice", 16, skip=24)
+    from tests.conftest import SHARED_DATA
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    spec = st.InputSpec(kind=kind, mode="per_choice", max_length=max_length)
+    exs = {"train": load_examples(SHARED_DATA, n_train), "validation": load_examples(SHARED_DATA, 12, skip=n_train),
+           "test": load_examples(SHARED_DATA, 16, skip=n_train + 12)}
+    return {r: st.encode_examples(e, tok, spec) for r, e in exs.items()}, spec, tok.pad_token_id
+
+
+def test_train_student_on_ray_and_resume(local_ray, tiny_model, tmp_path):
+    from cluster.train import StudentJob, train_student
+
+    splits, spec, pad = make_splits(tiny_model)
+    train, test = splits["train"], splits["test"]
     targets = st.one_hot(train.answer, train.max_choices) * 0.7 + 0.3 / train.max_choices
-    base = {
-        "seed": 3,
-        "student": {
-            "model": "teacher",
-            "num_layers": 2,
-            "batch_size": 8,
-            "max_length": 32,
-            "lr": 1e-3,
-            "num_workers": 1,
-            "cpus_per_worker": 1,
-        },
-    }
+    job = StudentJob("probe", 3, np.arange(train.n_questions), targets, train.answer)
+    base = {"model": str(tiny_model), "num_layers": 2, "batch_size": 8, "max_length": 32, "lr": 1e-3,
+            "num_workers": 1, "cpus_per_worker": 1}
     storage = tmp_path / "students"
-    kw = dict(
-        source="probe",
-        model_dir=str(tiny_model),
-        train=train,
-        targets=targets,
-        test=test,
-        pad_id=tokenizer.pad_token_id,
-        storage_dir=str(storage),
-    )
+    kw = dict(model_path=str(tiny_model), splits=splits, spec=spec, pad_id=pad, storage_dir=str(storage))
 
-    first = train_student(from_dict(base, ["student.epochs=1"]), **kw)
-    assert first["source"] == "probe" and first["epochs"] == 1 and first["start_epoch"] == 0
+    first = train_student(from_dict({"student": {**base, "epochs": 1}}).student, job, **kw)
+    assert first["source"] == "probe" and first["epochs"] == 1 and first["start_epoch"] == 0 and first["best_epoch"] == 1
     probs = first["test_probs"]
     assert probs.shape == (16, test.max_choices) and probs.dtype == np.float32
     present = np.arange(probs.shape[1])[None, :] < test.n_choices[:, None]
     assert np.allclose(probs.sum(1), 1, atol=1e-5) and (probs[~present] == 0).all()
-    assert 0.0 <= first["test_accuracy"] <= 1.0
     assert first["test_accuracy"] == pytest.approx(float((probs.argmax(1) == test.answer).mean()))
-    assert first["train_seconds"] > 0 and math.isfinite(first["history"][0]["train_loss"])
+    h = first["history"][0]
+    assert first["train_seconds"] > 0 and math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1
     run_dir = storage / "student-probe"
-    ckpts = sorted(p.name for p in run_dir.glob("job_*"))
-    assert ckpts == ["job_000_epoch_0001"]
-    assert {"model.safetensors", "optimizer.safetensors", "state.json", "probs_000.npy"} <= {
-        p.name for p in (run_dir / "job_000_epoch_0001").iterdir()
-    }
+    assert sorted(p.name for p in run_dir.glob("job_*")) == ["job_000_epoch_0001"]
+    assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= {
+        p.name for p in (run_dir / "job_000_epoch_0001").iterdir()}
+    folder = Path(first["student_dir"])
+    info = json.loads((folder / "student.json").read_text())
+    assert info["source"] == "probe" and info["best_epoch"] == 1 and info["test_acc"] == pytest.approx(first["test_accuracy"])
 
     # Same storage and name, more epochs: Ray Train V2 hands the latest checkpoint to the new run.
-    # Two workers this time, so DDP over gloo, sharding and rank-0 prediction are exercised too.
-    second = train_student(from_dict(base, ["student.epochs=2", "student.num_workers=2"]), **kw)
-    assert second["start_epoch"] == 1 and second["epochs"] == 2
-    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    # Two workers this time, so DDP over gloo, sharding and rank-0 validation are exercised too.
+    second = train_student(from_dict({"student": {**base, "epochs": 3, "num_workers": 2}}).student, job, **kw)
+    assert second["start_epoch"] == 1 and second["epochs"] == 3
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
     assert second["history"][0] == first["history"][0]
-    assert sorted(p.name for p in run_dir.glob("job_*")) == ["job_000_epoch_0001", "job_000_epoch_0002"]
+    assert all("val_acc" in h for h in second["history"])
+    assert second["best_epoch"] == st.best_epoch(second["history"])
     assert second["test_probs"].shape == probs.shape and np.allclose(second["test_probs"].sum(1), 1, atol=1e-5)
-    # Each epoch's training time, and how long each checkpoint but the last held the loop (the resumed
-    # run's first checkpoint is the first run's last, so neither run recorded one).
-    assert [h["seconds"] > 0 for h in second["history"]] == [True, True] and second["report_seconds"] == []
-    assert not np.allclose(second["test_probs"], probs)  # epoch 2 changed the weights
+    assert [h["seconds"] > 0 for h in second["history"]] == [True] * 3 and len(second["report_seconds"]) == 1
+    # The kept student is the best epoch's: loading its folder reproduces the reported test predictions.
+    model, tok, info = st.load_student(second["student_dir"])
+    assert info["best_epoch"] == second["best_epoch"]
+    again = st.predict(model, test, batch_size=8, pad_id=tok.pad_token_id)
+    assert np.allclose(again, second["test_probs"], atol=1e-5)
     print(f"ray fits: {first['wall_seconds']:.1f}s (1 worker), {second['wall_seconds']:.1f}s (2 workers)")
+
+
+def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path):
+    """finetune='head': the frozen encoder's features are computed once per split and reused by a later
+    run with other heads; heads train in one Ray Train run and come out as loadable folders."""
+    from cluster.train import StudentJob, train_students
+
+    splits, spec, pad = make_splits(tiny_bert, kind="encoder")
+    train = splits["train"]
+    cfg = from_dict({"student": {"model": str(tiny_bert), "finetune": "head", "head_epochs": 5, "head_lr": 1e-2,
+                                 "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1}}).student
+    feats = tmp_path / "features"
+    gold = StudentJob("gold", 0, np.arange(train.n_questions), st.one_hot(train.answer, 4), train.answer)
+    kw = dict(model_path=str(tiny_bert), splits=splits, spec=spec, pad_id=pad, storage_dir=str(tmp_path / "rt"),
+              features_dir=str(feats))
+    [a] = train_students(cfg, [gold], name="a", **kw)
+    files = {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")}
+    assert len(files) == 3  # one per split
+    half = StudentJob("gold", 1, np.arange(12), st.one_hot(train.answer[:12], 4), train.answer[:12])
+    b, c = train_students(cfg, [gold, half], name="b", **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")} == files  # read, not recomputed
+    assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-6)  # same job, same student
+    assert len(b["history"]) == 5 and b["best_epoch"] == st.best_epoch(b["history"])
+    m, tok, info = st.load_student(c["student_dir"])
+    assert info["seed"] == 1 and np.allclose(st.predict(m, splits["test"], batch_size=8, pad_id=pad), c["test_probs"],
+                                             atol=1e-5)
+    # The frozen backbone is stored once and hard-linked into each head's folder.
+    assert (Path(b["student_dir"]) / "model.safetensors").stat().st_ino == (
+        Path(c["student_dir"]) / "model.safetensors").stat().st_ino
 
 
 def test_resume_fingerprint_ignores_epochs_and_resources(shared_data, tokenizer):
     """A resumed run must match its checkpoint in all but epochs and resources (else the worker refuses)."""
-    from cluster.train import _fingerprint, pack_sequences, unpack_sequences
+    from cluster.train import StudentJob, _fingerprint, pack_sequences, unpack_sequences
 
     seqs = sequences(shared_data, tokenizer, "per_choice", 5)
     packed = pack_sequences(seqs)
@@ -379,34 +569,33 @@ def test_resume_fingerprint_ignores_epochs_and_resources(shared_data, tokenizer)
     assert all(np.array_equal(a, b) for a, b in zip(back.ids, seqs.ids, strict=True)) and back.mode == seqs.mode
     targets = st.one_hot(seqs.answer, 4)
     cfg = from_dict({"student": {"epochs": 1}})
+    spec = st.InputSpec("decoder", "per_choice", 64).to_dict()
 
-    def fp(c=cfg, t=targets, source="gold"):
-        return _fingerprint(c.student, c.seed, source, "/m", packed, t, 4, 0)
+    def fp(c=cfg, t=targets, source="gold", splits=None):
+        job = StudentJob(source, c.seed, np.arange(5), t, seqs.answer)
+        return _fingerprint(c.student, job, "/m", splits or {"train": "x"}, spec, 4, 0)
 
-    assert fp() == fp(from_dict({"student": {"epochs": 5, "num_workers": 3, "cpus_per_worker": 4}}))
+    assert fp() == fp(from_dict({"student": {"epochs": 5, "num_workers": 3, "cpus_per_worker": 4, "max_failures": 2}}))
     assert fp() != fp(from_dict({"student": {"epochs": 1, "lr": 1e-3}}))
     assert fp() != fp(t=targets[::-1].copy())
     assert fp() != fp(source="probe")
+    assert fp() != fp(splits={"train": "y"})
 
 
 def resume_jobs(model_dir: str):
     """Three students (gold, probe, logit-like soft targets; other seeds and sizes) on the tiny model."""
-    from transformers import AutoTokenizer
-
     from cluster.train import StudentJob
-    from tests.conftest import SHARED_DATA
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    train = sequences(SHARED_DATA, tok, "per_choice", 40)
-    test = sequences(SHARED_DATA, tok, "per_choice", 16, skip=40)
+    splits, spec, pad = make_splits(model_dir, n_train=40)
+    train = splits["train"]
     soft = st.one_hot(train.answer, train.max_choices) * 0.6 + 0.4 / train.max_choices
-    part = train.select(np.arange(24))
-    jobs = [StudentJob("gold", 0, train, st.one_hot(train.answer, train.max_choices)),
-            StudentJob("probe", 1, train, soft),
-            StudentJob("logit", 2, part, soft[:24])]
-    cfg = from_dict({"student": {"num_layers": 2, "epochs": 2, "batch_size": 8, "max_length": 32, "lr": 1e-3,
-                                 "num_workers": 1, "cpus_per_worker": 1}})
-    return cfg.student, jobs, test, tok.pad_token_id
+    everything = np.arange(40)
+    jobs = [StudentJob("gold", 0, everything, st.one_hot(train.answer, train.max_choices), train.answer),
+            StudentJob("probe", 1, everything, soft, train.answer),
+            StudentJob("logit", 2, everything[:24], soft[:24], train.answer[:24])]
+    cfg = from_dict({"student": {"model": model_dir, "num_layers": 2, "epochs": 2, "batch_size": 8, "max_length": 32,
+                                 "lr": 1e-3, "num_workers": 1, "cpus_per_worker": 1}})
+    return cfg.student, jobs, dict(model_path=model_dir, splits=splits, spec=spec, pad_id=pad)
 
 
 _KILLED_RUN = """
@@ -417,8 +606,8 @@ from cluster.train import train_students
 from engine.config import RayConfig
 from tests.test_student import resume_jobs
 runtime.init(RayConfig(num_cpus=2, temp_dir={temp!r}))
-student, jobs, test, pad = resume_jobs({model!r})
-train_students(student, jobs, model_dir={model!r}, test=test, pad_id=pad, storage_dir={storage!r}, name="kill")
+student, jobs, kw = resume_jobs({model!r})
+train_students(student, jobs, storage_dir={storage!r}, name="kill", **kw)
 print("FINISHED", flush=True)
 """
 
@@ -448,8 +637,7 @@ def test_students_killed_mid_run_resume_from_the_last_checkpoint(local_ray, tiny
     made = sorted(p.name for p in (storage / "kill").glob("job_*"))
     assert made and made[-1] < "job_002_epoch_0002", made
 
-    student, jobs, test, pad = resume_jobs(str(tiny_model))
-    kw = dict(model_dir=str(tiny_model), test=test, pad_id=pad)
+    student, jobs, kw = resume_jobs(str(tiny_model))
     resumed = train_students(student, jobs, storage_dir=str(storage), name="kill", **kw)
     (job, epoch), = resumed[0]["resumes"]
     assert (job, epoch) >= (0, 1), resumed[0]["resumes"]  # started from a checkpoint, not from scratch
@@ -459,9 +647,11 @@ def test_students_killed_mid_run_resume_from_the_last_checkpoint(local_ray, tiny
     assert len(held) == 5 and all(0 < s < 60 for s in held), held
     for a, b in zip(resumed, whole, strict=True):
         assert (a["source"], a["seed"], a["epochs"]) == (b["source"], b["seed"], 2)
-        assert [h["epoch"] for h in a["history"]] == [1, 2]
+        assert [h["epoch"] for h in a["history"]] == [1, 2] and a["best_epoch"] == b["best_epoch"]
         assert np.allclose([h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]], atol=1e-5)
+        assert np.allclose([h["val_acc"] for h in a["history"]], [h["val_acc"] for h in b["history"]])
         assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-5)
+        assert Path(a["student_dir"], "student.json").is_file()
     print(f"killed after {made[-1]}; resumed at job {job}, epoch {epoch}")
 
 
@@ -488,14 +678,13 @@ def test_a_dead_worker_is_restarted_from_the_last_checkpoint(local_ray, tiny_mod
 
     from cluster.train import train_students
 
-    student, jobs, test, pad = resume_jobs(str(tiny_model))
+    student, jobs, kw = resume_jobs(str(tiny_model))
     storage, out = tmp_path / "retry", {}
 
     def fit(max_failures):
         try:
             out["res"] = train_students(dataclasses.replace(student, max_failures=max_failures), jobs,
-                                        model_dir=str(tiny_model), test=test, pad_id=pad, storage_dir=str(storage),
-                                        name="retry")
+                                        storage_dir=str(storage), name="retry", **kw)
         except Exception as err:  # noqa: BLE001 - handed to the test thread
             out["err"] = err
 

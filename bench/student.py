@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from cluster import runtime  # noqa: E402  (sets Ray's environment before ray is imported)
 from engine import labels  # noqa: E402
 from engine import student as st  # noqa: E402
+from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
@@ -60,8 +61,6 @@ def cpu_flags() -> list[str]:
 def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_dir: str) -> dict:
     """The same student, batches, optimiser, schedule, validation and test scoring in this process."""
     import torch
-
-    from engine import student as st
 
     s = cfg.student
     t0 = time.perf_counter()
@@ -89,7 +88,7 @@ def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_di
         epochs.append(time.perf_counter() - t1)
     model.load_state_dict(best, strict=False)
     probs = st.predict(model, test, batch_size=4 * s.batch_size, pad_id=pad_id)
-    st.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": "gold"})
+    sf.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": "gold"})
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
             "epochs": [round(e, 2) for e in epochs], "train_loss": loss, "best_epoch": st.best_epoch(history),

@@ -19,7 +19,7 @@ from cluster import runtime  # sets Ray's environment before ray is imported
 from engine.config import ConfigError, config_hash, load, to_dict
 from engine.models import ModelError
 from engine.store import StoreError
-from engine.student import StudentError
+from engine.student_folder import StudentError
 from engine.tasks import DataError
 
 STAGES = ("extract", "probe", "baseline", "train", "report", "run")
@@ -53,7 +53,7 @@ def predict(args) -> int:
 
     import numpy as np
 
-    from engine.student import load_student, predict_examples
+    from engine.student_folder import load_student, predict_examples
     from engine.tasks import read_questions
 
     questions = read_questions(args.questions)
@@ -86,7 +86,7 @@ def evaluate(args) -> int:
     """`distill eval`: accuracy of a student on its run's split (or on a file)."""
     from engine.config import DataConfig, _build
     from engine.metrics import accuracy, bootstrap_accuracy
-    from engine.student import load_student, predict_examples
+    from engine.student_folder import load_student, predict_examples
     from engine.tasks import load_role, read_questions
 
     model, tok, info = load_student(args.student_dir)

@@ -208,6 +208,7 @@ def _train_loop(config: dict) -> None:
     from safetensors.torch import load_file
 
     from engine import student as st
+    from engine import student_folder as sf
 
     scfg = _student_config(config["student"])
     spec = st.InputSpec(**config["spec"])
@@ -328,7 +329,7 @@ def _train_loop(config: dict) -> None:
                 shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
                 meta = {**job["meta"], "best_epoch": keep, "history": history, "test_acc": test_acc,
                         "val_acc": st.accuracy(val_probs, splits["validation"].answer)}
-                st.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
+                sf.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
                 np.save(folder.parent / f"job_{j:03d}.test_probs.npy", test_probs, allow_pickle=False)
                 np.save(folder.parent / f"job_{j:03d}.val_probs.npy", val_probs, allow_pickle=False)
                 finished[str(j)] = {"epochs": epoch + 1, "start_epoch": first, "train_seconds": train_seconds,

@@ -294,10 +294,10 @@ class StudentConfig:
     """Softmax temperature for soft teacher/probe labels and the student's KL term."""
     alpha: float = 1.0
     """Weight of the teacher/probe term; (1 - alpha) goes to gold cross-entropy."""
-    epochs: int = 2
+    epochs: int = 3
     """Passes over the train split (finetune 'full' or 'top'). Every epoch is scored on validation and
     the best one (validation accuracy, then loss) is the student that is kept and tested."""
-    lr: float = 5e-5
+    lr: float = 3e-5
     """AdamW learning rate for 'full' and 'top' (linear warm-up over 10% of steps, then linear decay)."""
     head_epochs: int = 60
     """Passes over the cached features with finetune='head' (the best on validation is kept)."""

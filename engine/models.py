@@ -84,16 +84,19 @@ def resolve_model(cfg: TeacherConfig) -> str:
             print(f"[model] converting packaged {name} GGUF into {out} (once)", flush=True)
             convert_gguf(_packaged_gguf(name), out, CACHE_DTYPE)
         return str(out)
+    return folder_or_hub_id(name, "teacher.model", f"or one of {sorted(PACKAGED)}")
+
+
+def folder_or_hub_id(name: str, field: str, others: str) -> str:
+    """`name` as an absolute model folder (checked to hold a config.json), or as a hub id when it names no
+    local path; `others` lists the other accepted values in the error."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"teacher.model: {path} has no config.json; point it at a Hugging Face model folder")
+            raise ModelError(f"{field}: {path} has no config.json; point it at a Hugging Face model folder")
         return str(path.resolve())
     if _looks_local(name) or path.exists():
-        raise ModelError(
-            f"teacher.model: no model folder at {name!r}; give a local HF folder, a hub id, "
-            f"or one of {sorted(PACKAGED)}"
-        )
+        raise ModelError(f"{field}: no model folder at {name!r}; give a local HF folder, a hub id, {others}")
     return name
 
 

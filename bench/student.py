@@ -43,6 +43,7 @@ from engine import labels  # noqa: E402
 from engine import student as st  # noqa: E402
 from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
+from engine.metrics import nll  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
 
@@ -82,7 +83,7 @@ def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_di
                               temperature=s.temperature, alpha=s.alpha)
         probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id)
         history.append({"epoch": epoch + 1, "val_acc": st.accuracy(probs, val.answer),
-                        "val_loss": st.gold_nll(probs, val.answer)})
+                        "val_loss": nll(probs, val.answer)})
         if st.best_epoch(history) == epoch + 1:
             best = {n: p.detach().clone() for n, p in model.state_dict().items() if n in names}
         epochs.append(time.perf_counter() - t1)

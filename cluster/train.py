@@ -209,6 +209,7 @@ def _train_loop(config: dict) -> None:
 
     from engine import student as st
     from engine import student_folder as sf
+    from engine.metrics import nll
 
     scfg = _student_config(config["student"])
     spec = st.InputSpec(**config["spec"])
@@ -275,7 +276,7 @@ def _train_loop(config: dict) -> None:
         resuming = first > 0
         train_seconds = float(state["train_seconds"]) if resuming else 0.0
         history = list(state["history"]) if resuming else []
-        best = None
+        best, best_val = None, None
         if resuming:
             _load_trainable(model, load_file(str(Path(ckpt_dir) / _MODEL)), names)
             if rank == 0 and Path(ckpt_dir, _BEST).is_file():
@@ -308,11 +309,11 @@ def _train_loop(config: dict) -> None:
                 val, t1 = splits["validation"], time.perf_counter()
                 probs = st.predict(inner, val, batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
                                    features=feats.get("validation"))
-                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": st.gold_nll(probs, val.answer),
+                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
                           "val_seconds": time.perf_counter() - t1}
                 history.append(entry)
                 if st.best_epoch(history) == epoch + 1:
-                    best = _trainable_state(inner, names)
+                    best, best_val = _trainable_state(inner, names), probs
                 metrics |= {"val_acc": entry["val_acc"]}
             else:
                 history.append(entry)
@@ -322,8 +323,9 @@ def _train_loop(config: dict) -> None:
                 keep = st.best_epoch(history)
                 test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
                                         device=device, features=feats.get("test"))
-                val_probs = st.predict(inner, splits["validation"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
-                                       device=device, features=feats.get("validation"))
+                val_probs = best_val if best_val is not None else st.predict(  # a resumed job's best epoch ran before
+                    inner, splits["validation"], batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
+                    features=feats.get("validation"))
                 test_acc = st.accuracy(test_probs, splits["test"].answer)
                 folder = out_root / f"job_{j:03d}"
                 shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt

@@ -509,12 +509,6 @@ def accuracy(probs: np.ndarray, answer: np.ndarray) -> float:
     return float((probs.argmax(-1) == np.asarray(answer)).mean()) if len(answer) else float("nan")
 
 
-def gold_nll(probs: np.ndarray, answer: np.ndarray) -> float:
-    """Mean -log p(gold) (clipped at 1e-12): the tie-break between epochs of equal validation accuracy."""
-    p = probs[np.arange(len(answer)), np.asarray(answer)]
-    return float(-np.mean(np.log(np.maximum(p, 1e-12)))) if len(answer) else float("nan")
-
-
 def best_epoch(history: Sequence[dict]) -> int:
     """The epoch (1-based) a student keeps: the highest validation accuracy, then the lowest validation
     loss, then the earliest. Test never enters the choice."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, PromptConfig, TeacherConfig
+from engine.hardware import matmul_gflops
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.sequences import build_sequences
 from engine.tasks import load_split
@@ -26,15 +27,6 @@ from engine.teacher import forward_rows, pack_units
 
 OUT = Path(__file__).parent / "results" / "cpu_budget.json"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc_easy"
-
-
-def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
-    a, w = torch.randn(3072, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-    a @ w.T
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ w.T
-    return reps * 2 * 3072 * 576 * 1536 / (time.perf_counter() - t) / 1e9
 
 
 def forward_tokens_per_s(path: str, dtype: str, seqs, rows: np.ndarray, pad_id: int) -> float:
@@ -50,7 +42,7 @@ def main() -> None:
     res: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__}}
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     res["machine"]["isa"] = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags})
-    res["matmul_gflops"] = {d: round(matmul_gflops(getattr(torch, d)), 1) for d in ("float32", "bfloat16")}
+    res["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("float32", "bfloat16")}
     print("matmul GFLOP/s:", res["matmul_gflops"], flush=True)
 
     path = resolve_model(TeacherConfig())

@@ -43,6 +43,7 @@ from engine import labels  # noqa: E402
 from engine import student as st  # noqa: E402
 from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
+from engine.hardware import matmul_flags, pick_dtype  # noqa: E402
 from engine.metrics import nll  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
@@ -50,20 +51,12 @@ from engine.tasks import load_role  # noqa: E402
 OUT = Path(__file__).parent / "results" / "student.json"
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide matmul speed here (lscpu's flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return []
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"))
-
-
 def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_dir: str) -> dict:
     """The same student, batches, optimiser, schedule, validation and test scoring in this process."""
     import torch
 
     s = cfg.student
+    dtype = pick_dtype(s.dtype, gpu=False)[0]
     t0 = time.perf_counter()
     torch.set_num_threads(s.cpus_per_worker)
     torch.manual_seed(cfg.seed)
@@ -80,15 +73,15 @@ def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_di
         mine = st.shard_questions(train.n_questions, 0, 1, seed=cfg.seed, epoch=epoch)
         batches = st.make_batches(train, targets, mine, s.batch_size, pad_id, rng=np.random.default_rng([cfg.seed, epoch, 0]))
         loss = st.train_epoch(model, batches, optimizer, scheduler, device="cpu", soft=s.soft,
-                              temperature=s.temperature, alpha=s.alpha)
-        probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id)
+                              temperature=s.temperature, alpha=s.alpha, dtype=dtype)
+        probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id, dtype=dtype)
         history.append({"epoch": epoch + 1, "val_acc": st.accuracy(probs, val.answer),
                         "val_loss": nll(probs, val.answer)})
         if st.best_epoch(history) == epoch + 1:
             best = {n: p.detach().clone() for n, p in model.state_dict().items() if n in names}
         epochs.append(time.perf_counter() - t1)
     model.load_state_dict(best, strict=False)
-    probs = st.predict(model, test, batch_size=4 * s.batch_size, pad_id=pad_id)
+    probs = st.predict(model, test, batch_size=4 * s.batch_size, pad_id=pad_id, dtype=dtype)
     sf.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": "gold"})
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
@@ -158,6 +151,7 @@ def main() -> None:
         "train_questions": train.n_questions, "test_questions": test.n_questions, "rows": train.n_rows,
         "validation_questions": splits["validation"].n_questions,
         "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,
+                    "dtype": pick_dtype(cfg.student.dtype, gpu=False)[0],
                     "epochs": args.epochs, "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.student.mode},
         "plain": p, "ray_train": ray,
         "ratio_epoch": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
@@ -165,7 +159,7 @@ def main() -> None:
         "ratio_whole_call": round(ray["wall_seconds"] / p["wall_seconds"], 3),
         "target_ratio_epoch": 1.15,
         "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": matmul_flags()},
         "versions": {k: md.version(k) for k in ("torch", "transformers", "ray")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

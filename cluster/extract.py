@@ -158,9 +158,10 @@ def store_meta(cfg: Config, model_path: str, layers: list[int], n_model_layers: 
 
 def run_extraction(
     cfg: Config, model_path: str, splits: dict[str, tuple[Sequences, list[str]]], layers: list[int],
-    n_model_layers: int, hidden: int, pad_id: int, *, actor_cls: type | None = None,
+    n_model_layers: int, hidden: int, pad_id: int, *, actor_cls: type | None = None, dtype_why: str | None = None,
 ) -> Path:
-    """Build (or resume, or reuse) the activation store for all splits. Returns its committed path."""
+    """Build (or resume, or reuse) the activation store for all splits. Returns its committed path.
+    `dtype_why`: why the teacher runs in `teacher.dtype` (recorded in the store)."""
     path = Path(cfg.out_dir) / "activations.zarr"
     identity = store_identity(cfg)
     if path.exists():
@@ -169,6 +170,7 @@ def run_extraction(
         return path
     layout = {name: (s, ids, len(layers), hidden) for name, (s, ids) in splits.items()}
     meta = store_meta(cfg, model_path, layers, n_model_layers, hidden)
+    meta["teacher_dtype"] = {"dtype": cfg.teacher.dtype, "why": dtype_why or "set in the config"}
     part = str(store.create_or_resume(path, identity, meta, layout, scores=cfg.extract.teacher_scores))
     size = {name: store.chunk_size(s.n_rows, cfg.extract.chunk_rows) for name, (s, _) in splits.items()}
 

@@ -14,6 +14,7 @@ itself is one per out_dir: a config that would change it is refused, naming the 
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import artifacts, labels, metrics, store
+from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
-from engine.config import STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
+from engine.config import PSEUDO_SOURCES, STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
@@ -41,6 +42,12 @@ class Run:
 
     cfg: Config
     timings: dict = field(default_factory=dict)
+    dtypes: dict = field(default_factory=dict)
+    """{section: {dtype, why}}: what `dtype: auto` became on this machine (`engine.hardware.resolve`)."""
+
+    def __post_init__(self) -> None:
+        self.cfg, choices = hardware.resolve(self.cfg)  # every artifact's identity holds the real dtype
+        self.dtypes = self.dtypes or choices
 
     @property
     def out(self) -> Path:
@@ -111,9 +118,9 @@ class Run:
     def variant(self, cfg: Config) -> Run:
         """A run under `cfg` over this run's store (other seed, fraction, probes or students), sharing the
         loaded teacher folder, tokenizer and tokenized splits. `cfg` must describe the same store."""
-        if store_identity(cfg) != store_identity(self.cfg) or cfg.out_dir != self.cfg.out_dir:
+        other = Run(cfg, dtypes=self.dtypes)
+        if store_identity(other.cfg) != store_identity(self.cfg) or cfg.out_dir != self.cfg.out_dir:
             raise ConfigError("Run.variant: the config describes another store; start a new Run")
-        other = Run(cfg)
         for name in ("model_path", "tokenizer", "examples", "seqs", "model_config", "student_path", "student_io",
                      "student_seqs"):
             if name in self.__dict__:
@@ -127,7 +134,13 @@ class Run:
         if self.cfg.student.label_sources:
             st.check_student(self.cfg.student, self.student_path)
         if self.store_path.exists() or store.partial_path(self.store_path).exists():
-            store.open_store(self.store_path, store_identity(self.cfg), allow_incomplete=True)
+            root = store.open_store(self.store_path, store_identity(self.cfg), allow_incomplete=True)
+            for role in ROLES:  # the same config must still pick the same questions
+                stored = [str(x) for x in root[role]["ids"][:]]
+                if stored != [ex.id for ex in self.examples[role]]:
+                    raise store.StoreError(
+                        f"{self.store_path}: its {role} questions are not the ones data.* selects now (the data "
+                        "files or the sampling changed); delete the store or use another out_dir")
 
     def timed(self, stage: str, t0: float) -> None:
         self.timings[stage] = round(time.perf_counter() - t0, 1)
@@ -145,8 +158,9 @@ def extract(run: Run, actor_cls: type | None = None) -> Path:
     log("extract", f"teacher {cfg.teacher.model} ({run.model_path}), mode {cfg.prompt.mode}: {sizes}")
     splits = {r: (run.seqs[r], [ex.id for ex in run.examples[r]]) for r in ROLES}
     mc = run.model_config
+    log("extract", f"dtype {cfg.teacher.dtype} ({run.dtypes['teacher']['why']})")
     path = run_extraction(cfg, run.model_path, splits, run.layers, mc.num_hidden_layers, mc.hidden_size,
-                          run.tokenizer.pad_token_id, actor_cls=actor_cls)
+                          run.tokenizer.pad_token_id, actor_cls=actor_cls, dtype_why=run.dtypes["teacher"]["why"])
     run.timings["extract"] = store.open_store(path).attrs.get("extract_seconds")
     return path
 
@@ -289,12 +303,15 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
             plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))
             continue
         questions, answers = tq, train_seqs.answer
-        if source == "probe_pseudo":  # gold on the labelled questions, the probe's labels on the pool
+        if source in PSEUDO_SOURCES:  # gold on the labelled questions, the probe's or teacher's labels on the pool
             pool = probe_arrays["pool_questions"]
             questions = np.concatenate([tq, pool])
             seqs = run.seqs["train"].select(questions)
-            targets, answers = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, probe_arrays["pool_probs"],
-                                                      seqs.n_choices[len(tq):], soft=cfg.student.soft)
+            pool_n = seqs.n_choices[len(tq):]
+            pool_probs = (probe_arrays["pool_probs"] if source == "probe_pseudo" else
+                          labels.logit_targets(train_logp[pool][:, : seqs.max_choices], pool_n))
+            targets, answers = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, pool_probs, pool_n,
+                                                      soft=cfg.student.soft)
             label_acc = labels.label_agreement(targets, seqs.answer)  # against the withheld gold: reported only
         else:
             targets = labels.make_targets(
@@ -307,50 +324,92 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
                 "teacher": cfg.teacher.model, "student_model": cfg.student.model, "finetune": cfg.student.finetune,
                 "train_fraction": cfg.data.train_fraction, "n_train": int(len(questions)), "train_label_acc": label_acc,
                 "config": to_dict(cfg)}
+        meta["alpha"] = labels.loss_alpha(source, cfg.student.alpha, cfg.student.mix_alpha)
         job = StudentJob(source, cfg.seed, np.asarray(questions), targets, np.asarray(answers), meta)
         plans.append(StudentPlan(cfg, source, where, label_acc, job, None))
     return plans
 
 
-def train_plans(run: Run, plans: list[StudentPlan]) -> list[dict]:
-    """Train every plan not made yet in one Ray Train run (over `run`'s splits, tokenized for the student),
-    commit an artifact per student (its model folder under `model/`), and return each plan's meta in order."""
-    from cluster.train import train_students
+def train_plans(run: Run, plans: list[StudentPlan], *, parallel_runs: int = 1) -> list[dict]:
+    """Train every plan not made yet (over `run`'s splits, tokenized for the student), commit an artifact
+    per student (its model folder under `model/`), and return each plan's meta in order.
 
+    Plans of one student regime train in one Ray Train run; with `parallel_runs` > 1 their cells
+    (fraction, seed) are dealt over that many runs, and that many runs train at once (Ray places each
+    where its workers fit: other GPUs, other nodes). A run is named by what it trains, so an interrupted
+    one resumes from its checkpoint, and a finished one is never redone: its students are artifacts."""
     todo = [p for p in plans if p.job is not None]
     for p in todo:
-        log("train", f"student[{p.source}] seed {p.cfg.seed}, fraction {p.cfg.data.train_fraction:g}: "
-                     f"{len(p.job.questions)} questions, labels agree with gold {p.label_acc:.1%}")
+        log("train", f"student[{p.source}] seed {p.cfg.seed}, fraction {p.cfg.data.train_fraction:g}, "
+                     f"{p.cfg.student.finetune}: {len(p.job.questions)} questions, labels agree with gold {p.label_acc:.1%}")
     for p in plans:
         if p.found is not None:
             log("train", f"reusing {p.where}")
-    if todo:
-        t0 = time.perf_counter()
-        name = "students-" + config_hash([_student_identity(p.cfg, p.source) for p in todo])[:8]
-        tok, spec = run.student_io
-        results = train_students(run.cfg.student, [p.job for p in todo], model_path=run.student_path,
-                                 splits=run.student_seqs, spec=spec, pad_id=tok.pad_token_id,
-                                 storage_dir=str((run.out / "ray_train").resolve()), name=name,
-                                 features_dir=str((run.out / "student_features").resolve()))
-        share = round((time.perf_counter() - t0) / len(todo), 1)  # the run's wall time, split evenly
-        for p, res in zip(todo, results, strict=True):
-            meta = {
-                "source": p.source, "seed": p.cfg.seed, "train_fraction": p.cfg.data.train_fraction,
-                "n_train": len(p.job.questions), "test_acc": float(res["test_accuracy"]),
-                "val_acc": metrics.accuracy(res["val_probs"], run.student_seqs["validation"].answer),
-                "best_epoch": res["best_epoch"], "train_label_acc": p.label_acc, "epochs": res["epochs"],
-                "train_seconds": res["train_seconds"], "history": res["history"], "config_hash": config_hash(p.cfg),
-                "stage_seconds": share, "ray_train_run": name, "finetune": p.cfg.student.finetune,
-            }
-            log("train", f"student[{p.source}] test accuracy {meta['test_acc']:.3f} (seed {p.cfg.seed}, "
-                         f"fraction {p.cfg.data.train_fraction:g}; epoch {meta['best_epoch']} kept on validation, "
-                         f"{meta['val_acc']:.3f})")
-            artifacts.save(p.where, _student_identity(p.cfg, p.source), meta,
-                           {"test_probs": res["test_probs"], "val_probs": res["val_probs"]},
-                           folders={"model": res["student_dir"]})
-            log("train", f"student[{p.source}] saved as a model folder: {p.where / 'model'}")
-            p.found = meta
+    groups = run_groups(todo, parallel_runs)
+    if len(groups) > 1:
+        log("train", f"{len(todo)} students in {len(groups)} Ray Train runs, {min(parallel_runs, len(groups))} at a time")
+    if groups:
+        _ = run.student_io, run.student_seqs  # tokenized once, before any thread needs them
+    if parallel_runs == 1 or len(groups) == 1:
+        for g in groups:
+            _train_group(run, g)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parallel_runs) as pool:
+            for f in [pool.submit(_train_group, run, g) for g in groups]:
+                f.result()
     return [p.found for p in plans]
+
+
+def run_groups(todo: list[StudentPlan], parallel_runs: int) -> list[list[StudentPlan]]:
+    """The Ray Train runs for `todo`: one per student regime, each dealt over `parallel_runs` runs by
+    cell (fraction, seed), so one cell's students share a run."""
+    regimes: dict[str, list[StudentPlan]] = {}
+    for p in todo:
+        key = config_hash({k: v for k, v in to_dict(p.cfg.student).items() if k != "label_sources"})
+        regimes.setdefault(key, []).append(p)
+    groups = []
+    for members in regimes.values():
+        cells = sorted({(p.cfg.data.train_fraction, p.cfg.seed) for p in members})
+        buckets: list[list[StudentPlan]] = [[] for _ in range(min(parallel_runs, len(cells)))]
+        for p in members:
+            buckets[cells.index((p.cfg.data.train_fraction, p.cfg.seed)) % len(buckets)].append(p)
+        groups += [b for b in buckets if b]
+    return groups
+
+
+def _train_group(run: Run, group: list[StudentPlan]) -> None:
+    """One Ray Train run over `group` (one student regime); commits each student as an artifact."""
+    from cluster.train import train_students
+
+    todo = group
+    t0 = time.perf_counter()
+    name = "students-" + config_hash([_student_identity(p.cfg, p.source) for p in todo])[:8]
+    tok, spec = run.student_io
+    results = train_students(todo[0].cfg.student, [p.job for p in todo], model_path=run.student_path,
+                             splits=run.student_seqs, spec=spec, pad_id=tok.pad_token_id,
+                             storage_dir=str((run.out / "ray_train").resolve()), name=name,
+                             features_dir=str((run.out / "student_features").resolve()))
+    share = round((time.perf_counter() - t0) / len(todo), 1)  # the run's wall time, split evenly
+    for p, res in zip(todo, results, strict=True):
+        meta = {
+            "source": p.source, "seed": p.cfg.seed, "train_fraction": p.cfg.data.train_fraction,
+            "n_train": len(p.job.questions), "test_acc": float(res["test_accuracy"]),
+            "val_acc": metrics.accuracy(res["val_probs"], run.student_seqs["validation"].answer),
+            "best_epoch": res["best_epoch"], "train_label_acc": p.label_acc, "epochs": res["epochs"],
+            "train_seconds": res["train_seconds"], "history": res["history"], "config_hash": config_hash(p.cfg),
+            "stage_seconds": share, "ray_train_run": name, "finetune": p.cfg.student.finetune,
+            "fit_window": res["fit_window"],  # wall clock of its Ray Train run's fit(), shared by the run's students
+        }
+        log("train", f"student[{p.source}] test accuracy {meta['test_acc']:.3f} (seed {p.cfg.seed}, "
+                     f"fraction {p.cfg.data.train_fraction:g}; epoch {meta['best_epoch']} kept on validation, "
+                     f"{meta['val_acc']:.3f})")
+        artifacts.save(p.where, _student_identity(p.cfg, p.source), meta,
+                       {"test_probs": res["test_probs"], "val_probs": res["val_probs"]},
+                       folders={"model": res["student_dir"]})
+        log("train", f"student[{p.source}] saved as a model folder: {p.where / 'model'}")
+        p.found = meta
 
 
 def train(run: Run, probe_arrays: dict) -> list[dict]:
@@ -374,7 +433,7 @@ def student_summary(students: list[dict], answer: np.ndarray) -> tuple[list[dict
                      "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"), "train_seconds": s.get("train_seconds"),
                      "finetune": s.get("finetune"), "model_dir": str(Path(s["artifact"]) / "model"),
                      "val_curve": [h.get("val_acc") for h in s.get("history", [])]})
-    first = ("probe_pseudo", "probe", "logit", "gold")  # differences read as probe - logit, probe - gold, ...
+    first = ("probe_pseudo", "gold+probe", "probe", "logit_pseudo", "gold+logit", "logit", "gold")  # probe - logit, ...
     sources = sorted(correct, key=lambda x: first.index(x) if x in first else len(first))
     pairs = [{"a": a, "b": b, **metrics.paired_difference(correct[a], correct[b])}
              for i, a in enumerate(sources) for b in sources[i + 1:]]
@@ -408,6 +467,8 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "students": summary,
         "student_pairs": pairs,
         "timings": {**run.timings, "total": round(sum(v for v in run.timings.values() if v), 1)},
+        "dtypes": run.dtypes,
+        "machine": {"cpus": os.cpu_count(), "cpu_flags": hardware.matmul_flags()},
         "versions": versions(),
     }
     if cfg.prompt.mode == "per_choice" and cfg.extract.teacher_scores:

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from engine.config import LABEL_SOURCES, STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
+from engine.hardware import pick_dtype
+from engine.labels import loss_alpha
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
@@ -199,6 +201,14 @@ def _resume_point(state: dict | None, epochs: int, n_jobs: int) -> tuple[int, in
     return job + 1, 0
 
 
+TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+"""A Ray Train worker runs the loop in a thread of its own, which sets its own thread count
+(`student.cpus_per_worker`). With Ray's default (the worker's CPUs) the worker's main thread may keep a
+second OpenMP pool; libgomp, seeing more threads than cores, then stops spinning between parallel
+regions. Measured in a plain process on 2 cores: small ops in a second thread ran about 3x slower once
+the main thread had its own pool, and at full speed when the main thread had one thread."""
+
+
 def _train_loop(config: dict) -> None:
     import ray
     import ray.train
@@ -219,12 +229,13 @@ def _train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(scfg.cpus_per_worker)
     device = ray.train.torch.get_device()
+    dtype, dtype_why = pick_dtype(scfg.dtype, gpu=device.type == "cuda")  # decided where the student trains
     roles = ROLES if rank == 0 else ("train",)
     splits = {r: unpack_sequences(ray.get(config["split_refs"][r])) for r in roles}
     feats = {r: ray.get(config["feature_refs"][r]) for r in roles} if config["feature_refs"] else {}
     train = splits["train"]
     pad_id, model_path = int(config["pad_id"]), config["model_path"]
-    loss_kw = dict(soft=scfg.soft, temperature=scfg.temperature, alpha=scfg.alpha)
+    loss_kw = dict(soft=scfg.soft, temperature=scfg.temperature)
     out_root = Path(config["students_dir"])
     tokenizer = st.load_tokenizer(model_path, st.load_config(model_path, revision=scfg.revision,
                                   trust_remote_code=scfg.trust_remote_code), revision=scfg.revision,
@@ -296,7 +307,8 @@ def _train_loop(config: dict) -> None:
             mine = questions[st.shard_questions(len(questions), rank, world, seed=seed, epoch=epoch)]
             batches = st.make_batches(train, targets, mine, scfg.batch_size, pad_id, gold=gold,
                                       rng=np.random.default_rng([seed, epoch, rank]), features=feats.get("train"))
-            loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, **loss_kw)
+            loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, dtype=dtype,
+                                  alpha=float(job["alpha"]), **loss_kw)
             if world > 1 and dist.is_available() and dist.is_initialized():
                 buf = torch.tensor([loss * len(mine), float(len(mine))], dtype=torch.float64, device=device)
                 dist.all_reduce(buf)
@@ -308,7 +320,7 @@ def _train_loop(config: dict) -> None:
             if rank == 0:  # validation picks the epoch that is kept
                 val, t1 = splits["validation"], time.perf_counter()
                 probs = st.predict(inner, val, batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
-                                   features=feats.get("validation"))
+                                   features=feats.get("validation"), dtype=dtype)
                 entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
                           "val_seconds": time.perf_counter() - t1}
                 history.append(entry)
@@ -322,14 +334,14 @@ def _train_loop(config: dict) -> None:
                 _load_trainable(inner, best, names)
                 keep = st.best_epoch(history)
                 test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
-                                        device=device, features=feats.get("test"))
+                                        device=device, features=feats.get("test"), dtype=dtype)
                 val_probs = best_val if best_val is not None else st.predict(  # a resumed job's best epoch ran before
                     inner, splits["validation"], batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
-                    features=feats.get("validation"))
+                    features=feats.get("validation"), dtype=dtype)
                 test_acc = st.accuracy(test_probs, splits["test"].answer)
                 folder = out_root / f"job_{j:03d}"
                 shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
-                meta = {**job["meta"], "best_epoch": keep, "history": history, "test_acc": test_acc,
+                meta = {**job["meta"], "dtype": dtype, "dtype_why": dtype_why, "best_epoch": keep, "history": history, "test_acc": test_acc,
                         "val_acc": st.accuracy(val_probs, splits["validation"].answer)}
                 sf.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
                 np.save(folder.parent / f"job_{j:03d}.test_probs.npy", test_probs, allow_pickle=False)
@@ -392,8 +404,9 @@ def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choi
     torch.set_num_threads(scfg.cpus_per_worker)
     device = "cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu"
     model = st.build_student(model_path, scfg, max_choices=max_choices, answer_format=spec["answer_format"]).to(device)
+    dtype, _ = pick_dtype(scfg.dtype, gpu=device == "cuda")
     return st.pool_features(model, unpack_sequences(packed), batch_size=4 * scfg.batch_size, pad_id=pad_id,
-                            device=device)
+                            device=device, dtype=dtype)
 
 
 def cached_features(student: StudentConfig, model_path: str, spec: dict, packed: dict[str, dict], max_choices: int,
@@ -404,7 +417,8 @@ def cached_features(student: StudentConfig, model_path: str, spec: dict, packed:
     import ray
 
     ident = {"model": model_path, "weights": _weights_stamp(model_path), "revision": student.revision,
-             "num_layers": student.num_layers, "pooling": student.pooling, "spec": spec}
+             "num_layers": student.num_layers, "pooling": student.pooling, "spec": spec,
+             "dtype": pick_dtype(student.dtype, gpu=student.use_gpu)[0]}
     out, todo = {}, {}
     Path(features_dir).mkdir(parents=True, exist_ok=True)
     for role, p in packed.items():
@@ -520,7 +534,8 @@ def train_students(
         "students_dir": str(students_dir),
         "split_refs": {r: ray.put(p) for r, p in packed.items()},
         "feature_refs": feature_refs,
-        "jobs": [{"source": j.source, "seed": j.seed, "meta": {"source": j.source, "seed": j.seed, **(j.meta or {})},
+        "jobs": [{"source": j.source, "seed": j.seed, "alpha": loss_alpha(j.source, student.alpha, student.mix_alpha),
+                  "meta": {"source": j.source, "seed": j.seed, **(j.meta or {})},
                   "questions_ref": ray.put(np.asarray(j.questions, np.int64)),
                   "targets_ref": ray.put(np.ascontiguousarray(j.targets, dtype=np.float32)),
                   "answers_ref": ray.put(np.asarray(j.answers, np.int64))} for j in jobs],
@@ -540,11 +555,12 @@ def train_students(
                 max_failures=student.max_failures if max_failures is None else max_failures
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            worker_runtime_env={"env_vars": TRAIN_WORKER_ENV},
         ),
     )
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     result = trainer.fit()
-    wall = time.perf_counter() - t0
+    wall, window = time.perf_counter() - t0, [started, time.time()]
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -565,6 +581,7 @@ def train_students(
                     "student_dir": str(folder), "best_epoch": int(done["best_epoch"]),
                     "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
                     "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
+                    "fit_window": window,
                     "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", []),
                     "report_seconds": state.get("report_seconds", [])})
     return out

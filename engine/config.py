@@ -30,10 +30,16 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
-LABEL_SOURCES = ("gold", "logit", "probe", "probe_pseudo")
+LABEL_SOURCES = ("gold", "logit", "probe", "gold+logit", "gold+probe", "probe_pseudo", "logit_pseudo")
+"""Student supervision: see `StudentConfig.label_sources`."""
+PSEUDO_SOURCES = ("probe_pseudo", "logit_pseudo")
+"""Sources that also train on the unlabelled pool (`probe.label_pool`), so need a train fraction below 1."""
 BENCH_DATASETS = ("arc_easy", "arc_challenge", "mmlu", "aqua_rat")
 """The benchmark's datasets; `engine.tasks.benchmark_data` gives each one's honest splits."""
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""'auto': bfloat16 on a GPU or a CPU with native bf16 (avx512_bf16, amx_bf16), float32 elsewhere
+(`engine.hardware`); the choice and why are stored with the artifact."""
+STUDENT_DTYPES = ("auto", "float32", "bfloat16")
 
 
 _SPLIT_SPEC = re.compile(r"^([\w.\-]+)(?:\[(?:(\d+(?:\.\d+)?)%)?:(?:(\d+(?:\.\d+)?)%)?\])?$")
@@ -131,8 +137,9 @@ class TeacherConfig:
     """'smollm2-135m-instruct' (the packaged GGUF, converted once), a local HF folder, or a hub id."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) for a hub id."""
-    dtype: str = "bfloat16"
-    """Weights and compute dtype of the teacher forward."""
+    dtype: str = "auto"
+    """Weights and compute dtype of the teacher forward: 'auto' (bfloat16 on GPUs and on CPUs with
+    native bf16, float32 elsewhere), 'float32', 'bfloat16' or 'float16'. Part of the store's identity."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the repository."""
     cache_dir: str = "~/.cache/probe-kd/models"
@@ -222,8 +229,8 @@ class BaselineConfig:
     """Score the teacher with vLLM on the test split and report its accuracy."""
     max_questions: Optional[int] = None
     """Score at most this many test questions (a seeded stratified sample); null scores them all."""
-    dtype: str = "bfloat16"
-    """vLLM dtype."""
+    dtype: str = "auto"
+    """vLLM dtype: 'auto' (bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere) or a dtype."""
     tensor_parallel_size: int = 1
     """GPUs vLLM shards the teacher over (1 on CPU)."""
     kv_cache_gb: int = 2
@@ -285,15 +292,22 @@ class StudentConfig:
     top_blocks: int = 2
     """With finetune='top': how many of the last blocks train (the rest and the embeddings stay frozen)."""
     label_sources: tuple[str, ...] = ("gold", "logit", "probe")
-    """Supervision each trained student gets: 'gold', 'logit' (teacher scores), 'probe' (out-of-fold probe
-    labels) or 'probe_pseudo' (gold on the labelled train questions plus the probe's labels on the pool
-    of `probe.label_pool`). Empty: train no student (the report covers the teacher and the probes)."""
+    """Supervision each trained student gets:
+    'gold' (one-hot answers), 'logit' (the teacher's choice scores), 'probe' (out-of-fold probe labels);
+    the mixes 'gold+logit' and 'gold+probe' (`mix_alpha` of the teacher or probe term, the rest gold
+    cross-entropy, on the same labelled questions);
+    the semi-supervised pair 'probe_pseudo' and its fair baseline 'logit_pseudo': gold on the labelled
+    train questions plus, on the unlabelled pool of `probe.label_pool`, the probe's or the teacher's own
+    labels. Empty: train no student (the report covers the teacher and the probes)."""
     soft: bool = True
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
     temperature: float = 1.0
     """Softmax temperature for soft teacher/probe labels and the student's KL term."""
     alpha: float = 1.0
-    """Weight of the teacher/probe term; (1 - alpha) goes to gold cross-entropy."""
+    """Weight of the teacher/probe term for 'logit' and 'probe'; (1 - alpha) goes to gold cross-entropy."""
+    mix_alpha: float = 0.5
+    """Weight of the teacher/probe term in the mixes 'gold+logit' and 'gold+probe', the rest going to gold
+    cross-entropy. Fixed, not tuned on validation, so every mix is one student per cell."""
     epochs: int = 3
     """Passes over the train split (finetune 'full' or 'top'). Every epoch is scored on validation and
     the best one (validation accuracy, then loss) is the student that is kept and tested."""
@@ -315,6 +329,10 @@ class StudentConfig:
     """CPUs per Ray Train worker."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) rather than CPUs (gloo)."""
+    dtype: str = "auto"
+    """Compute dtype of the student's matmuls: 'bfloat16' runs them under autocast (weights, optimizer and
+    loss stay float32), 'float32' plain. 'auto': bfloat16 on GPUs and on CPUs with native bf16, float32
+    elsewhere (bf16 is emulated, and slow, on AVX2-only CPUs)."""
     max_failures: int = 0
     """Ray Train `FailureConfig.max_failures`: restarts from the last checkpoint after a worker fails
     (a lost node or a preempted GPU); -1 retries forever. Errors in the training loop fail at once."""
@@ -324,6 +342,7 @@ class StudentConfig:
         _check(not bad, "student.label_sources", f"choose from {LABEL_SOURCES} (or []), got {bad}")
         _check(bool(self.model), "student.model", "name 'all-minilm-l6-v2', 'teacher', a model folder or a hub id")
         _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
+        _check(self.dtype in STUDENT_DTYPES, "student.dtype", f"must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
         _check(self.mode in MODES, "student.mode", f"must be one of {MODES}, got {self.mode!r}")
         _check(self.pooling in STUDENT_POOLINGS, "student.pooling", f"must be one of {STUDENT_POOLINGS}, got {self.pooling!r}")
         _check(self.scoring in STUDENT_SCORINGS, "student.scoring", f"must be one of {STUDENT_SCORINGS}, got {self.scoring!r}")
@@ -334,6 +353,7 @@ class StudentConfig:
         _check(self.top_blocks >= 1, "student.top_blocks", "must be >= 1")
         _check(self.temperature > 0, "student.temperature", "must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")
+        _check(0.0 < self.mix_alpha < 1.0, "student.mix_alpha", "must be in (0, 1): a mix has both terms")
         for name in ("epochs", "head_epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
             _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
         _check(self.max_length >= 16, "student.max_length", "must be at least 16")
@@ -354,30 +374,65 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The matrix `distill bench` runs: datasets x label sources x train fractions x seeds. Each dataset
-    gets its store under `<out_dir>/<dataset>` (extracted once, then reused); every cell reuses that
-    store, and every probe sweep and student it makes is an artifact reused by later runs."""
+    """The matrix `distill bench` runs: datasets x label sources x train fractions x seeds, in the cheap
+    `finetune` regime, plus a declared slice in the `slice_finetune` regime; one report holds both. Each
+    dataset gets its store under `<out_dir>/<dataset>` (extracted once, then reused); every probe sweep
+    and student a cell makes is an artifact reused by later runs, so an interrupted matrix resumes."""
 
     datasets: tuple[str, ...] = BENCH_DATASETS
     """Datasets, each with its honest train / validation / test roles (README "Data")."""
     data_root: Optional[str] = "../shared/data"
     """Folder holding `<dataset>/<split>.jsonl` in the shared schema; null reads the hub ids."""
     sources: tuple[str, ...] = LABEL_SOURCES
-    """Label sources compared; 'probe_pseudo' is trained at fractions below 1 (it needs a pool)."""
+    """Label sources compared; the pseudo sources train at fractions below 1 only (they need a pool)."""
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
     """Train fractions (`data.train_fraction`), each a stratified subset of the stored train questions."""
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Replicates: the fraction's subset, the probe folds and the student's init (the store is shared)."""
+    finetune: str = "head"
+    """Student regime of the whole matrix (`student.finetune`): 'head' trains heads on cached frozen
+    features, in seconds each."""
+    slice_finetune: str = "full"
+    """Regime of the declared slice below, reported beside the matrix."""
+    slice_datasets: tuple[str, ...] = ("arc_easy",)
+    """Datasets of the slice (each must be in `datasets`); empty: no slice."""
+    slice_fractions: tuple[float, ...] = (0.1, 1.0)
+    """Train fractions of the slice."""
+    slice_sources: tuple[str, ...] = ("gold", "logit", "probe")
+    """Label sources of the slice."""
+    slice_seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of the slice."""
+    parallel_runs: int = 1
+    """Ray Train runs at the same time, each training the students of a share of the cells (a cell is a
+    dataset, regime, fraction and seed). 1 on a small machine; on a cluster, how many worker groups fit
+    at once (e.g. the GPUs divided by `student.num_workers`)."""
+    resamples: int = 2000
+    """Bootstrap draws behind every interval (seeds and test questions resampled together)."""
 
     def __post_init__(self) -> None:
         bad = [d for d in self.datasets if d not in BENCH_DATASETS]
         _check(bool(self.datasets) and not bad, "bench.datasets", f"choose from {BENCH_DATASETS}, got {list(self.datasets)}")
-        bad = [x for x in self.sources if x not in LABEL_SOURCES]
-        _check(bool(self.sources) and not bad, "bench.sources", f"choose from {LABEL_SOURCES}, got {list(self.sources)}")
-        bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
-        _check(bool(self.fractions) and not bad, "bench.fractions", f"each must be in (0, 1], e.g. [0.1, 1.0]; got {bad or '[]'}")
+        for name in ("sources", "slice_sources"):
+            bad = [x for x in getattr(self, name) if x not in LABEL_SOURCES]
+            _check(not bad and (name != "sources" or bool(self.sources)), f"bench.{name}",
+                   f"choose from {LABEL_SOURCES}, got {list(getattr(self, name))}")
+        for name in ("fractions", "slice_fractions"):
+            values = getattr(self, name)
+            bad = [f for f in values if not 0.0 < f <= 1.0]
+            _check(not bad and (name != "fractions" or bool(values)), f"bench.{name}",
+                   f"each must be in (0, 1], e.g. [0.1, 1.0]; got {bad or '[]'}")
+            _check(len(set(values)) == len(values), f"bench.{name}", "repeats a fraction")
         _check(len(set(self.seeds)) == len(self.seeds) >= 1, "bench.seeds", "give at least one seed, without repeats")
-        _check(len(set(self.fractions)) == len(self.fractions), "bench.fractions", "repeats a fraction")
+        _check(len(set(self.slice_seeds)) == len(self.slice_seeds), "bench.slice_seeds", "repeats a seed")
+        for name in ("finetune", "slice_finetune"):
+            _check(getattr(self, name) in STUDENT_FINETUNES, f"bench.{name}", f"must be one of {STUDENT_FINETUNES}")
+        bad = [d for d in self.slice_datasets if d not in self.datasets]
+        _check(not bad, "bench.slice_datasets", f"{bad} are not in bench.datasets {list(self.datasets)}")
+        _check(not self.slice_datasets or (bool(self.slice_fractions) and bool(self.slice_sources)
+                                            and bool(self.slice_seeds)),
+               "bench.slice_datasets", "a slice needs slice_fractions, slice_sources and slice_seeds (or set [] for none)")
+        _check(self.parallel_runs >= 1, "bench.parallel_runs", "must be >= 1")
+        _check(self.resamples >= 100, "bench.resamples", "must be >= 100")
 
 
 @dataclass(frozen=True)
@@ -409,10 +464,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
-        _check(self.probe.label_pool or "probe_pseudo" not in self.student.label_sources, "student.label_sources",
-               "'probe_pseudo' trains on the probe's pool labels: set probe.label_pool=true (and data.train_fraction < 1)")
-        _check(self.extract.teacher_scores or "logit" not in self.student.label_sources, "extract.teacher_scores",
-               "the 'logit' label source needs the teacher's scores; set it true or drop 'logit' from student.label_sources")
+        pseudo = [s for s in self.student.label_sources if s in PSEUDO_SOURCES]
+        _check(self.probe.label_pool or not pseudo, "student.label_sources",
+               f"{pseudo} train on the unlabelled pool: set probe.label_pool=true (and data.train_fraction < 1)")
+        logit = [s for s in self.student.label_sources if "logit" in s]
+        _check(self.extract.teacher_scores or not logit, "extract.teacher_scores",
+               f"the label sources {logit} need the teacher's scores; set it true or drop them from student.label_sources")
         _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",
                "'conditional_logit' scores choices within a question, which needs prompt.mode=per_choice")
         _check(not self.probe.label_pool or self.data.train_fraction < 1.0, "probe.label_pool",

@@ -1,8 +1,9 @@
 """Student label matrices: (Q, C_max) float32, each row summing to 1 over the question's present choices
 and 0 elsewhere. Sources: 'gold' (one-hot answers), 'logit' (the teacher's own choice scores),
-'probe' (out-of-fold probe probabilities) and 'probe_pseudo' (semi-supervised: gold on the labelled
-questions, the probe's predictions on the unlabelled pool; `pseudo_labelled`). Hard labels are the
-one-hot argmax of the soft ones.
+'probe' (out-of-fold probe probabilities); the mixes 'gold+logit' and 'gold+probe' (the teacher's or
+probe's labels, with a gold term in the loss: `loss_alpha`); and the semi-supervised 'probe_pseudo' and
+'logit_pseudo' (gold on the labelled questions, the probe's or the teacher's predictions on the
+unlabelled pool; `pseudo_labelled`). Hard labels are the one-hot argmax of the soft ones.
 """
 
 from __future__ import annotations
@@ -11,7 +12,25 @@ import numpy as np
 
 from engine.metrics import accuracy, softmax_rows
 
-SOURCES = ("gold", "logit", "probe", "probe_pseudo")
+SOURCES = ("gold", "logit", "probe", "gold+logit", "gold+probe", "probe_pseudo", "logit_pseudo")
+
+
+def base_source(source: str) -> str:
+    """Whose labels a source trains on where it has no gold: 'gold', 'logit' or 'probe'."""
+    for base in ("probe", "logit"):
+        if base in source:
+            return base
+    if source != "gold":
+        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
+    return "gold"
+
+
+def loss_alpha(source: str, alpha: float, mix_alpha: float) -> float:
+    """The weight of the soft-label term for `source` (the rest is gold cross-entropy): `mix_alpha` for
+    the mixes, `alpha` otherwise. The pseudo sources carry gold as labels, so they take `alpha` too."""
+    if source not in SOURCES:
+        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
+    return mix_alpha if source.startswith("gold+") else alpha
 
 
 def _present(n_choices: np.ndarray, width: int) -> np.ndarray:
@@ -88,6 +107,8 @@ def make_targets(
     width = int(n_choices.max()) if len(n_choices) else 0
     if source == "gold":
         return gold_targets(answer, n_choices, width)
+    if source in ("gold+logit", "gold+probe"):  # the soft term's labels; the gold term comes from the loss
+        source = base_source(source)
     if source == "logit":
         if teacher_logp is None:
             raise ValueError("make_targets('logit') needs teacher_logp")
@@ -108,9 +129,11 @@ def pseudo_labelled(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Semi-supervised labels for [labelled questions; pool questions], in that order.
 
-    Returns (targets, answer_used): one-hot gold on the labelled questions and the probe's pool
-    predictions (hard argmax unless `soft`), and, as the answers any gold loss term may use, the gold
-    answers followed by the pool predictions' argmax: the pool's withheld gold is never an input.
+    `pool_probs`: the pool's label probabilities, the probe's ('probe_pseudo') or the softmax of the
+    teacher's choice scores ('logit_pseudo', `logit_targets`). Returns (targets, answer_used): one-hot
+    gold on the labelled questions and the pool labels (hard argmax unless `soft`), and, as the answers
+    any gold loss term may use, the gold answers followed by the pool labels' argmax: the pool's
+    withheld gold is never an input.
     """
     n_all = np.concatenate([np.asarray(n_choices, np.int64), np.asarray(pool_n_choices, np.int64)])
     width = int(n_all.max()) if len(n_all) else 0

@@ -18,6 +18,8 @@
                         epochs?, train_seconds?, finetune?, model_dir?}, ...] optional
     student_pairs     [{a, b, diff, lo, hi, p_mcnemar}, ...]            optional (paired, same test questions)
     timings           {stage: seconds, ..., total?}                      optional
+    dtypes            {section: {dtype, why}} (what 'auto' became)      optional
+    machine           {cpus, cpu_flags}                                 optional
     versions          {package: version}                                 optional
 
 Accuracies are fractions in [0, 1]; the Markdown shows them as percentages with one decimal.
@@ -339,6 +341,10 @@ def render_markdown(results: Mapping) -> str:
     if total is not None:
         rows.append(["**total**", _fmt_seconds(total)])
     lines += (_table(["stage", "seconds"], rows) if rows else ["_No timings recorded._"]) + [""]
+    dtypes, machine = r.get("dtypes") or {}, r.get("machine") or {}
+    if dtypes:
+        lines += ["Compute dtypes: " + "; ".join(f"{k} {v['dtype']} ({v['why']})" for k, v in dtypes.items())
+                  + (f". CPU flags: {', '.join(machine['cpu_flags'])}" if machine.get("cpu_flags") else "") + ".", ""]
     lines.append(f"Config hash: `{r.get('config_hash') or _MISSING}`")
     versions = r.get("versions") or {}
     if versions:

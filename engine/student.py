@@ -414,9 +414,19 @@ def make_scheduler(
     return scheduler
 
 
-def _batch_loss(model: nn.Module, batch: Batch, device, *, soft: bool, temperature: float, alpha: float) -> torch.Tensor:
+def autocast(device: torch.device | str, dtype: str = "float32"):
+    """The student's compute dtype (`student.dtype`, resolved): 'bfloat16' runs the matmuls under bf16
+    autocast (weights, gradients, optimizer and loss stay float32); 'float32' is a no-op context."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"student.dtype: {dtype!r} must be resolved to 'float32' or 'bfloat16' first")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def _batch_loss(model: nn.Module, batch: Batch, device, *, soft: bool, temperature: float, alpha: float,
+                dtype: str = "float32") -> torch.Tensor:
     inputs = batch.to(device)
-    logits = model(inputs)
+    with autocast(device, dtype):
+        logits = model(inputs).float()
     return student_loss(logits, inputs.targets, inputs.gold, soft=soft, temperature=temperature, alpha=alpha)
 
 
@@ -431,13 +441,14 @@ def train_epoch(
     alpha: float,
     device: torch.device | str = "cpu",
     max_grad_norm: Optional[float] = 1.0,
+    dtype: str = "float32",
 ) -> float:
-    """One pass; returns the question-weighted mean loss."""
+    """One pass; returns the question-weighted mean loss. `dtype`: see `autocast`."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, count = 0.0, 0
     for batch in batches:
-        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha)
+        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha, dtype=dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm is not None:
@@ -452,14 +463,15 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, batches: Iterable[Batch], *, soft: bool, temperature: float, alpha: float, device="cpu"
+    model: nn.Module, batches: Iterable[Batch], *, soft: bool, temperature: float, alpha: float, device="cpu",
+    dtype: str = "float32",
 ) -> float:
     """Question-weighted mean loss in eval mode, no grad."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha)
+        loss = _batch_loss(model, batch, device, soft=soft, temperature=temperature, alpha=alpha, dtype=dtype)
         total += float(loss) * batch.size
         count += batch.size
     model.train(was)
@@ -468,7 +480,7 @@ def evaluate_loss(
 
 @torch.no_grad()
 def predict(model: nn.Module, seqs: Sequences, *, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
-            features: Optional[np.ndarray] = None) -> np.ndarray:
+            features: Optional[np.ndarray] = None, dtype: str = "float32") -> np.ndarray:
     """Probabilities `(Q, seqs.max_choices)` per question, zeros for absent choices (eval mode, no grad)."""
     model = unwrap(model)  # a DDP wrapper would run collectives in forward
     was = model.training
@@ -476,7 +488,8 @@ def predict(model: nn.Module, seqs: Sequences, *, batch_size: int, pad_id: int, 
     out = np.zeros((seqs.n_questions, seqs.max_choices), dtype=np.float32)
     try:
         for batch in make_batches(seqs, None, np.arange(seqs.n_questions), batch_size, pad_id, features=features):
-            logits = model(batch.to(device)).float()
+            with autocast(device, dtype):
+                logits = model(batch.to(device)).float()
             probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).cpu().numpy()
             out[batch.questions, : probs.shape[1]] = probs
     finally:
@@ -486,7 +499,7 @@ def predict(model: nn.Module, seqs: Sequences, *, batch_size: int, pad_id: int, 
 
 @torch.no_grad()
 def pool_features(model: StudentModel, seqs: Sequences, *, batch_size: int, pad_id: int,
-                  device: torch.device | str = "cpu") -> np.ndarray:
+                  device: torch.device | str = "cpu", dtype: str = "float32") -> np.ndarray:
     """(R, H) float32 pooled states of every row of `seqs` from the frozen backbone (eval mode): what the
     head regime trains on. Rows are in `seqs` order."""
     model = unwrap(model)
@@ -498,7 +511,8 @@ def pool_features(model: StudentModel, seqs: Sequences, *, batch_size: int, pad_
         for batch in make_batches(seqs, None, np.arange(seqs.n_questions), batch_size, pad_id):
             rows = np.concatenate([rows_of[q] for q in batch.questions])
             b = batch.to(device)
-            state = model.pool(b.input_ids, b.attention_mask, b.token_type_ids, b.last_index)
+            with autocast(device, dtype):
+                state = model.pool(b.input_ids, b.attention_mask, b.token_type_ids, b.last_index)
             out[rows] = state.float().cpu().numpy()
     finally:
         model.train(was)

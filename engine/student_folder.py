@@ -131,8 +131,10 @@ def load_student(path: str | Path, *, trust_remote_code: bool = False) -> tuple[
 
 
 def predict_examples(model: StudentModel, tokenizer, info: dict, examples: Sequence[Example], *, batch_size: int = 16,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """(Q, max choices) probabilities a loaded student gives each question's choices."""
+                     device: torch.device | str = "cpu", dtype: str | None = None) -> np.ndarray:
+    """(Q, max choices) probabilities a loaded student gives each question's choices. `dtype`: its compute
+    dtype, by default the one it was trained and tested in (student.json `dtype`), so `predict`
+    reproduces its reported test accuracy."""
     spec = InputSpec(**info["input"])
     if spec.mode == "letter":
         too_many = [ex.id for ex in examples if len(ex.choices) > model.max_choices]
@@ -140,4 +142,6 @@ def predict_examples(model: StudentModel, tokenizer, info: dict, examples: Seque
             raise StudentError(f"question {too_many[0]!r} has more choices than the student's letter head "
                                f"({model.max_choices}); such questions need a per-choice student")
     seqs = encode_examples(examples, tokenizer, spec)
-    return predict(model.to(device), seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device)
+    dtype = dtype or info.get("dtype") or "float32"
+    return predict(model.to(device), seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device,
+                   dtype=dtype)

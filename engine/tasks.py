@@ -374,8 +374,8 @@ def carve(n: int, lo: float, hi: float, seed: int) -> np.ndarray:
 
 def load_role(data: DataConfig, role: str) -> list[Example]:
     """The split playing `role` ('train', 'validation' or 'test'): the whole split or its slice
-    (`parse_split`), then cut to `data.max_<role>` rows by a seeded sample stratified by answer
-    (rows keep their file order)."""
+    (`parse_split`), then cut to `data.max_<role>` rows by a seeded sample stratified by answer, and by
+    subject too where every row has one (MMLU: each subject keeps its share; rows keep their file order)."""
     split, lo, hi = parse_split(getattr(data, f"{role}_split"), f"data.{role}_split")
     examples = load_split(data, split)
     if (lo, hi) != (0.0, 1.0):
@@ -383,5 +383,8 @@ def load_role(data: DataConfig, role: str) -> list[Example]:
     cap = getattr(data, f"max_{role}")
     if cap is None or cap >= len(examples):
         return examples
-    idx = stratified_subset(np.array([ex.answer for ex in examples]), cap / len(examples), data.sample_seed)
+    strata = [ex.answer for ex in examples]
+    if all(ex.subject for ex in examples):
+        strata = [f"{ex.subject}|{ex.answer}" for ex in examples]
+    idx = stratified_subset(np.array(strata), cap / len(examples), data.sample_seed)
     return [examples[i] for i in idx]

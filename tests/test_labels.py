@@ -28,8 +28,40 @@ def test_pseudo_labelled_gold_then_pool():
 
 
 def test_probe_pseudo_needs_the_pool():
-    with pytest.raises(ConfigError, match=r"student\.label_sources: 'probe_pseudo' .* probe\.label_pool=true"):
-        load("configs/default.yaml", ["student.label_sources=[probe_pseudo]"])
+    for source in ("probe_pseudo", "logit_pseudo"):
+        with pytest.raises(ConfigError, match=rf"student\.label_sources: \['{source}'\] .* probe\.label_pool=true"):
+            load("configs/default.yaml", [f"student.label_sources=[{source}]"])
     cfg = load("configs/default.yaml", ["student.label_sources=[gold, probe_pseudo]", "probe.label_pool=true",
                                         "data.train_fraction=0.1"])
     assert cfg.student.label_sources == ("gold", "probe_pseudo")
+
+
+def test_mixes_train_on_the_teacher_or_probe_labels_with_a_gold_term():
+    from engine import labels
+
+    answer, n_choices = np.array([0, 2]), np.array([3, 4])
+    logp = np.log(np.array([[0.2, 0.7, 0.1, 1e-9], [0.1, 0.1, 0.1, 0.7]]))
+    probe = np.array([[0.6, 0.3, 0.1, 0.0], [0.1, 0.2, 0.6, 0.1]])
+    kw = dict(answer=answer, n_choices=n_choices, teacher_logp=logp, probe_probs=probe)
+    np.testing.assert_allclose(labels.make_targets("gold+logit", **kw), labels.make_targets("logit", **kw))
+    np.testing.assert_allclose(labels.make_targets("gold+probe", **kw), labels.make_targets("probe", **kw))
+    assert labels.loss_alpha("gold+logit", 1.0, 0.5) == 0.5 and labels.loss_alpha("gold+probe", 1.0, 0.3) == 0.3
+    assert labels.loss_alpha("probe", 1.0, 0.5) == 1.0 and labels.loss_alpha("logit_pseudo", 0.8, 0.5) == 0.8
+    assert [labels.base_source(s) for s in labels.SOURCES] == ["gold", "logit", "probe", "logit", "probe", "probe",
+                                                                "logit"]
+    with pytest.raises(ValueError, match="label source"):
+        labels.loss_alpha("teacher", 1.0, 0.5)
+
+
+def test_logit_pseudo_puts_the_teachers_own_labels_on_the_pool():
+    """The fair baseline of probe_pseudo: the same gold questions and pool, the teacher's labels there."""
+    from engine import labels
+
+    answer, n_choices = np.array([1]), np.array([4])
+    pool_logp = np.log(np.array([[0.1, 0.2, 0.7, 1.0], [0.5, 0.25, 0.25, 1.0]]))  # the 4th choice is absent
+    pool_n = np.array([3, 3])
+    pool_probs = labels.logit_targets(pool_logp, pool_n)
+    targets, used = pseudo_labelled(answer, n_choices, pool_probs, pool_n)
+    np.testing.assert_allclose(targets[0], [0, 1, 0, 0])
+    np.testing.assert_allclose(targets[1:], [[0.1, 0.2, 0.7, 0], [0.5, 0.25, 0.25, 0]], atol=1e-6)
+    np.testing.assert_array_equal(used, [1, 2, 0])  # the pool's answers are the teacher's argmax, never gold

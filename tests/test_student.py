@@ -530,7 +530,8 @@ def test_train_student_on_ray_and_resume(local_ray, tiny_model, tmp_path):
     # The kept student is the best epoch's: loading its folder reproduces the reported test predictions.
     model, tok, info = sf.load_student(second["student_dir"])
     assert info["best_epoch"] == second["best_epoch"]
-    again = st.predict(model, test, batch_size=8, pad_id=tok.pad_token_id)
+    assert info["dtype"] in ("float32", "bfloat16")  # what student.dtype 'auto' became on this machine
+    again = st.predict(model, test, batch_size=32, pad_id=tok.pad_token_id, dtype=info["dtype"])  # the loop's batches
     assert np.allclose(again, second["test_probs"], atol=1e-5)
     print(f"ray fits: {first['wall_seconds']:.1f}s (1 worker), {second['wall_seconds']:.1f}s (2 workers)")
 
@@ -557,7 +558,7 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
     assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-6)  # same job, same student
     assert len(b["history"]) == 5 and b["best_epoch"] == st.best_epoch(b["history"])
     m, tok, info = sf.load_student(c["student_dir"])
-    assert info["seed"] == 1 and np.allclose(st.predict(m, splits["test"], batch_size=8, pad_id=pad), c["test_probs"],
+    assert info["seed"] == 1 and np.allclose(st.predict(m, splits["test"], batch_size=32, pad_id=pad, dtype=info["dtype"]), c["test_probs"],
                                              atol=1e-5)
     # The frozen backbone is stored once and hard-linked into each head's folder.
     assert (Path(b["student_dir"]) / "model.safetensors").stat().st_ino == (

@@ -1,0 +1,104 @@
+"""Which compute dtype this machine runs fastest, decided by facts it can check.
+
+`dtype: auto` (teacher, baseline, student) becomes bfloat16 on a GPU and on a CPU with native bf16
+matmuls (the `avx512_bf16` or `amx_bf16` flag), and float32 elsewhere: on an AVX2-only CPU bf16
+matmuls are emulated and about 6x slower than fp32. The choice and the fact behind it are recorded
+with every artifact (`resolve` returns them), so a store says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (as /proc/cpuinfo spells them) that mean native bf16 matmuls."""
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def pick_dtype(requested: str, *, gpu: bool, flags: frozenset[str] | set[str] | None = None) -> tuple[str, str]:
+    """(dtype, why): `requested` itself unless it is 'auto'; then bf16 on a GPU or a native-bf16 CPU."""
+    if requested != "auto":
+        return requested, "set in the config"
+    if gpu:
+        return "bfloat16", "auto: runs on a GPU"
+    flags = cpu_flags() if flags is None else flags
+    native = [f for f in BF16_CPU_FLAGS if f in flags]
+    if native:
+        return "bfloat16", f"auto: the CPU has native bf16 ({native[0]})"
+    return "float32", "auto: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+
+
+def resolve(cfg: Any) -> tuple[Any, dict[str, dict[str, str]]]:
+    """`cfg` with every 'auto' dtype replaced by this machine's choice, and {section: {dtype, why}}.
+
+    The teacher runs where extraction runs (GPUs when `extract.gpus_per_replica` > 0), the baseline
+    where vLLM runs (GPUs when CUDA is visible here, as vLLM needs), the student where Ray Train puts
+    it (`student.use_gpu`). Idempotent: a resolved config comes back unchanged."""
+    choices: dict[str, dict[str, str]] = {}
+    changes: dict[str, Any] = {}
+    for section, gpu in (("teacher", cfg.extract.gpus_per_replica > 0),
+                         ("baseline", _cuda_here()),
+                         ("student", cfg.student.use_gpu)):
+        sub = getattr(cfg, section)
+        dtype, why = pick_dtype(sub.dtype, gpu=gpu)
+        choices[section] = {"dtype": dtype, "why": why}
+        if dtype != sub.dtype:
+            changes[section] = dataclasses.replace(sub, dtype=dtype)
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), choices
+
+
+def _cuda_here() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The CPU flags that decide matmul speed, written down with every timed figure."""
+
+
+def matmul_flags() -> list[str]:
+    """Which of `MATMUL_FLAGS` this CPU has, sorted."""
+    return sorted(f for f in MATMUL_FLAGS if f in cpu_flags())
+
+
+def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int = 1536, reps: int = 3) -> float:
+    """Measured GEMM rate (GFLOP/s) of one (m, k) x (k, n) matmul in `dtype` with torch's current threads:
+    the ceiling a forward in that dtype is held against (default shape: the packaged teacher's MLP)."""
+    import time
+
+    import torch
+
+    a, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(n, k, dtype=getattr(torch, dtype))
+    a @ w.T  # warm-up: kernels chosen, pages touched
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ w.T
+    return reps * 2 * m * k * n / (time.perf_counter() - t) / 1e9
+
+
+def forward_flops_per_token(model, mean_context: float, *, layers: int | None = None) -> float:
+    """FLOPs one token costs in a causal LM's forward through `layers` blocks (all by default): 2 per
+    weight of the blocks' matrices, plus attention's QK^T and AV over `mean_context` earlier positions
+    (2 * 2 * context * hidden per block). Embedding lookups and the vocabulary projection are left out."""
+    blocks = list(model.get_decoder().layers)[: layers or None]
+    weights = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
+    attn = 4.0 * mean_context * model.config.hidden_size * len(blocks)
+    return 2.0 * weights + attn

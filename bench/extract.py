@@ -10,6 +10,12 @@ For each mode, over the same ARC-Easy train questions and the same token ids:
 "Real tokens" are the rows' own tokens (prefix + choice per row, no padding): the same numerator for
 all three, so tokens/s compare the time to do the same work. The store's bytes on disk are divided
 by the raw fp16 payload (rows x layers x hidden x 2).
+
+GEMM share: how close the engine's forward comes to the machine's matmul ceiling in the chosen dtype,
+    FLOPs per token (`engine.hardware.forward_flops_per_token`: 2 per block weight, plus attention over
+    half the mean row length) x tokens run per second / the GEMM rate measured here (`matmul_gflops`,
+    the teacher's MLP shape, same dtype and threads). Target: at least 0.6.
+`--dtype auto` (the default) is what `teacher.dtype: auto` picks here: bf16 with native bf16, else fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from engine import store
 from engine.config import DataConfig, PromptConfig, TeacherConfig
+from engine.hardware import forward_flops_per_token, matmul_flags, matmul_gflops, pick_dtype
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import load_split
@@ -99,7 +106,14 @@ def engine_run(model, seqs: Sequences, layers: list[int], pad_id: int, scores: b
     return res
 
 
-def bench_mode(model, tok, mode: str, n_questions: int) -> dict:
+def gemm_share(model, seqs: Sequences, run: dict, gemm: float, layers: int) -> dict:
+    """The forward's share of the measured GEMM rate (see the module docstring)."""
+    per_token = forward_flops_per_token(model, 0.5 * float(seqs.lengths().mean()), layers=layers)
+    achieved = per_token * run["tokens_run"] / run["seconds"] / 1e9
+    return {"flops_per_token": round(per_token), "gflops": round(achieved, 1), "share": round(achieved / gemm, 3)}
+
+
+def bench_mode(model, tok, mode: str, n_questions: int, gemm: float) -> dict:
     examples = load_split(DataConfig(source=str(DATA)), "train")[:n_questions]
     t0 = time.perf_counter()
     seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
@@ -127,6 +141,8 @@ def bench_mode(model, tok, mode: str, n_questions: int) -> dict:
                                 "real_tokens_per_s": round(real / b["seconds"], 1), "bytes_ratio": round(b["bytes_ratio"], 4)},
         "c_engine_half_depth": {"seconds": round(c["seconds"], 1), "tokens_run": c["tokens_run"], "layers": f"1..{n // 2}",
                                 "real_tokens_per_s": round(real / c["seconds"], 1), "bytes_ratio": round(c["bytes_ratio"], 4)},
+        "gemm_share_b": gemm_share(model, seqs, b, gemm, n),
+        "gemm_share_c": gemm_share(model, seqs, c, gemm, n // 2),
         "b_over_a": round(a_s / b["seconds"], 2),
         "c_over_a": round(a_s / c["seconds"], 2),
         "check": {
@@ -142,20 +158,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--letter-questions", type=int, default=300)
     p.add_argument("--per-choice-questions", type=int, default=200)
-    p.add_argument("--dtype", default="float32", help="the default's compute dtype (bf16 is ~6x slower on AVX2-only CPUs)")
+    p.add_argument("--dtype", default="auto", help="'auto' (as teacher.dtype: bf16 with native bf16, else fp32), "
+                                                    "'float32' or 'bfloat16'")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     teacher = TeacherConfig()
     path = resolve_model(teacher)
+    args.dtype, why = pick_dtype(args.dtype, gpu=False)
     model, tok = load_causal_lm(path, args.dtype), load_tokenizer(path)
+    gemm = matmul_gflops(args.dtype)
+    print(f"dtype {args.dtype} ({why}); GEMM {gemm:.1f} GFLOP/s", flush=True)
     results = {
         "command": "python bench/extract.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
-        "teacher": teacher.model, "dtype": args.dtype, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "teacher": teacher.model, "dtype": args.dtype, "dtype_why": why, "gemm_gflops": round(gemm, 1),
+        "cpu_flags": matmul_flags(), "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "versions": {k: md.version(k) for k in ("torch", "transformers", "zarr")},
-        "modes": [bench_mode(model, tok, "letter", args.letter_questions),
-                  bench_mode(model, tok, "per_choice", args.per_choice_questions)],
+        "modes": [bench_mode(model, tok, "letter", args.letter_questions, gemm),
+                  bench_mode(model, tok, "per_choice", args.per_choice_questions, gemm)],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -167,6 +188,8 @@ def main() -> None:
               f"{m['b_over_a']:>7}{m['c_over_a']:>7}{m['b_engine_all_layers']['bytes_ratio']:>9}"
               f"{m['c_engine_half_depth']['bytes_ratio']:>9}")
         print(f"{'':<11}checks: {m['check']}; tokenize {m['tokenize_s']}s")
+        print(f"{'':<11}GEMM share (target >= 0.6): all layers {m['gemm_share_b']['share']}, "
+              f"half depth {m['gemm_share_c']['share']} of {results['gemm_gflops']} GFLOP/s")
     print(f"wrote {args.out}")
 
 

@@ -92,3 +92,32 @@ def paired_difference(correct_a, correct_b, *, n_boot: int = 2000, seed: int = 0
     p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
     return {"diff": float(d.mean()), "lo": float(np.percentile(means, 2.5)), "hi": float(np.percentile(means, 97.5)),
             "p_mcnemar": p, "only_a": only_a, "only_b": only_b, "n": int(len(d))}
+
+
+def seeds_and_questions_bootstrap(scores, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a per-(seed, question) score over seeds and test questions, with a 95% interval that
+    accounts for both the seeds and the finite test set.
+
+    `scores` is (S, N): row s scores the N test questions under seed s (1/0 correctness for an
+    accuracy; a - b for a paired difference of two label sources). Every seed scored the same test
+    questions, so one bootstrap draw resamples the questions once (the same resample for every seed,
+    which keeps the pairing) and the seeds with replacement, and takes the mean. With one seed it is
+    the paired bootstrap over questions. Returns {mean, lo, hi, n_seeds, n_questions, per_seed}."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"seeds_and_questions_bootstrap: want (seeds, questions) scores, got shape {x.shape}")
+    s, n = x.shape
+    rng = np.random.default_rng(seed)
+    q_counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # (B, N) question resamples
+    per_seed = x @ q_counts.T / n  # (S, B): each seed's mean over each draw's questions
+    s_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot)  # (B, S) seed resamples
+    draws = (s_counts * per_seed.T).sum(axis=1) / s
+    return {"mean": float(x.mean()), "lo": float(np.percentile(draws, 2.5)), "hi": float(np.percentile(draws, 97.5)),
+            "n_seeds": int(s), "n_questions": int(n), "per_seed": [float(v) for v in x.mean(axis=1)]}
+
+
+def excludes_zero(lo: float, hi: float) -> bool:
+    """Whether a 95% interval [lo, hi] of a difference lies wholly on one side of zero."""
+    return bool(lo > 0.0 or hi < 0.0)

@@ -296,7 +296,7 @@ def _train_loop(config: dict) -> None:
         inner = st.unwrap(model)
         optimizer = st.make_optimizer(model, scfg.train_lr, scfg.weight_decay)
         per_worker = -(-len(questions) // world)
-        steps_per_epoch = -(-per_worker // scfg.batch_size)
+        steps_per_epoch = -(-per_worker // scfg.train_batch_size)
         if resuming:
             _load_optimizer(optimizer, load_file(str(Path(ckpt_dir) / _OPTIM)), state["optimizer"])
         # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
@@ -305,7 +305,7 @@ def _train_loop(config: dict) -> None:
         for epoch in range(first, epochs):
             t0 = time.perf_counter()
             mine = questions[st.shard_questions(len(questions), rank, world, seed=seed, epoch=epoch)]
-            batches = st.make_batches(train, targets, mine, scfg.batch_size, pad_id, gold=gold,
+            batches = st.make_batches(train, targets, mine, scfg.train_batch_size, pad_id, gold=gold,
                                       rng=np.random.default_rng([seed, epoch, rank]), features=feats.get("train"))
             loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, dtype=dtype,
                                   alpha=float(job["alpha"]), **loss_kw)
@@ -319,7 +319,7 @@ def _train_loop(config: dict) -> None:
             metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first}
             if rank == 0:  # validation picks the epoch that is kept
                 val, t1 = splits["validation"], time.perf_counter()
-                probs = st.predict(inner, val, batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
+                probs = st.predict(inner, val, batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
                                    features=feats.get("validation"), dtype=dtype)
                 entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
                           "val_seconds": time.perf_counter() - t1}
@@ -333,10 +333,10 @@ def _train_loop(config: dict) -> None:
             if last and rank == 0:  # the job is done: its best epoch is the student
                 _load_trainable(inner, best, names)
                 keep = st.best_epoch(history)
-                test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.batch_size, pad_id=pad_id,
+                test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.train_batch_size, pad_id=pad_id,
                                         device=device, features=feats.get("test"), dtype=dtype)
                 val_probs = best_val if best_val is not None else st.predict(  # a resumed job's best epoch ran before
-                    inner, splits["validation"], batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device,
+                    inner, splits["validation"], batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
                     features=feats.get("validation"), dtype=dtype)
                 test_acc = st.accuracy(test_probs, splits["test"].answer)
                 folder = out_root / f"job_{j:03d}"
@@ -405,7 +405,7 @@ def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choi
     device = "cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu"
     model = st.build_student(model_path, scfg, max_choices=max_choices, answer_format=spec["answer_format"]).to(device)
     dtype, _ = pick_dtype(scfg.dtype, gpu=device == "cuda")
-    return st.pool_features(model, unpack_sequences(packed), batch_size=4 * scfg.batch_size, pad_id=pad_id,
+    return st.pool_features(model, unpack_sequences(packed), batch_size=4 * scfg.train_batch_size, pad_id=pad_id,
                             device=device, dtype=dtype)
 
 

@@ -315,8 +315,12 @@ class StudentConfig:
     """AdamW learning rate for 'full' and 'top' (linear warm-up over 10% of steps, then linear decay)."""
     head_epochs: int = 60
     """Passes over the cached features with finetune='head' (the best on validation is kept)."""
-    head_lr: float = 3e-3
+    head_lr: float = 1e-2
     """AdamW learning rate of the head with finetune='head'."""
+    head_batch_size: int = 64
+    """Questions per step with finetune='head'. On cached features a step costs almost nothing but its
+    Python overhead: 64 trains a head on ARC-Easy's 2251 questions about 5x faster than 8 and reached the
+    same test accuracy (45.3% vs 45.4% gold, 60 epochs; 31.3% vs 30.7% on 5% of them)."""
     batch_size: int = 8
     """Questions per step, per worker."""
     weight_decay: float = 0.01
@@ -354,7 +358,8 @@ class StudentConfig:
         _check(self.temperature > 0, "student.temperature", "must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")
         _check(0.0 < self.mix_alpha < 1.0, "student.mix_alpha", "must be in (0, 1): a mix has both terms")
-        for name in ("epochs", "head_epochs", "batch_size", "max_length", "num_workers", "cpus_per_worker"):
+        for name in ("epochs", "head_epochs", "batch_size", "head_batch_size", "max_length", "num_workers",
+                     "cpus_per_worker"):
             _check(getattr(self, name) >= 1, f"student.{name}", "must be >= 1")
         _check(self.max_length >= 16, "student.max_length", "must be at least 16")
         _check(self.lr > 0, "student.lr", "must be > 0")
@@ -370,6 +375,11 @@ class StudentConfig:
     def train_lr(self) -> float:
         """Learning rate of the chosen regime."""
         return self.head_lr if self.finetune == "head" else self.lr
+
+    @property
+    def train_batch_size(self) -> int:
+        """Questions per step in this regime: `head_batch_size` for finetune='head', else `batch_size`."""
+        return self.head_batch_size if self.finetune == "head" else self.batch_size
 
 
 @dataclass(frozen=True)

@@ -47,26 +47,31 @@ def _source_key(source: str) -> tuple[int, str]:
     return (SOURCE_ORDER.index(source), "") if source in SOURCE_ORDER else (len(SOURCE_ORDER), source)
 
 
-def _groups(cells: list[dict]) -> tuple[dict[tuple, dict[int, dict]], list[str]]:
+def _groups(cells: list[dict]) -> tuple[dict[tuple, dict[int, dict]], list[str], list[str]]:
+    """Cells by (dataset, regime, source, fraction) then seed; datasets and regimes in first-seen order
+    (the matrix's regime before the slice's)."""
     groups: dict[tuple, dict[int, dict]] = {}
     datasets: list[str] = []
+    regimes: list[str] = []
     for c in cells:
         k = key(c)
         if c["dataset"] not in datasets:
             datasets.append(c["dataset"])
+        if k[1] not in regimes:
+            regimes.append(k[1])
         seeds = groups.setdefault(k[:4], {})
         if k[4] in seeds:
             raise ValueError(f"summarise: cell {k} appears twice")
         seeds[k[4]] = c
-    return groups, datasets
+    return groups, datasets, regimes
 
 
 def summarise(cells: list[dict], correct: dict[tuple, np.ndarray], *, resamples: int = 2000) -> list[dict]:
     """One row per (dataset, regime, source, fraction): the seeds' accuracies, their mean, and the 95%
     interval over seeds and test questions (`lo`, `hi`)."""
-    groups, datasets = _groups(cells)
+    groups, datasets, regimes = _groups(cells)
     rows = []
-    for k in sorted(groups, key=lambda k: (datasets.index(k[0]), k[1], k[3], _source_key(k[2]))):
+    for k in sorted(groups, key=lambda k: (datasets.index(k[0]), regimes.index(k[1]), k[3], _source_key(k[2]))):
         by_seed = groups[k]
         seeds = sorted(by_seed)
         scores = np.stack([np.asarray(correct[(*k, s)], dtype=np.float64) for s in seeds])
@@ -84,9 +89,9 @@ def paired(cells: list[dict], correct: dict[tuple, np.ndarray], *, pairs: Sequen
     """Each difference a - b of `pairs` per (dataset, regime, fraction) where both trained: per seed, the
     paired bootstrap over test questions (and McNemar's p); over the seeds they share, the interval over
     seeds and questions. `excludes_zero` marks a combined interval wholly on one side of zero."""
-    groups, datasets = _groups(cells)
+    groups, datasets, regimes = _groups(cells)
     out = []
-    places = sorted({k[:1] + k[1:2] + k[3:4] for k in groups}, key=lambda p: (datasets.index(p[0]), p[1], p[2]))
+    places = sorted({k[:2] + k[3:4] for k in groups}, key=lambda p: (datasets.index(p[0]), regimes.index(p[1]), p[2]))
     for dataset, regime, fraction in places:
         for a, b in pairs:
             ga, gb = groups.get((dataset, regime, a, fraction)), groups.get((dataset, regime, b, fraction))

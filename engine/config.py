@@ -590,11 +590,14 @@ def config_hash(obj: Any) -> str:
 
 
 def store_identity(cfg: Config) -> dict:
-    """The fields that decide what an activation store holds. A store made under other values is refused."""
+    """The fields that decide what an activation store holds. A store made under other values is refused.
+    `teacher.dtype: auto` enters as what it picks here (`engine.hardware.pick_dtype`), never as 'auto'."""
+    from engine.hardware import pick_dtype
+
     return {
         "teacher.model": cfg.teacher.model,
         "teacher.revision": cfg.teacher.revision,
-        "teacher.dtype": cfg.teacher.dtype,
+        "teacher.dtype": pick_dtype(cfg.teacher.dtype, gpu=cfg.extract.gpus_per_replica > 0)[0],
         "extract.layers": list(cfg.extract.layers),
         "prompt": to_dict(cfg.prompt),
         "data.dataset": cfg.data.dataset,

@@ -104,3 +104,22 @@ def test_seeds_share_a_store_the_sample_seed_does_not():
     a = store_identity(load("configs/default.yaml"))
     assert a == store_identity(load("configs/default.yaml", ["seed=7"]))
     assert a != store_identity(load("configs/default.yaml", ["data.sample_seed=7"]))
+
+
+def test_dtype_auto_is_decided_by_a_checkable_fact():
+    from engine.config import from_dict, store_identity
+    from engine.hardware import pick_dtype, resolve
+
+    assert pick_dtype("auto", gpu=False, flags={"avx2", "fma"})[0] == "float32"
+    assert pick_dtype("auto", gpu=False, flags={"avx2", "avx512_bf16"}) == (
+        "bfloat16", "auto: the CPU has native bf16 (avx512_bf16)")
+    assert pick_dtype("auto", gpu=False, flags={"amx_bf16"})[0] == "bfloat16"
+    assert pick_dtype("auto", gpu=True, flags=set())[0] == "bfloat16"
+    assert pick_dtype("float32", gpu=True) == ("float32", "set in the config")
+    cfg = from_dict({})
+    assert (cfg.teacher.dtype, cfg.baseline.dtype, cfg.student.dtype) == ("auto", "auto", "auto")
+    resolved, why = resolve(cfg)
+    assert {resolved.teacher.dtype, resolved.student.dtype} <= {"float32", "bfloat16"} and set(why) == {
+        "teacher", "baseline", "student"}
+    assert resolve(resolved)[0] == resolved  # idempotent
+    assert store_identity(cfg)["teacher.dtype"] == resolved.teacher.dtype  # a store never records 'auto'

@@ -65,7 +65,7 @@ def plain_loop(model, seqs: Sequences, pad_id: int, batch_size: int = 32) -> tup
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
         padded += ids.numel()
         logp = torch.log_softmax(out.logits.float(), -1)
-        states[b0:b0 + len(rows)] = torch.stack(out.hidden_states[1:], 1)[:, :, -1].numpy().astype(np.float16)
+        states[b0:b0 + len(rows)] = torch.stack(out.hidden_states[1:], 1)[:, :, -1].float().numpy().astype(np.float16)
         for i, r in enumerate(rows):
             if seqs.mode == "letter":
                 q = seqs.row_question[r]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, PromptConfig, TeacherConfig
-from engine.hardware import matmul_gflops
+from engine.hardware import matmul_flags, matmul_gflops
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.sequences import build_sequences
 from engine.tasks import load_split
@@ -40,8 +40,7 @@ def forward_tokens_per_s(path: str, dtype: str, seqs, rows: np.ndarray, pad_id: 
 def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     res: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__}}
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    res["machine"]["isa"] = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags})
+    res["machine"]["isa"] = matmul_flags()
     res["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("float32", "bfloat16")}
     print("matmul GFLOP/s:", res["matmul_gflops"], flush=True)
 

@@ -204,9 +204,8 @@ def _resume_point(state: dict | None, epochs: int, n_jobs: int) -> tuple[int, in
 TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 """A Ray Train worker runs the loop in a thread of its own, which sets its own thread count
 (`student.cpus_per_worker`). With Ray's default (the worker's CPUs) the worker's main thread may keep a
-second OpenMP pool; libgomp, seeing more threads than cores, then stops spinning between parallel
-regions. Measured in a plain process on 2 cores: small ops in a second thread ran about 3x slower once
-the main thread had its own pool, and at full speed when the main thread had one thread."""
+second OpenMP pool, and libgomp, seeing more threads than cores, stops spinning between parallel
+regions; with one thread for the main thread the loop's pool is the only one (`bench/omp_threads.py`)."""
 
 
 def _train_loop(config: dict) -> None:

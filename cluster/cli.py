@@ -6,38 +6,54 @@
     distill show-config CONFIG [key=value ...]
     distill predict STUDENT_DIR questions.jsonl [--out predictions.jsonl]   a trained student's answers
     distill eval STUDENT_DIR [--split test] [--data FOLDER]                  a trained student's accuracy on a split
+    distill verify OUT_DIR                   every store's checksums and every artifact's files, one line each
+
+Every stage that writes holds `<out_dir>/.distill.lock` (one writer per run directory). A fault of the
+environment (disk full, memory, a vanished file, Ray failing to start, Ctrl-C) ends with one line that
+says what happened, what was kept and the command to continue; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 import time
+import traceback
+from pathlib import Path
 
-from cluster import runtime  # sets Ray's environment before ray is imported
+from cluster import failures, runtime  # runtime sets Ray's environment before ray is imported
 from engine.config import ConfigError, config_hash, load, to_dict
+from engine.lock import LockError, RunLock
 from engine.models import ModelError
 from engine.store import StoreError
 from engine.student_folder import StudentError
 from engine.tasks import DataError
 
 STAGES = ("extract", "probe", "baseline", "train", "report", "run")
+KNOWN = (ConfigError, DataError, ModelError, StoreError, StudentError, LockError)  # bad input: exit 2, one line
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Probe-based knowledge distillation on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="print the traceback of a failure too")
     sub = p.add_subparsers(dest="command", required=True)
     for name in (*STAGES, "bench", "show-config"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, parents=[common])
         s.add_argument("config", help="YAML config, e.g. configs/default.yaml")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student.epochs=1")
-    s = sub.add_parser("predict", help="a trained student's per-choice probabilities and answer for each question")
+    s = sub.add_parser("verify", parents=[common], help="check every store and artifact under a run directory")
+    s.add_argument("out_dir", help="a run's out_dir, e.g. runs/default")
+    s = sub.add_parser("predict", parents=[common],
+                       help="a trained student's per-choice probabilities and answer for each question")
     s.add_argument("student_dir", help="a student folder, e.g. runs/default/students/gold-<id>/model")
     s.add_argument("questions", help="a .jsonl/.json/.parquet file in the shared schema (answer optional)")
     s.add_argument("--out", help="where to write the predictions as JSON lines (default: <questions>.predictions.jsonl)")
     s.add_argument("--batch-size", type=int, default=16, help="questions per forward")
-    s = sub.add_parser("eval", help="a trained student's accuracy on a split")
+    s = sub.add_parser("eval", parents=[common], help="a trained student's accuracy on a split")
     s.add_argument("student_dir", help="a student folder, e.g. runs/default/students/gold-<id>/model")
     s.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="which of the run's splits (the same questions the run used; default test)")
@@ -109,6 +125,36 @@ def evaluate(args) -> int:
     return 0
 
 
+def verify(args) -> int:
+    """`distill verify`: one line per store and artifact; exit 1 if any is damaged."""
+    from engine.verify import verify as check
+
+    if not Path(args.out_dir).is_dir():
+        raise StoreError(f"out_dir: {args.out_dir} is not a folder")
+    verdicts = check(args.out_dir)
+    for v in verdicts:
+        print(f"{'ok ' if v.ok else 'BAD'}  {v.kind:<13} {v.path}: {v.detail}", flush=True)
+    bad = sum(not v.ok for v in verdicts)
+    print(f"[verify] {len(verdicts)} checked, {bad} damaged" + ("" if verdicts else f" (nothing under {args.out_dir})"))
+    return 1 if bad else 0
+
+
+def check_writable(path: str | Path, field: str) -> None:
+    """Create `path` (a folder) and write a file in it, or raise ConfigError naming the field."""
+    import os
+    import uuid
+
+    p = Path(path)
+    probe = p / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{field}: cannot write to {p} ({err.strerror}); point {field} at a folder you can "
+                          "write") from None
+
+
 def execute(command: str, cfg) -> dict | None:
     from cluster import pipeline
 
@@ -148,23 +194,66 @@ def execute(command: str, cfg) -> dict | None:
         runtime.shutdown()
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # a polite stop (SIGTERM) ends like Ctrl-C: cleanly, resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    again = "distill " + shlex.join(sys.argv[1:] if argv is None else argv)
+    out_dir = None
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         if args.command == "predict":
             return predict(args)
         if args.command == "eval":
             return evaluate(args)
+        if args.command == "verify":
+            return verify(args)
         cfg = load(args.config, args.overrides)
         if args.command == "show-config":
             print(json.dumps({"config_hash": config_hash(cfg), **to_dict(cfg)}, indent=2))
             return 0
-        print(f"[distill] {args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}", flush=True)
-        execute(args.command, cfg)
-    except (ConfigError, DataError, ModelError, StoreError, StudentError) as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
+        if not cfg.ray.address:
+            check_writable(cfg.ray.temp_dir, "ray.temp_dir")
+        check_writable(cfg.out_dir, "out_dir")
+        with RunLock(cfg.out_dir, again) as lock:
+            out_dir = cfg.out_dir
+            if lock.took_over:
+                print(f"[distill] took over {lock.path}: its holder (pid {lock.took_over.get('pid')}, "
+                      f"{lock.took_over.get('command')!r}) died without releasing it", flush=True)
+            print(f"[distill] {args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}", flush=True)
+            execute(args.command, cfg)
+    except KeyboardInterrupt:
+        _say("interrupted", out_dir, again, args.verbose)
+        return 130
+    except Exception as err:  # noqa: BLE001 - bad input or a fault of the environment: one line; a bug: traceback
+        known = next((e for e in failures.causes(err) if isinstance(e, KNOWN) and getattr(e, "cause", None) is None),
+                     None)  # bad input raised inside a Ray task arrives wrapped in a RayTaskError
+        if known is not None:
+            print(f"distill: error: {known}", file=sys.stderr)
+            if args.verbose:
+                traceback.print_exc()
+            return 2
+        line = failures.describe(err)
+        if line is None:
+            raise
+        _say(line, out_dir, again, args.verbose)
+        return 1
     return 0
+
+
+def _say(what: str, out_dir: str | None, again: str, verbose: bool) -> None:
+    """What happened, what was kept, the command to continue: one line (and the traceback if asked)."""
+    from engine.verify import kept
+
+    msg = f"distill: {what}."
+    if out_dir:
+        msg += f" Kept: {kept(out_dir)}. To continue: {again}"
+    print(msg, file=sys.stderr, flush=True)
+    if verbose:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -35,15 +35,34 @@ def quiet_local_workers() -> None:
     (Its job, freeing a dead controller's resources, is moot here: the local Ray ends with the job.)"""
     import logging
 
+    import ray
+
+    # With two local Rays on one machine (two runs in two out_dirs), a worker that auto-detects "its"
+    # cluster finds both and fails with a traceback; name this worker's own.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def init(cfg: RayConfig) -> None:
-    """Start (or join) Ray once per process."""
+    """Start (or join) Ray once per process; a failure to do so is one RayStartError."""
     import ray
+
+    from cluster.failures import RayStartError
 
     if ray.is_initialized():
         return
+    try:
+        _init(cfg)
+    except (ConnectionError, RuntimeError, OSError, ValueError, TimeoutError) as err:
+        where = f"at ray.address={cfg.address}" if cfg.address else f"locally (ray.temp_dir={cfg.temp_dir})"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RayStartError(f"{where}: {first}. Check that address (or that nothing else holds Ray's ports), "
+                            "then rerun") from err
+
+
+def _init(cfg: RayConfig) -> None:
+    import ray
+
     runtime_env = {"env_vars": worker_env()}
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)

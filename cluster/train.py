@@ -558,6 +558,11 @@ def train_students(
         ),
     )
     t0, started = time.perf_counter(), time.time()
+    # Ctrl-C must reach the driver as KeyboardInterrupt, as in every other stage, so `distill` prints one
+    # line and the same command resumes from the last checkpoint. Ray Train's own SIGINT handler would
+    # abort the run and sys.exit() from inside the handler instead (and it stays installed after fit()).
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
     result = trainer.fit()
     wall, window = time.perf_counter() - t0, [started, time.time()]
     if result.error is not None:

@@ -38,6 +38,17 @@ def _fails(capsys, argv: list[str], pattern: str) -> str:
     return err
 
 
+def test_paths_in_a_read_only_directory(tmp_path, tiny_model, capsys):
+    """/sys is read-only for everyone, root included (a chmod would not stop root)."""
+    args = ["extract", "configs/tiny.yaml", f"teacher.model={tiny_model}"]
+    _fails(capsys, [*args, "out_dir=/sys/probe-kd-test"],
+           r"out_dir: cannot write to /sys/probe-kd-test \(.+\); point out_dir at a folder you can write")
+    out = tmp_path / "run"
+    _fails(capsys, [*args, f"out_dir={out}", "ray.temp_dir=/sys/probe-kd-ray"],
+           r"ray\.temp_dir: cannot write to /sys/probe-kd-ray")
+    assert not out.exists()
+
+
 def test_malformed_row(tmp_path, shared_data, tiny_model, capsys):
     data = _copy_split_files(shared_data, tmp_path / "data")
     lines = (data / "train.jsonl").read_text().splitlines()
@@ -218,6 +229,12 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert acts.chunks[0] == store.chunk_size(acts.shape[0], 32) <= 32  # balanced: 97 rows -> 4 chunks of 25
     assert root["test"]["done"][:].all()
     assert not (out / "activations.zarr.partial").exists()
+
+    # `distill verify` reads every chunk and every artifact file back against its checksum.
+    ver = distill("verify", str(out))
+    assert ver.returncode == 0, ver.stdout[-3000:]
+    checked = re.findall(r"^ok +(store|artifact) ", ver.stdout, re.M)
+    assert checked.count("store") == 1 and checked.count("artifact") >= 5, ver.stdout  # probes, baseline, 3 students
 
     # A second run reuses every artifact; a run whose store would differ is refused, naming the field.
     again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")

@@ -1,0 +1,145 @@
+"""Real faults through the CLI, each ending in one clear line and nothing lost: a second writer on the
+same out_dir, Ctrl-C (SIGINT) mid-extraction and mid-training, a full disk (an ENOSPC injected at the
+chunk write: mounting a size-limited filesystem needs privileges CI may lack), a chunk whose bytes
+changed on disk. Every interrupted run resumes, with the same command, to the uninterrupted result."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, assert_same_store, distill, extract_args
+
+from engine import store
+
+
+def _one_line(stderr: str, pattern: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("distill:")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def _start(args: list[str], err: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=open(err, "w"), text=True)
+
+
+def _read_until(proc: subprocess.Popen, needle: str, times: int = 1) -> str:
+    seen, lines = 0, []
+    for line in proc.stdout:
+        lines.append(line)
+        seen += needle in line
+        if seen >= times:
+            return "".join(lines)
+    raise AssertionError(f"{needle!r} seen {seen} times before the run ended:\n" + "".join(lines)[-3000:])
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_and_sigint_mid_extraction_resumes(tmp_path, tiny_model, extract_reference):
+    out, err = tmp_path / "run", tmp_path / "first.err"
+    args = extract_args(tiny_model, out)
+    first = _start(args, err)
+    _read_until(first, "[distill] extract")  # it holds the lock from here on
+    second = distill(*args)
+    assert second.returncode == 2
+    _one_line(second.stderr, rf"in use by pid {first.pid} on \S+ \('distill extract .*', since .*\)\. Wait for it to finish, stop it, "
+                             "or use another out_dir")
+    _read_until(first, " done by replica ", times=2)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    rest = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, rest[-2000:]
+    line = _one_line(err.read_text(), r"^distill: interrupted\. Kept: .*activations\.zarr\.partial \(\d+/\d+ chunks "
+                                      r"done\)\. To continue: distill extract configs/tiny\.yaml")
+    part = store.partial_path(out / "activations.zarr")
+    assert part.exists() and not (out / "activations.zarr").exists()
+    assert json.loads((out / ".distill.lock").read_text() or "{}") == {}  # released
+
+    again = line.split("To continue: ")[1]
+    resumed = subprocess.run([sys.executable, "-m", "cluster.cli", *again.split()[1:]], cwd=REPO, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_store(out / "activations.zarr", extract_reference)
+
+
+@pytest.mark.slow
+def test_disk_full_mid_extraction_then_resume(tmp_path, tiny_model, extract_reference):
+    out = tmp_path / "run"
+    full = distill(*extract_args(tiny_model, out), env={**os.environ, store.INJECT_ENOSPC: "train:1"})
+    assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
+    _one_line(full.stderr, r"^distill: disk full writing \S+activations\.zarr\.partial/train/activations \(No space "
+                           r"left on device\)\. Free space .* Kept: \S+activations\.zarr\.partial \(\d+/\d+ chunks "
+                           r"done\)\. To continue: distill extract configs/tiny\.yaml")
+    resumed = distill(*extract_args(tiny_model, out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_store(out / "activations.zarr", extract_reference)
+
+
+def test_a_corrupt_chunk_is_named_by_verify_and_by_the_probe_stage(tmp_path, tiny_model, extract_reference):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(extract_reference, out / "activations.zarr")
+    ok = distill("verify", str(out))
+    assert ok.returncode == 0 and re.search(r"^ok +store .*every chunk's checksum matches", ok.stdout, re.M), ok.stdout
+    chunk = out / "activations.zarr" / "train" / "activations" / "c" / "2" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100:108] = b"\xff" * 8
+    chunk.write_bytes(bytes(data))
+
+    bad = distill("verify", str(out))
+    assert bad.returncode == 1
+    assert re.search(r"^BAD +store .*activations\.zarr: split train array activations chunk c/2/1/0 is corrupt "
+                     r"\(Stored and computed checksum do not match\)", bad.stdout, re.M), bad.stdout
+    assert "1 checked, 1 damaged" in bad.stdout
+    probe = distill("probe", *extract_args(tiny_model, out)[1:])
+    assert probe.returncode == 2, probe.stderr[-3000:]
+    _one_line(probe.stderr, r"activations\.zarr: array train/activations chunk c/2/1/0 is corrupt .*Run `distill "
+                            r"verify`")
+    assert not list(out.glob("probes-*"))
+    np.testing.assert_equal(len(list(out.iterdir())), 2)  # the store and the lock file: nothing written
+
+
+def _students(out: Path) -> dict[str, dict]:
+    found = {}
+    for d in sorted((out / "students").iterdir()):
+        meta = json.loads((d / "meta.json").read_text())
+        found[meta["source"]] = {"test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
+                                 "history": [h["val_acc"] for h in meta["history"]],
+                                 "test_probs": np.load(d / "test_probs.npy")}
+    return found
+
+
+@pytest.mark.slow
+def test_sigint_mid_training_resumes_to_the_uninterrupted_students(tmp_path, tiny_model):
+    def args(out: Path) -> list[str]:
+        return ["run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "student.epochs=2",
+                "baseline.enabled=false", f"ray.temp_dir=/tmp/pkd-sigint-{os.getpid()}"]
+
+    out, err = tmp_path / "stopped", tmp_path / "stopped.err"
+    first = _start(args(out), err)
+    _read_until(first, "epoch 1/2")  # the first student's first epoch is checkpointed
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert first.returncode == 130, err.read_text()[-3000:]
+    _one_line(err.read_text(), r"^distill: interrupted\. Kept: \S+activations\.zarr \(complete\); \d+ committed "
+                               r"artifacts?\. To continue: distill run configs/tiny\.yaml")
+    assert not (out / "students").exists() or len(list((out / "students").iterdir())) < 3
+
+    resumed = distill(*args(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resum" in resumed.stdout.lower(), resumed.stdout[-3000:]
+    whole = distill(*args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = _students(out), _students(tmp_path / "whole")
+    assert sorted(a) == sorted(b) == ["gold", "logit", "probe"]
+    for source in a:
+        assert a[source]["best_epoch"] == b[source]["best_epoch"], source
+        np.testing.assert_allclose(a[source]["history"], b[source]["history"])
+        np.testing.assert_allclose(a[source]["test_probs"], b[source]["test_probs"], atol=1e-5)

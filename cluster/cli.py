@@ -7,6 +7,7 @@
     distill predict STUDENT_DIR questions.jsonl [--out predictions.jsonl]   a trained student's answers
     distill eval STUDENT_DIR [--split test] [--data FOLDER]                  a trained student's accuracy on a split
     distill verify OUT_DIR                   every store's checksums and every artifact's files, one line each
+    distill tasks                            the built-in task specs (set data.task to one, or to your own YAML)
 
 Every stage that writes holds `<out_dir>/.distill.lock` (one writer per run directory). A fault of the
 environment (disk full, memory, a vanished file, Ray failing to start, Ctrl-C) ends with one line that
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, parents=[common])
         s.add_argument("config", help="YAML config, e.g. configs/default.yaml")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student.epochs=1")
+    sub.add_parser("tasks", parents=[common], help="list the built-in task specs (data.task)")
     s = sub.add_parser("verify", parents=[common], help="check every store and artifact under a run directory")
     s.add_argument("out_dir", help="a run's out_dir, e.g. runs/default")
     s = sub.add_parser("predict", parents=[common],
@@ -122,6 +124,20 @@ def evaluate(args) -> int:
     acc, lo, hi = bootstrap_accuracy(probs.argmax(1) == answer)
     print(f"[eval] {args.student_dir}: accuracy {accuracy(probs, answer):.4f} [95% CI {lo:.4f}, {hi:.4f}] on "
           f"{len(questions)} questions of {what}", flush=True)
+    return 0
+
+
+def tasks(args) -> int:
+    """`distill tasks`: one line per built-in spec: name, where its rows live, how its answer is given."""
+    from engine.taskspec import builtin_specs, load_spec
+
+    for name in builtin_specs():
+        spec = load_spec(name)
+        where = spec.dataset_path or "(a local folder of yours)"
+        if spec.dataset_name:
+            where += f" [{spec.dataset_name}]"
+        print(f"{name:<16} {where:<34} answer: {spec.answer_type:<5} roles: {'/'.join(spec.splits):<36} {spec.description}")
+    print("[tasks] set data.task to a name above, or to the path of your own spec YAML (see README, 'Tasks')")
     return 0
 
 
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "verify":
             return verify(args)
+        if args.command == "tasks":
+            return tasks(args)
         cfg = load(args.config, args.overrides)
         if args.command == "show-config":
             print(json.dumps({"config_hash": config_hash(cfg), **to_dict(cfg)}, indent=2))

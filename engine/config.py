@@ -62,18 +62,25 @@ def parse_split(spec: str, name: str = "data.split") -> tuple[str, float, float]
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "arc_easy"
-    """Name used in reports and to pick a hub adapter ('arc_easy', 'arc_challenge', 'mmlu', 'aqua_rat')."""
+    """Name used in reports (and, with a hub id and no `task`, to pick among a hub id's built-in specs)."""
     source: str = "../shared/data/arc_easy"
-    """A local folder holding `<split>.jsonl` or `<split>.parquet` in the shared schema, or a hub id."""
+    """Where the rows are: a local folder holding `<split>.jsonl|.json|.csv|.parquet`, or a hub id."""
+    task: Optional[str] = None
+    """How a row gives the question, its choices and its answer: a built-in task spec (`distill tasks`)
+    or the path of a spec YAML. null: the shared schema for a local folder; for a hub id, the built-in
+    spec whose dataset_path it is."""
     hub_config: Optional[str] = None
     """Hub dataset config name, e.g. 'ARC-Easy' for allenai/ai2_arc or 'all' for cais/mmlu."""
-    train_split: str = "train"
-    """Split the probes and the student are fitted on; 'name' or a seeded slice 'name[a%:b%]'."""
-    validation_split: str = "validation"
-    """Split that picks the probe layer and C. Never used for the final numbers. Same syntax."""
-    test_split: str = "test"
+    train_split: Optional[str] = None
+    """Split the probes and the student are fitted on; 'name' or a seeded slice 'name[a%:b%]'. null: the
+    task spec's training_split (with no data.task: 'train')."""
+    validation_split: Optional[str] = None
+    """Split that picks the probe layer and C. Never used for the final numbers. Same syntax. null: the
+    task spec's (with no data.task: 'validation')."""
+    test_split: Optional[str] = None
     """Split every reported accuracy is measured on. Same syntax: for data without three splits,
-    roles can share one split through disjoint slices, e.g. 'test[:30%]' and 'test[30%:]'."""
+    roles can share one split through disjoint slices, e.g. 'test[:30%]' and 'test[30%:]'. null: the
+    task spec's (with no data.task: 'test')."""
     split_seed: int = 0
     """Order in which sliced splits are cut (fixed apart from `seed`, so seeds share one split)."""
     sample_seed: int = 0
@@ -96,6 +103,17 @@ class DataConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name}", "must be a positive int or null")
         _check(bool(self.source), "data.source", "set a local folder or a hub id")
+        roles = ("train", "validation", "test")
+        if self.task and None in (self.train_split, self.validation_split, self.test_split):
+            from engine.taskspec import SpecError, load_spec
+
+            try:
+                roles = load_spec(self.task).splits
+            except SpecError as err:
+                raise ConfigError(str(err)) from None
+        for name, role in zip(("train_split", "validation_split", "test_split"), roles, strict=True):
+            if getattr(self, name) is None:  # resolved here, so reports, hashes and identities see the split
+                object.__setattr__(self, name, role)
         specs = {role: parse_split(getattr(self, f"{role}_split"), f"data.{role}_split")
                  for role in ("train", "validation", "test")}
         roles = list(specs)
@@ -610,4 +628,4 @@ def store_identity(cfg: Config) -> dict:
         "data.sample_seed": cfg.data.sample_seed,
         "extract.chunk_rows": cfg.extract.chunk_rows,
         "extract.teacher_scores": cfg.extract.teacher_scores,
-    }
+    } | ({"data.task": cfg.data.task} if cfg.data.task else {})  # absent when null: older stores keep their identity

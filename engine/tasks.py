@@ -1,17 +1,21 @@
-"""Multiple-choice tasks: local files or hub datasets, mapped onto one schema, validated, subsetted.
+"""Multiple-choice tasks: rows from local files or the hub, mapped by a task spec, validated, subsetted.
 
 Every row ends up in the shared schema of shared/data/README.md:
 
     {"id": str, "question": str, "choices": [str, ...], "answer": int (0-based), "subject": str | null}
 
-A local folder holds `<split>.jsonl`, `<split>.json` or `<split>.parquet` already in that schema.
-Anything else in `data.source` is a hub id, read with HF `datasets` and mapped by an adapter
-('arc', 'mmlu', 'aqua_rat'). Bad rows raise `DataError` naming the file and line, the field and
-the fix. `datasets` is imported only when a split is read, so `Example` stays cheap to import.
+How a source row gives those fields is a task spec (`engine/taskspec.py`, YAML under
+`engine/taskspecs/`, `distill tasks` lists them): `data.task` names one, or the path of your own. With
+no task, a local folder is read in the shared schema and a hub id by the built-in spec whose
+`dataset_path` (and `dataset_name`) it matches. Where the rows are is `data.source`: a local folder
+holding `<split>.jsonl|.json|.csv|.parquet`, or a hub id read with HF `datasets`. Bad rows raise
+`DataError` naming the file and line (or hub row), the field (and the spec's field) and the fix.
+`datasets` is imported only when a hub split or a parquet file is read, so `Example` stays cheap to import.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 from dataclasses import dataclass, replace
@@ -21,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from engine.config import DataConfig, parse_split
+from engine.taskspec import RowError, SpecError, TaskSpec, builtin_specs, load_spec, map_row
 
 
 @dataclass(frozen=True)
@@ -43,26 +48,44 @@ def _bad(where: str, name: str, problem: str, fix: str) -> DataError:
     return DataError(f"{where}: field {name!r}: {problem}; {fix}")
 
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 REQUIRED = ("id", "question", "choices", "answer")
 LOCAL_HINT = (
     "local files must be in the shared schema (id, question, choices, answer, subject; see "
-    "shared/data/README.md). Hub-shaped rows (answerKey, options, ...) are mapped only when "
-    "data.source is a hub id"
+    "shared/data/README.md), or set data.task to a spec of their layout (`distill tasks` lists the "
+    "built-in ones, e.g. arc_original for ARC's original JSONL)"
 )
 
-# Which adapter maps a hub dataset, by data.dataset or data.source.
-ADAPTERS = {
-    "arc": ("arc", "arc_easy", "arc_challenge", "ai2_arc", "allenai/ai2_arc"),
-    "mmlu": ("mmlu", "cais/mmlu"),
-    "aqua_rat": ("aqua_rat", "deepmind/aqua_rat"),
-}
-# Hub config used when data.hub_config is null, by (data.source, data.dataset).
-DEFAULT_HUB_CONFIGS = {
-    ("allenai/ai2_arc", "arc_easy"): "ARC-Easy",
-    ("allenai/ai2_arc", "arc_challenge"): "ARC-Challenge",
-    ("cais/mmlu", "mmlu"): "all",
-}
+
+# ---------------------------------------------------------------------------------------------
+# Which spec reads a source
+
+
+def task_spec(data: DataConfig) -> TaskSpec:
+    """The spec `data.task` names; with none, the shared schema for a local source, or the built-in spec
+    whose dataset_path (and dataset_name, by `data.hub_config` or `data.dataset`) is `data.source`."""
+    try:
+        if data.task:
+            return load_spec(data.task)
+        if _is_local(data.source):
+            return load_spec("shared")
+        matches = [spec for spec in map(load_spec, builtin_specs()) if spec.dataset_path == data.source]
+    except SpecError as err:
+        raise DataError(str(err)) from None
+    for spec in matches:
+        if data.hub_config and spec.dataset_name == data.hub_config:
+            return spec
+    for spec in matches:
+        if spec.task == data.dataset or len(matches) == 1:
+            return spec
+    hubs = sorted({s.dataset_path for s in map(load_spec, builtin_specs()) if s.dataset_path and not _is_local(s.dataset_path)})
+    raise DataError(
+        f"data.task: no built-in task spec reads hub id {data.source!r} as dataset {data.dataset!r} (built-in hub "
+        f"layouts: {', '.join(hubs)}). Write a spec YAML for its layout and set data.task to its path")
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,26 +95,47 @@ DEFAULT_HUB_CONFIGS = {
 def load_split(data: DataConfig, split: str) -> list[Example]:
     """Read one split as validated `Example`s, in file order, cut to `data.limit` rows.
 
-    `data.source` is a local folder holding `<split>.jsonl|.json|.parquet` in the shared schema,
-    or a hub id read with `datasets.load_dataset(source, hub_config, split=split)` and mapped
-    through the adapter that `data.dataset`/`data.source` names. Raises `DataError` on bad input.
+    `data.source` is a local folder holding `<split>.jsonl|.json|.csv|.parquet`, or a hub id read with
+    `datasets.load_dataset(source, config, split=split, revision=...)`; each row is mapped by the task
+    spec (`task_spec`). Raises `DataError` on bad input.
     """
+    spec = task_spec(data)
     folder = Path(data.source).expanduser()
     if folder.is_dir():
         path = _split_file(folder, split)
-        rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json(path)
-        hint = LOCAL_HINT
-    elif folder.exists() or data.source.startswith((".", "/", "~")):
+        rows = {".parquet": _read_parquet, ".csv": _read_csv}.get(path.suffix, _read_json)(path)
+    elif _is_local(data.source):
         what = "is a file" if folder.exists() else "does not exist"
         raise DataError(
-            f"data.source: {data.source!r} {what}; point it at a folder holding <split>.jsonl or "
-            f"<split>.parquet (relative paths are relative to the working directory), or give a hub id"
+            f"data.source: {data.source!r} {what}; point it at a folder holding <split>.jsonl, .json, .csv or "
+            f".parquet (relative paths are relative to the working directory), or give a hub id"
         )
     else:
-        rows = _read_hub(data, split)
-        hint = f"the hub rows of {data.source!r} did not map onto the shared schema"
-    examples = _validate(rows, hint)
+        rows = _read_hub(data, spec, split)
+    if spec.is_shared_schema:
+        examples = _validate(rows, LOCAL_HINT if folder.is_dir() else f"the hub rows of {data.source!r} are not "
+                             "in the shared schema; set data.task to a spec of their layout")
+    else:
+        examples = _validate(_mapped(spec, rows, split), f"check the rows against spec {spec.task} ({spec.path})")
     return examples[: data.limit] if data.limit is not None else examples
+
+
+def _mapped(spec: TaskSpec, rows: list[tuple[str, Any]], split: str) -> list[tuple[str, Any]]:
+    """Rows mapped onto the shared schema by `spec` (filtered rows dropped); a row it cannot map is a
+    DataError naming the spec's field, the spec file, and the row."""
+    out = []
+    for number, (where, row) in enumerate(rows, start=1):
+        try:
+            mapped = map_row(spec, row, split, number)
+        except RowError as err:
+            key = err.key.split("[")[0]
+            given = getattr(spec, key, None)
+            raise DataError(
+                f"{where}: field {err.key!r} of task spec {spec.task} ({spec.path}, {key}: {given!r}): {err}; fix the "
+                f"row, or the spec's {key}") from None
+        if mapped is not None:
+            out.append((where, mapped))
+    return out
 
 
 def _split_file(folder: Path, split: str) -> Path:
@@ -130,6 +174,12 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) pairs from a CSV file with a header line; every value is text (a spec reads it)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), start=2)]
+
+
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     """(where, row) pairs read through HF datasets; its cache lives in a temp dir, not by the data."""
     import datasets
@@ -142,28 +192,13 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
-def pick_adapter(dataset: str, source: str) -> str:
-    """The hub adapter ('arc', 'mmlu' or 'aqua_rat') for a dataset name or hub id; else DataError."""
-    for key in (dataset, source):
-        for adapter, names in ADAPTERS.items():
-            if key.lower() in names:
-                return adapter
-    known = sorted(n for names in ADAPTERS.values() for n in names)
-    raise DataError(
-        f"data.dataset: no hub adapter for dataset {dataset!r} / source {source!r}; supported names: "
-        f"{', '.join(known)}. For other data, write <split>.jsonl in the shared schema to a local "
-        f"folder and set data.source to it"
-    )
-
-
-def _read_hub(data: DataConfig, split: str) -> list[tuple[str, Any]]:
-    """Rows of a hub split, mapped onto the shared schema by the dataset's adapter."""
+def _read_hub(data: DataConfig, spec: TaskSpec, split: str) -> list[tuple[str, Any]]:
+    """Raw rows of a hub split (the spec maps them). `data.hub_config` overrides the spec's dataset_name."""
     import datasets
 
-    adapter = pick_adapter(data.dataset, data.source)
-    config = data.hub_config or DEFAULT_HUB_CONFIGS.get((data.source, data.dataset))
+    config = data.hub_config or spec.dataset_name
     try:
-        ds = datasets.load_dataset(data.source, config, split=split)
+        ds = datasets.load_dataset(data.source, config, split=split, revision=spec.revision)
     except Exception as exc:
         raise DataError(
             f"data.source: could not load {data.source!r} (config {config!r}, split {split!r}) from "
@@ -171,68 +206,7 @@ def _read_hub(data: DataConfig, split: str) -> list[tuple[str, Any]]:
             f"names, or point data.source at a local folder"
         ) from exc
     where = f"{data.source} ({config}) split {split!r}"
-    return [(f"{where} row {i + 1}", adapt_row(adapter, row, i, split)) for i, row in enumerate(ds)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Hub adapters: one hub row -> one shared-schema dict
-
-
-def adapt_row(adapter: str, row: dict, index: int, split: str) -> dict:
-    """Map one hub row onto the shared schema. `index` is 0-based and names rows that have no id.
-
-    'arc'      allenai/ai2_arc: {id, question, choices: {text, label}, answerKey}
-    'mmlu'     cais/mmlu: {question, subject, choices, answer}; id '<subject>/<split>/<index>'
-    'aqua_rat' deepmind/aqua_rat: {question, options: ['A)..', ...], rationale, correct};
-               id 'aqua_rat/<split>/<index>'
-    """
-    if adapter not in ADAPTERS:
-        raise DataError(f"adapter {adapter!r} is unknown; supported adapters: {', '.join(ADAPTERS)}")
-    where = f"{adapter} adapter, split {split!r} row {index + 1}"
-
-    def get(name: str) -> Any:
-        if name not in row:
-            fix = f"the {adapter!r} adapter expects {ADAPTERS[adapter][-1]} rows; check data.dataset"
-            raise _bad(where, name, "missing", fix)
-        return row[name]
-
-    if adapter == "arc":
-        return _adapt_arc(get, where)
-    if adapter == "mmlu":
-        subject = get("subject")
-        return {"id": f"{subject}/{split}/{index}", "question": get("question"),
-                "choices": list(get("choices")), "answer": get("answer"), "subject": subject}
-    return _adapt_aqua(get, where, f"aqua_rat/{split}/{index}")
-
-
-def _adapt_arc(get: Any, where: str) -> dict:
-    choices = get("choices")
-    if not isinstance(choices, dict) or "text" not in choices or "label" not in choices:
-        raise _bad(where, "choices", f"{choices!r} is not {{'text': [...], 'label': [...]}}",
-                   "pass allenai/ai2_arc rows")
-    labels, key = list(choices["label"]), get("answerKey")
-    if key not in labels:
-        raise _bad(where, "answerKey", f"{key!r} is not one of the labels {labels}",
-                   "answerKey must name one of the row's choice labels")
-    return {"id": get("id"), "question": get("question"), "choices": list(choices["text"]),
-            "answer": labels.index(key), "subject": None}
-
-
-def _adapt_aqua(get: Any, where: str, id_: str) -> dict:
-    texts = []
-    for i, option in enumerate(get("options")):
-        letter, sep, text = str(option).partition(")")
-        expected = "ABCDE"[i : i + 1] or "?"
-        if not sep or letter.strip() != expected:
-            raise _bad(where, "options", f"option {i} is {option!r}",
-                       f"options are written '{expected})text', lettered A to E in order")
-        texts.append(text.strip())
-    correct = get("correct")
-    if correct not in list("ABCDE"[: len(texts)]):
-        raise _bad(where, "correct", f"{correct!r} is not one of the option letters",
-                   "give the letter of the right option, e.g. 'C'")
-    return {"id": id_, "question": get("question"), "choices": texts,
-            "answer": "ABCDE".index(correct), "subject": None, "rationale": get("rationale")}
+    return [(f"{where} row {i + 1}", dict(row)) for i, row in enumerate(ds)]
 
 
 # ---------------------------------------------------------------------------------------------

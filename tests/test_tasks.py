@@ -1,4 +1,4 @@
-"""Loading, adapting, validating and subsetting multiple-choice tasks. Offline: hub rows are hand-written."""
+"""Loading, mapping (task specs), validating and subsetting multiple-choice tasks. Offline: hub rows are hand-written."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from engine.config import DataConfig
 from engine.tasks import (
     DataError,
     Example,
-    adapt_row,
+    _mapped,
     load_role,
     load_split,
-    pick_adapter,
     select_train,
     stratified_subset,
 )
+from engine.taskspec import load_spec, map_row
 
 GOOD = {"id": "q1", "question": "What is 1+1?", "choices": ["1", "2", "3"], "answer": 1, "subject": None}
 
@@ -76,39 +76,46 @@ AQUA_ROW = {"question": "x + 1 = 23; x?", "options": ["A)21", "B)21.5", "C)22", 
             "rationale": "23 - 1 = 22", "correct": "C"}
 
 
-def test_adapt_arc_letter_and_numeric_labels():
-    row = adapt_row("arc", ARC_LETTERS, 0, "test")
+def mapped(task: str, row: dict, index: int, split: str) -> dict:
+    """One hub row through a built-in spec, as load_split maps it (`index` 0-based)."""
+    return map_row(load_spec(task), row, split, index + 1)
+
+
+def test_arc_hub_spec_reads_letter_and_numeric_labels():
+    row = mapped("arc_easy", ARC_LETTERS, 0, "test")
     assert row["id"] == "Mercury_7175875" and row["choices"] == ["Moon", "Sun", "Mars", "Comet"]
     assert row["answer"] == 2 and row["subject"] is None
-    assert adapt_row("arc", ARC_NUMBERS, 5, "train")["answer"] == 2
+    assert mapped("arc_challenge", ARC_NUMBERS, 5, "train")["answer"] == 2
 
 
-def test_adapt_mmlu_and_aqua():
-    row = adapt_row("mmlu", MMLU_ROW, 7, "validation")
+def test_mmlu_and_aqua_hub_specs_keep_the_shared_ids():
+    row = mapped("mmlu", MMLU_ROW, 7, "validation")
     assert row == {"id": "abstract_algebra/validation/7", "question": "Order of Z_4?",
                    "choices": ["1", "2", "3", "4"], "answer": 3, "subject": "abstract_algebra"}
-    row = adapt_row("aqua_rat", AQUA_ROW, 3, "test")
+    row = mapped("aqua_rat", AQUA_ROW, 3, "test")
     assert row["id"] == "aqua_rat/test/3" and row["answer"] == 2
-    assert row["choices"] == ["21", "21.5", "22", "22.5", "23"] and row["rationale"] == "23 - 1 = 22"
+    assert row["choices"] == ["21", "21.5", "22", "22.5", "23"]
 
 
-def test_adapter_errors():
-    with pytest.raises(DataError, match=r"row 2: field 'answerKey': 'E' is not one of the labels"):
-        adapt_row("arc", {**ARC_LETTERS, "answerKey": "E"}, 1, "train")
-    with pytest.raises(DataError, match=r"field 'correct'"):
-        adapt_row("aqua_rat", {**AQUA_ROW, "correct": "F"}, 0, "test")
-    with pytest.raises(DataError, match=r"field 'subject': missing"):
-        adapt_row("mmlu", {k: v for k, v in MMLU_ROW.items() if k != "subject"}, 0, "test")
-    with pytest.raises(DataError, match=r"supported adapters: arc, mmlu, aqua_rat"):
-        adapt_row("squad", MMLU_ROW, 0, "test")
+def test_hub_spec_errors_name_the_spec_field_and_row():
+    spec = load_spec("arc_easy")
+    with pytest.raises(DataError, match=r"row 2: field 'answer' of task spec arc_easy \(.*arc_easy\.yaml, answer: "
+                                        r"'answerKey'\): label 'E' is not among the choices' labels \['A', 'B', 'C', 'D'\]"):
+        _mapped(spec, [("row 1", ARC_LETTERS), ("row 2", {**ARC_LETTERS, "answerKey": "E"})], "train")
+    with pytest.raises(DataError, match=r"field 'answer' of task spec aqua_rat"):
+        _mapped(load_spec("aqua_rat"), [("row 1", {**AQUA_ROW, "correct": "F"})], "test")
+    with pytest.raises(DataError, match=r"row 1: field 'subject' of task spec mmlu .*subject is missing; fix the row"):
+        _mapped(load_spec("mmlu"), [("row 1", {k: v for k, v in MMLU_ROW.items() if k != "subject"})], "test")
 
 
-def test_pick_adapter():
-    assert pick_adapter("arc_challenge", "allenai/ai2_arc") == "arc"
-    assert pick_adapter("anything", "cais/mmlu") == "mmlu"
-    assert pick_adapter("aqua_rat", "deepmind/aqua_rat") == "aqua_rat"
-    with pytest.raises(DataError, match=r"no hub adapter for dataset 'squad'.*supported names"):
-        pick_adapter("squad", "rajpurkar/squad")
+def test_hub_ids_find_their_built_in_spec():
+    from engine.tasks import task_spec
+
+    assert task_spec(DataConfig(dataset="arc_challenge", source="allenai/ai2_arc")).task == "arc_challenge"
+    assert task_spec(DataConfig(dataset="anything", source="cais/mmlu")).task == "mmlu"
+    assert task_spec(DataConfig(dataset="aqua_rat", source="deepmind/aqua_rat")).task == "aqua_rat"
+    with pytest.raises(DataError, match=r"no built-in task spec reads hub id 'rajpurkar/squad'.*set data\.task"):
+        task_spec(DataConfig(dataset="squad", source="rajpurkar/squad"))
 
 
 def test_hub_path_maps_rows(monkeypatch):

@@ -21,14 +21,16 @@ from engine.sequences import Sequences, build_sequences
 from engine.tasks import Example
 
 
-def variant_sequences(cfg: Config, examples: list[Example], tokenizer) -> list[tuple[Variant, Sequences]]:
+def variant_sequences(cfg: Config, examples: list[Example], tokenizer,
+                      fewshot_pool: list[Example] | None = None) -> list[tuple[Variant, Sequences]]:
     """Letter-prompt sequences of every variant; raises ConfigError for a format the tokenizer cannot
     tell apart, before anything runs."""
     b = cfg.baseline
     out = []
     for v in variants(b.formats, cfg.prompt.answer_format, b.permutations):
         prompt = dataclasses.replace(cfg.prompt, mode="letter", answer_format=v.answer_format)
-        out.append((v, build_sequences(permute(examples, cfg.seed, v.permutation), tokenizer, prompt)))
+        out.append((v, build_sequences(permute(examples, cfg.seed, v.permutation), tokenizer, prompt,
+                                           fewshot_pool)))
     return out
 
 

@@ -28,8 +28,8 @@ from engine.config import PSEUDO_SOURCES, STUDENT_RUNTIME, Config, ConfigError, 
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
-from engine.tasks import ROLES, Example, load_role, stratified_subset
-from engine.teacher import teacher_choice_logprobs
+from engine.tasks import ROLES, Example, load_role, load_split, stratified_subset
+from engine.teacher import choice_chars, teacher_choice_logprobs
 
 
 def log(stage: str, msg: str) -> None:
@@ -67,8 +67,15 @@ class Run:
         return {role: load_role(self.cfg.data, role) for role in ROLES}
 
     @cached_property
+    def fewshot_pool(self) -> list[Example] | None:
+        """The rows few-shot examples are drawn from (`prompt.fewshot_split`), or None without few-shot."""
+        p = self.cfg.prompt
+        return load_split(self.cfg.data, p.fewshot_split) if p.fewshot else None
+
+    @cached_property
     def seqs(self) -> dict[str, Sequences]:
-        return {r: build_sequences(ex, self.tokenizer, self.cfg.prompt) for r, ex in self.examples.items()}
+        return {r: build_sequences(ex, self.tokenizer, self.cfg.prompt, self.fewshot_pool)
+                for r, ex in self.examples.items()}
 
     @cached_property
     def student_path(self) -> str:
@@ -224,7 +231,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     cap = cfg.baseline.max_questions
     qs = stratified_subset(test.answer, min(1.0, cap / n), cfg.data.sample_seed) if cap and cap < n else np.arange(n)
     sub = test.select(qs)
-    asked = variant_sequences(cfg, [run.examples["test"][q] for q in qs], run.tokenizer)
+    asked = variant_sequences(cfg, [run.examples["test"][q] for q in qs], run.tokenizer, run.fewshot_pool)
     log("baseline", f"vLLM scoring {len(qs)} test questions ({sub.n_rows} prompts), then {len(asked)} variants")
     scorer = start_scorer(run.model_path, cfg.baseline, model_len_for(sub, *(s for _, s in asked)),
                           num_cpus=cfg.extract.cpus_per_replica,
@@ -246,7 +253,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
         "config_hash": config_hash(cfg),
     }
     if cfg.extract.teacher_scores:  # cross-check against the extraction forward's scores
-        hf_logp = teacher_logp(run, "test")[0][qs][:, : vllm_logp.shape[1]]
+        hf_logp = teacher_logp(run, "test", normalise="none")[0][qs][:, : vllm_logp.shape[1]]
         present = np.isfinite(vllm_logp)
         meta["transformers_test_acc_same_questions"] = metrics.accuracy(metrics.softmax_rows(hf_logp), sub.answer)
         meta["max_abs_diff_vs_transformers"] = float(np.abs(vllm_logp[present] - hf_logp[present]).max())
@@ -262,16 +269,22 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     return meta
 
 
-def teacher_logp(run: Run, role: str, *, normalise: bool = False) -> tuple[np.ndarray, Sequences]:
+def teacher_logp(run: Run, role: str, *, normalise: str | None = None) -> tuple[np.ndarray, Sequences]:
+    """(Q, C_max) teacher log-scores of a role's questions under `normalise` (None: `prompt.normalise`)."""
     """(Q, C) teacher log-scores per choice from the store's scores, and the split's row metadata."""
     view = store.read_split(store.open_store(run.store_path, store_identity(run.cfg)), role, run.cfg.prompt.mode)
-    return teacher_choice_logprobs(view.seqs, view.scores(), normalise=normalise), view.seqs
+    how = run.cfg.prompt.normalise if normalise is None else normalise
+    chars = choice_chars(run.examples[role]) if how == "bytes" else None
+    return teacher_choice_logprobs(view.seqs, view.scores(), normalise=how, chars=chars), view.seqs
 
 
 def _student_identity(cfg: Config, source: str) -> dict:
     drop = ("label_sources", *STUDENT_RUNTIME)  # `source` says which; resources do not change what is learnt
     student = {k: v for k, v in to_dict(cfg.student).items() if k not in drop}
-    return {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
+    ident = {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
+    if cfg.prompt.normalise != "none":  # it shapes the logit labels (absent when 'none': older students keep theirs)
+        ident["prompt.normalise"] = cfg.prompt.normalise
+    return ident
 
 
 @dataclass
@@ -472,8 +485,10 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "versions": versions(),
     }
     if cfg.prompt.mode == "per_choice" and cfg.extract.teacher_scores:
-        norm, _ = teacher_logp(run, "test", normalise=True)
-        results["teacher_logit"]["test_acc_norm"] = metrics.accuracy(metrics.softmax_rows(norm), test_meta.answer)
+        for how, key in (("none", "test_acc_raw"), ("tokens", "test_acc_norm"), ("bytes", "test_acc_norm_bytes")):
+            lp, _ = teacher_logp(run, "test", normalise=how)
+            results["teacher_logit"][key] = metrics.accuracy(metrics.softmax_rows(lp), test_meta.answer)
+        results["teacher_logit"]["normalise"] = cfg.prompt.normalise  # what test_acc and the logit labels use
     paths = write_report(results, run.out)
     log("report", f"wrote {', '.join(str(p) for p in paths.values())}")
     return results

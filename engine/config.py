@@ -30,6 +30,7 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
+NORMALISE = ("none", "tokens", "bytes")
 LABEL_SOURCES = ("gold", "logit", "probe", "gold+logit", "gold+probe", "probe_pseudo", "logit_pseudo")
 """Student supervision: see `StudentConfig.label_sources`."""
 PSEUDO_SOURCES = ("probe_pseudo", "logit_pseudo")
@@ -137,9 +138,27 @@ class PromptConfig:
     """Per-choice mode: the state at the choice's last token ('last') or the mean over its tokens ('mean')."""
     max_length: int = 512
     """Longest prompt in tokens; longer ones are cut from the left of the question."""
+    chat_template: bool = False
+    """Wrap the prompt (few-shot examples and question) in the teacher's chat template as one user turn,
+    with the generation prompt after it; the scored continuation (choice text or label) stays outside."""
+    fewshot: int = 0
+    """Solved examples put before each question ('Question: ...\nAnswer: <gold>', blank line between),
+    as lm-eval does; drawn per question from `fewshot_split`, seeded, never the question itself."""
+    fewshot_split: str = "train"
+    """The split (of data.source) few-shot examples are drawn from, e.g. 'train' or MMLU's 'dev'."""
+    fewshot_seed: int = 0
+    """Seed of the few-shot draw (with each question's id)."""
+    normalise: str = "none"
+    """How the teacher's per-choice log-likelihoods are compared: 'none' (the sum, lm-eval's acc),
+    'tokens' (per token) or 'bytes' (per byte of the choice text, lm-eval's acc_norm). Decides the
+    teacher's choice distribution that 'logit' labels are made from; reports give all three accuracies."""
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "prompt.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.fewshot >= 0, "prompt.fewshot", "must be 0 or more")
+        _check(self.normalise in NORMALISE, "prompt.normalise", f"must be one of {NORMALISE}, got {self.normalise!r}")
+        _check(self.normalise == "none" or self.mode == "per_choice", "prompt.normalise",
+               "normalises per-choice log-likelihoods; letter mode scores one label token, so keep 'none'")
         _check(self.pool in POOLS, "prompt.pool", f"must be one of {POOLS}, got {self.pool!r}")
         _check(
             ("{letter}" in self.answer_format) != ("{number}" in self.answer_format),
@@ -606,6 +625,17 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Prompt fields added after stores existed: they enter a store's identity only when set, so every store
+# made before keeps its identity. `normalise` never does: it reads the stored scores, it does not change them.
+PROMPT_ADDED = {"chat_template": False, "fewshot": 0, "fewshot_split": "train", "fewshot_seed": 0}
+
+
+def prompt_identity(prompt: PromptConfig) -> dict:
+    d = {k: v for k, v in to_dict(prompt).items() if k != "normalise"}
+    keep = ("fewshot_split", "fewshot_seed") if prompt.fewshot else ()  # with shots, where they come from matters
+    return {k: v for k, v in d.items() if k not in PROMPT_ADDED or k in keep or v != PROMPT_ADDED[k]}
+
+
 def store_identity(cfg: Config) -> dict:
     """The fields that decide what an activation store holds. A store made under other values is refused.
     `teacher.dtype: auto` enters as what it picks here (`engine.hardware.pick_dtype`), never as 'auto'."""
@@ -616,7 +646,7 @@ def store_identity(cfg: Config) -> dict:
         "teacher.revision": cfg.teacher.revision,
         "teacher.dtype": pick_dtype(cfg.teacher.dtype, gpu=cfg.extract.gpus_per_replica > 0)[0],
         "extract.layers": list(cfg.extract.layers),
-        "prompt": to_dict(cfg.prompt),
+        "prompt": prompt_identity(cfg.prompt),
         "data.dataset": cfg.data.dataset,
         "data.source": cfg.data.source,
         "data.hub_config": cfg.data.hub_config,

@@ -2,11 +2,16 @@
 
 Letter mode lists the choices with labels and ends at "Answer:"; the answer is the label's first
 token. Per-choice mode gives one (prefix, continuation) pair per choice; the continuation is scored.
+Few-shot examples go before the question as solved questions in the same format, a blank line apart
+(lm-eval's `fewshot_delimiter`); a chat template, when asked for, wraps everything but the continuation.
 """
 
 from __future__ import annotations
 
 import string
+import zlib
+
+import numpy as np
 
 from engine.tasks import Example
 
@@ -39,3 +44,36 @@ def answer_texts(n_choices: int, answer_format: str) -> list[str]:
 def per_choice_texts(ex: Example) -> tuple[str, list[str]]:
     """The shared prefix and one continuation per choice, as lm-eval-harness does for ARC."""
     return f"Question: {ex.question.strip()}\nAnswer:", [" " + c.strip() for c in ex.choices]
+
+
+def draw_shots(ex: Example, pool: list[Example], k: int, seed: int) -> list[Example]:
+    """k solved examples for `ex` from `pool`, seeded by `seed` and the question's id; never `ex` itself
+    (neither its id nor its question text)."""
+    if k <= 0:
+        return []
+    candidates = [p for p in pool if p.id != ex.id and p.question.strip() != ex.question.strip()]
+    if len(candidates) < k:
+        raise ValueError(f"prompt.fewshot: {k} examples asked, but the few-shot split holds only {len(candidates)} "
+                         "other questions; lower prompt.fewshot or pick a larger prompt.fewshot_split")
+    rng = np.random.default_rng([seed, zlib.crc32(ex.id.encode())])
+    return [candidates[i] for i in rng.choice(len(candidates), size=k, replace=False)]
+
+
+def shots_text(shots: list[Example], mode: str, answer_format: str) -> str:
+    """The solved examples, each followed by a blank line: 'Question: ...\nAnswer: <gold choice>' (per-choice)
+    or the letter prompt and its gold label (letter)."""
+    out = []
+    for s in shots:
+        if mode == "letter":
+            out.append(letter_prompt(s, answer_format) + choice_label(s.answer, answer_format))
+        else:
+            prefix, conts = per_choice_texts(s)
+            out.append(prefix + conts[s.answer])
+    return "".join(block + "\n\n" for block in out)
+
+
+def chat_wrap(tokenizer, text: str) -> str:
+    """`text` as one user turn of the tokenizer's chat template, ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt.chat_template: the teacher's tokenizer has no chat template; set it false")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

@@ -240,6 +240,9 @@ def render_markdown(results: Mapping) -> str:
     rows: list[list[Any]] = [["Teacher logits", fmt_pct(tl["test_acc"]), tl.get("source") or ""]]
     if tl.get("test_acc_norm") is not None:
         rows.append(["Teacher logits, length-normalised", fmt_pct(tl["test_acc_norm"]), "per-token mean log-prob"])
+    if tl.get("test_acc_norm_bytes") is not None:
+        rows.append(["Teacher logits, byte-normalised", fmt_pct(tl["test_acc_norm_bytes"]),
+                     "log-prob / choice length in characters: lm-eval's acc_norm"])
     vb = r.get("vllm_baseline")
     if vb:
         notes = [f"on {vb['n_questions']} test questions"]

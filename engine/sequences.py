@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ConfigError, PromptConfig
-from engine.prompts import answer_texts, letter_prompt, per_choice_texts
+from engine.prompts import answer_texts, chat_wrap, draw_shots, letter_prompt, per_choice_texts, shots_text
 from engine.tasks import Example
 
 
@@ -114,8 +114,30 @@ def label_tokens(tokenizer, n: int, answer_format: str) -> tuple[list[int], np.n
     return labels[0][:m], np.asarray(ids, dtype=np.int64)
 
 
-def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) -> Sequences:
-    """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix."""
+def prompt_prefix(ex: Example, tokenizer, prompt: PromptConfig, fewshot_pool: list[Example] | None) -> tuple[str, bool]:
+    """(the text before the scored part, whether the tokenizer should add its special tokens): few-shot
+    examples and the question, wrapped in the chat template if asked (which brings its own)."""
+    first = letter_prompt(ex, prompt.answer_format) if prompt.mode == "letter" else per_choice_texts(ex)[0]
+    if prompt.fewshot:
+        if fewshot_pool is None:
+            raise ConfigError("prompt.fewshot: no few-shot pool was loaded; pass the prompt.fewshot_split rows")
+        try:
+            shots = draw_shots(ex, fewshot_pool, prompt.fewshot, prompt.fewshot_seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        first = shots_text(shots, prompt.mode, prompt.answer_format) + first
+    if prompt.chat_template:
+        try:
+            return chat_wrap(tokenizer, first), False
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return first, True
+
+
+def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig,
+                    fewshot_pool: list[Example] | None = None) -> Sequences:
+    """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix.
+    `fewshot_pool`: the rows of `prompt.fewshot_split` (needed when `prompt.fewshot` > 0)."""
     ids: list[np.ndarray] = []
     start, row_q, row_c = [], [], []
     n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
@@ -123,16 +145,17 @@ def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig) ->
     if prompt.mode == "letter" and len(examples):
         shared, letters = label_tokens(tokenizer, int(n_choices.max()), prompt.answer_format)
     for q, ex in enumerate(examples):
+        prefix_text, special = prompt_prefix(ex, tokenizer, prompt, fewshot_pool)
         if prompt.mode == "letter":
-            text = _encode(tokenizer, letter_prompt(ex, prompt.answer_format), True)
+            text = _encode(tokenizer, prefix_text, special)
             seq = (text + shared)[-prompt.max_length :]
             ids.append(np.asarray(seq, dtype=np.int64))
             start.append(len(seq))
             row_q.append(q)
             row_c.append(0)
             continue
-        prefix_text, conts = per_choice_texts(ex)
-        prefix = _encode(tokenizer, prefix_text, True)
+        conts = per_choice_texts(ex)[1]
+        prefix = _encode(tokenizer, prefix_text, special)
         for c, cont_text in enumerate(conts):
             cont = _encode(tokenizer, cont_text, False)[: prompt.max_length - 1]
             keep = prefix[-(prompt.max_length - len(cont)) :]

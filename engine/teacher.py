@@ -241,11 +241,33 @@ def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[in
         out[slots, 1] = np.bincount(owner, minlength=len(slots))
 
 
-def teacher_choice_logprobs(seqs: Sequences, scores: np.ndarray, *, normalise: bool = False) -> np.ndarray:
-    """(Q, C_max) teacher log-scores per choice (-inf for absent choices), from stored row scores."""
+def choice_chars(examples) -> np.ndarray:
+    """(Q, C_max) length of each choice's text in characters (0 where absent): what lm-eval's acc_norm
+    divides by (`len(choice)`), which is the text's byte length for ASCII."""
+    width = max((len(ex.choices) for ex in examples), default=0)
+    out = np.zeros((len(examples), width))
+    for q, ex in enumerate(examples):
+        out[q, : len(ex.choices)] = [len(c) for c in ex.choices]
+    return out
+
+
+def teacher_choice_logprobs(seqs: Sequences, scores: np.ndarray, *, normalise: str = "none",
+                            chars: np.ndarray | None = None) -> np.ndarray:
+    """(Q, C_max) teacher log-scores per choice (-inf for absent choices), from stored row scores.
+
+    Per-choice `normalise`: 'none' (the log-likelihood, lm-eval's acc), 'tokens' (divided by the choice's
+    token count), 'bytes' (divided by its text length `chars`, from `choice_chars`: lm-eval's acc_norm)."""
     if seqs.mode == "letter":
         return scores[:, : seqs.max_choices].astype(np.float64)
     out = np.full((seqs.n_questions, seqs.max_choices), -np.inf)
-    ll = scores[:, 0] / np.maximum(scores[:, 1], 1.0) if normalise else scores[:, 0]
+    ll = scores[:, 0].astype(np.float64)
+    if normalise == "tokens":
+        ll = ll / np.maximum(scores[:, 1], 1.0)
+    elif normalise == "bytes":
+        if chars is None:
+            raise ValueError("normalise='bytes' needs the choices' lengths (choice_chars)")
+        ll = ll / np.maximum(chars[seqs.row_question, seqs.row_choice], 1.0)
+    elif normalise != "none":
+        raise ValueError(f"normalise: must be 'none', 'tokens' or 'bytes', got {normalise!r}")
     out[seqs.row_question, seqs.row_choice] = ll
     return out

@@ -108,3 +108,72 @@ def test_both_modes_and_every_format_on_every_dataset(tiny_model, shared_data, d
     for fmt in BaselineConfig().formats:
         letter = build_sequences(examples, tok, PromptConfig(mode="letter", answer_format=fmt))
         assert letter.n_rows == len(examples) and len(set(letter.letter_ids.tolist())) == letter.max_choices
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot examples and chat templates
+
+POOL = [Example(id=f"p{i}", question=f"Pool question {i}?", choices=(f"x{i}", f"y{i}"), answer=i % 2) for i in range(8)]
+CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_fewshot_draws_never_hold_the_question_and_are_seeded():
+    from engine.prompts import draw_shots, shots_text
+
+    me = POOL[3]
+    for seed in range(20):
+        shots = draw_shots(me, POOL, 3, seed)
+        assert len(shots) == 3 and me not in shots and len({s.id for s in shots}) == 3
+    same_text = Example(id="other-id", question=me.question, choices=me.choices, answer=me.answer)
+    assert all(s.question != me.question for s in draw_shots(me, [*POOL, same_text], 7, 0))
+    assert draw_shots(me, POOL, 3, 0) == draw_shots(me, POOL, 3, 0)  # seeded
+    assert len({tuple(s.id for s in draw_shots(q, POOL, 3, 0)) for q in POOL}) > 1  # per question
+    with pytest.raises(ValueError, match=r"prompt\.fewshot: 8 examples asked, but .* only 7 other questions"):
+        draw_shots(me, POOL, 8, 0)
+    shots = POOL[:2]
+    assert shots_text(shots, "per_choice", " {letter}") == (
+        "Question: Pool question 0?\nAnswer: x0\n\nQuestion: Pool question 1?\nAnswer: y1\n\n")
+    assert shots_text(shots[:1], "letter", " {letter}") == "Question: Pool question 0?\nA. x0\nB. y0\nAnswer: A\n\n"
+
+
+@pytest.mark.parametrize("mode", ["per_choice", "letter"])
+def test_fewshot_and_chat_template_in_the_teacher_rows(tiny_model, mode):
+    from engine.config import ConfigError
+    from engine.models import load_tokenizer
+    from engine.prompts import draw_shots, shots_text
+
+    tok = load_tokenizer(str(tiny_model))
+    prompt = PromptConfig(mode=mode, fewshot=2, fewshot_seed=5)
+    seqs = build_sequences([EX], tok, prompt, POOL)
+    shots = draw_shots(EX, POOL, 2, 5)
+    first = letter_prompt(EX, " {letter}") if mode == "letter" else per_choice_texts(EX)[0]
+    want_prefix = tok(shots_text(shots, mode, " {letter}") + first)["input_ids"]
+    assert list(seqs.ids[0][: len(want_prefix)]) == list(want_prefix)
+    with pytest.raises(ConfigError, match="no chat template"):
+        build_sequences([EX], tok, PromptConfig(mode=mode, chat_template=True))
+
+    tok.chat_template = CHAT
+    chat = build_sequences([EX], tok, PromptConfig(mode=mode, chat_template=True, fewshot=2, fewshot_seed=5), POOL)
+    wrapped = "<|user|>" + shots_text(shots, mode, " {letter}") + first + "<|end|>\n<|assistant|>"
+    prefix = tok(wrapped, add_special_tokens=False)["input_ids"]
+    for r in range(chat.n_rows):
+        ids, start = list(chat.ids[r]), int(chat.start[r])
+        if mode == "per_choice":  # the scored continuation stays outside the template
+            assert ids[:start] == prefix
+            assert ids[start:] == tok(per_choice_texts(EX)[1][r], add_special_tokens=False)["input_ids"]
+        else:
+            assert ids[: len(prefix)] == prefix
+
+
+def test_new_prompt_fields_enter_the_store_identity_only_when_set():
+    from dataclasses import replace
+
+    from engine.config import Config, store_identity
+
+    base = Config()
+    assert "fewshot" not in store_identity(base)["prompt"] and "chat_template" not in store_identity(base)["prompt"]
+    assert "normalise" not in store_identity(replace(base, prompt=replace(base.prompt, normalise="bytes")))["prompt"]
+    shot = store_identity(replace(base, prompt=replace(base.prompt, fewshot=5)))["prompt"]
+    assert (shot["fewshot"], shot["fewshot_split"], shot["fewshot_seed"]) == (5, "train", 0)
+    assert store_identity(replace(base, prompt=replace(base.prompt, chat_template=True)))["prompt"]["chat_template"]

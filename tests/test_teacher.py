@@ -71,8 +71,16 @@ def test_mean_pooling_and_choice_logprobs(setup):
     np.testing.assert_allclose(out.states[r, 0], ref, atol=2e-2, rtol=1e-2)
     lp = teacher_choice_logprobs(seqs, out.scores)
     assert lp.shape == (3, seqs.max_choices)
-    norm = teacher_choice_logprobs(seqs, out.scores, normalise=True)
+    norm = teacher_choice_logprobs(seqs, out.scores, normalise="tokens")
     assert np.all(norm[np.isfinite(norm)] > lp[np.isfinite(lp)].min())
+    # bytes: lm-eval's acc_norm, the log-likelihood over len(choice text), checked by hand
+    from engine.teacher import choice_chars
+
+    chars = choice_chars(examples[:3])
+    by = teacher_choice_logprobs(seqs, out.scores, normalise="bytes", chars=chars)
+    for r in range(seqs.n_rows):
+        q, c = seqs.row_question[r], seqs.row_choice[r]
+        assert by[q, c] == pytest.approx(out.scores[r, 0] / len(examples[q].choices[c]))
 
 
 def test_forward_depth():

@@ -172,3 +172,30 @@ def test_stores_of_the_four_datasets_keep_their_identity():
     bench = load(REPO / "configs/bench.yaml", ["teacher.dtype=float32"])
     now |= {ds: config_hash(store_identity(dataset_config(bench, ds))) for ds in bench.bench.datasets}
     assert now == before
+
+
+@pytest.mark.slow
+def test_a_task_never_seen_runs_from_a_spec_alone(tmp_path, shared_data, tiny_model):
+    """OpenBookQA's hub layout (question_stem, choices {text, label}, answerKey), none of the shared
+    schema's field names, through `distill run` with nothing but data.task=openbookqa."""
+    from conftest import distill
+
+    folder = tmp_path / "obqa"
+    for split, n in (("train", 40), ("validation", 20), ("test", 24)):
+        rows = [json.loads(line) for line in (shared_data / "arc_easy" / f"{split}.jsonl").read_text().splitlines()[:n]]
+        write_rows(folder, split, [{"id": f"obqa-{r['id']}", "question_stem": r["question"],
+                                    "choices": {"text": r["choices"], "label": list("ABCDE"[: len(r["choices"])])},
+                                    "answerKey": "ABCDE"[r["answer"]]} for r in rows])
+    out = tmp_path / "run"
+    res = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "data.task=openbookqa",
+                  f"data.source={folder}", "data.dataset=openbookqa", "baseline.enabled=false",
+                  "student.label_sources=[gold, probe]")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "openbookqa" and report["splits"]["test"] == 24
+    assert [s["source"] for s in report["students"]] == ["gold", "probe"]
+    import zarr
+
+    root = zarr.open_group(str(out / "activations.zarr"), mode="r")
+    assert root.attrs["identity"]["data.task"] == "openbookqa"
+    assert str(root["test"]["ids"][0]).startswith("obqa-")

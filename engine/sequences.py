@@ -155,6 +155,12 @@ def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig,
             row_c.append(0)
             continue
         conts = per_choice_texts(ex)[1]
+        if prompt.chat_template:
+            # The choice is the assistant's reply: no " " delimiter before it, and the template's trailing
+            # whitespace (the newline after the generation prompt) starts every continuation, as lm-eval does.
+            n = len(prefix_text) - len(prefix_text.rstrip())
+            ws = prefix_text[len(prefix_text) - n:]
+            prefix_text, conts = prefix_text[: len(prefix_text) - n], [ws + c.lstrip() for c in conts]
         prefix = _encode(tokenizer, prefix_text, special)
         for c, cont_text in enumerate(conts):
             cont = _encode(tokenizer, cont_text, False)[: prompt.max_length - 1]

@@ -161,9 +161,15 @@ def test_fewshot_and_chat_template_in_the_teacher_rows(tiny_model, mode):
         ids, start = list(chat.ids[r]), int(chat.start[r])
         if mode == "per_choice":  # the scored continuation stays outside the template
             assert ids[:start] == prefix
-            assert ids[start:] == tok(per_choice_texts(EX)[1][r], add_special_tokens=False)["input_ids"]
+            assert ids[start:] == tok(per_choice_texts(EX)[1][r].lstrip(), add_special_tokens=False)["input_ids"]
         else:
             assert ids[: len(prefix)] == prefix
+    # The choice is the assistant's reply (no " " before it); a template that ends in whitespace gives it
+    # to every continuation, as lm-eval does.
+    tok.chat_template = CHAT.replace("<|assistant|>{% endif %}", "<|assistant|>\n{% endif %}")
+    nl = build_sequences([EX], tok, PromptConfig(mode="per_choice", chat_template=True))
+    if mode == "per_choice":
+        assert list(nl.ids[0][int(nl.start[0]):]) == tok("\nrock", add_special_tokens=False)["input_ids"]
 
 
 def test_new_prompt_fields_enter_the_store_identity_only_when_set():

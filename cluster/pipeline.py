@@ -281,6 +281,8 @@ def teacher_logp(run: Run, role: str, *, normalise: str | None = None) -> tuple[
 def _student_identity(cfg: Config, source: str) -> dict:
     drop = ("label_sources", *STUDENT_RUNTIME)  # `source` says which; resources do not change what is learnt
     student = {k: v for k, v in to_dict(cfg.student).items() if k not in drop}
+    if student.get("template") is None:  # added later: absent when null, so older students keep their identity
+        student.pop("template", None)
     ident = {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
     if cfg.prompt.normalise != "none":  # it shapes the logit labels (absent when 'none': older students keep theirs)
         ident["prompt.normalise"] = cfg.prompt.normalise

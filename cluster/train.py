@@ -121,6 +121,8 @@ def _fingerprint(student: StudentConfig, job: StudentJob, model_path: str, split
     s = to_dict(student)
     for key in ("epochs", "head_epochs", "label_sources", *STUDENT_RUNTIME):  # more epochs / other resources are fine
         s.pop(key)
+    if s.get("template") is None:  # added later; the spec carries it when set
+        s.pop("template", None)
     return config_hash({
         "student": s, "seed": job.seed, "source": job.source, "model": model_path, "spec": spec,
         "max_choices": max_choices, "pad_id": pad_id, "splits": splits,

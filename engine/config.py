@@ -28,6 +28,21 @@ def _check(ok: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}")
 
 
+def _check_template(template: Optional[str], name: str) -> None:
+    """A prompt template must parse as Jinja (it is rendered per question later)."""
+    if template is None:
+        return
+    _check(isinstance(template, str) and bool(template.strip()), name, "give a non-empty Jinja template or null")
+    from jinja2 import TemplateSyntaxError
+
+    from engine.taskspec import _compile
+
+    try:
+        _compile(template)
+    except TemplateSyntaxError as err:
+        raise ConfigError(f"{name}: not a valid Jinja template ({err.message}, line {err.lineno})") from None
+
+
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
 NORMALISE = ("none", "tokens", "bytes")
@@ -138,6 +153,10 @@ class PromptConfig:
     """Per-choice mode: the state at the choice's last token ('last') or the mean over its tokens ('mean')."""
     max_length: int = 512
     """Longest prompt in tokens; longer ones are cut from the left of the question."""
+    template: Optional[str] = None
+    """A Jinja template for the text before the scored part, with question, choices, labels, subject:
+    per-choice, the prefix (null: 'Question: {{ question }}\nAnswer:', lm-eval's ARC prompt); letter,
+    the whole listing, ending where the label is scored (null: the built-in listing)."""
     chat_template: bool = False
     """Wrap the prompt (few-shot examples and question) in the teacher's chat template as one user turn,
     with the generation prompt after it; the scored continuation (choice text or label) stays outside."""
@@ -156,6 +175,7 @@ class PromptConfig:
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "prompt.mode", f"must be one of {MODES}, got {self.mode!r}")
         _check(self.fewshot >= 0, "prompt.fewshot", "must be 0 or more")
+        _check_template(self.template, "prompt.template")
         _check(self.normalise in NORMALISE, "prompt.normalise", f"must be one of {NORMALISE}, got {self.normalise!r}")
         _check(self.normalise == "none" or self.mode == "per_choice", "prompt.normalise",
                "normalises per-choice log-likelihoods; letter mode scores one label token, so keep 'none'")
@@ -363,6 +383,10 @@ class StudentConfig:
     """AdamW weight decay."""
     max_length: int = 128
     """Longest student input in tokens; longer inputs lose tokens from the left of the question."""
+    template: Optional[str] = None
+    """The student's own input template (Jinja; question, choices, labels, subject): what an encoder
+    reads as the first text of each (question, choice) pair (null: the question), or a decoder's prompt
+    prefix as in `prompt.template`. Saved with the student, so `distill predict` reads the same way."""
     num_workers: int = 1
     """Ray Train workers (DDP)."""
     cpus_per_worker: int = 2
@@ -378,6 +402,7 @@ class StudentConfig:
     (a lost node or a preempted GPU); -1 retries forever. Errors in the training loop fail at once."""
 
     def __post_init__(self) -> None:
+        _check_template(self.template, "student.template")
         bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
         _check(not bad, "student.label_sources", f"choose from {LABEL_SOURCES} (or []), got {bad}")
         _check(bool(self.model), "student.model", "name 'all-minilm-l6-v2', 'teacher', a model folder or a hub id")
@@ -627,7 +652,7 @@ def config_hash(obj: Any) -> str:
 
 # Prompt fields added after stores existed: they enter a store's identity only when set, so every store
 # made before keeps its identity. `normalise` never does: it reads the stored scores, it does not change them.
-PROMPT_ADDED = {"chat_template": False, "fewshot": 0, "fewshot_split": "train", "fewshot_seed": 0}
+PROMPT_ADDED = {"template": None, "chat_template": False, "fewshot": 0, "fewshot_split": "train", "fewshot_seed": 0}
 
 
 def prompt_identity(prompt: PromptConfig) -> dict:

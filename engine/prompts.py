@@ -28,8 +28,29 @@ def _listing_label(i: int, answer_format: str) -> str:
     return label if not label.isalnum() else label + "."
 
 
-def letter_prompt(ex: Example, answer_format: str) -> str:
-    """Question, labelled choices, and 'Answer:'. The model's next token should be the label."""
+def render(template: str, ex: Example, answer_format: str = " {letter}") -> str:
+    """A prompt template (Jinja, sandboxed) for one question. Variables: question (stripped), choices,
+    labels (each choice's label under `answer_format`, e.g. 'A'), subject. Raises ValueError."""
+    from jinja2 import TemplateError
+
+    from engine.taskspec import _compile
+
+    labels = [choice_label(i, answer_format).strip() for i in range(len(ex.choices))]
+    try:
+        text = _compile(template).render(question=ex.question.strip(), choices=list(ex.choices), labels=labels,
+                                         subject=ex.subject)
+    except TemplateError as err:
+        raise ValueError(f"template {template!r} failed on question {ex.id!r}: {err}") from None
+    if not text.strip():
+        raise ValueError(f"template {template!r} renders empty for question {ex.id!r}")
+    return text
+
+
+def letter_prompt(ex: Example, answer_format: str, template: str | None = None) -> str:
+    """Question, labelled choices, and 'Answer:'. The model's next token should be the label.
+    `template`: the whole text instead (it must end where the label is scored)."""
+    if template:
+        return render(template, ex, answer_format)
     lines = [f"Question: {ex.question.strip()}"]
     lines += [f"{_listing_label(i, answer_format)} {c.strip()}" for i, c in enumerate(ex.choices)]
     lines.append("Answer:")
@@ -41,9 +62,11 @@ def answer_texts(n_choices: int, answer_format: str) -> list[str]:
     return [choice_label(i, answer_format) for i in range(n_choices)]
 
 
-def per_choice_texts(ex: Example) -> tuple[str, list[str]]:
-    """The shared prefix and one continuation per choice, as lm-eval-harness does for ARC."""
-    return f"Question: {ex.question.strip()}\nAnswer:", [" " + c.strip() for c in ex.choices]
+def per_choice_texts(ex: Example, template: str | None = None) -> tuple[str, list[str]]:
+    """The shared prefix and one continuation per choice, as lm-eval-harness does for ARC. `template`:
+    the prefix instead (default 'Question: {{ question }}\nAnswer:')."""
+    prefix = render(template, ex) if template else f"Question: {ex.question.strip()}\nAnswer:"
+    return prefix, [" " + c.strip() for c in ex.choices]
 
 
 def draw_shots(ex: Example, pool: list[Example], k: int, seed: int) -> list[Example]:
@@ -59,15 +82,15 @@ def draw_shots(ex: Example, pool: list[Example], k: int, seed: int) -> list[Exam
     return [candidates[i] for i in rng.choice(len(candidates), size=k, replace=False)]
 
 
-def shots_text(shots: list[Example], mode: str, answer_format: str) -> str:
+def shots_text(shots: list[Example], mode: str, answer_format: str, template: str | None = None) -> str:
     """The solved examples, each followed by a blank line: 'Question: ...\nAnswer: <gold choice>' (per-choice)
     or the letter prompt and its gold label (letter)."""
     out = []
     for s in shots:
         if mode == "letter":
-            out.append(letter_prompt(s, answer_format) + choice_label(s.answer, answer_format))
+            out.append(letter_prompt(s, answer_format, template) + choice_label(s.answer, answer_format))
         else:
-            prefix, conts = per_choice_texts(s)
+            prefix, conts = per_choice_texts(s, template)
             out.append(prefix + conts[s.answer])
     return "".join(block + "\n\n" for block in out)
 

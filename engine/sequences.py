@@ -117,7 +117,11 @@ def label_tokens(tokenizer, n: int, answer_format: str) -> tuple[list[int], np.n
 def prompt_prefix(ex: Example, tokenizer, prompt: PromptConfig, fewshot_pool: list[Example] | None) -> tuple[str, bool]:
     """(the text before the scored part, whether the tokenizer should add its special tokens): few-shot
     examples and the question, wrapped in the chat template if asked (which brings its own)."""
-    first = letter_prompt(ex, prompt.answer_format) if prompt.mode == "letter" else per_choice_texts(ex)[0]
+    try:
+        first = (letter_prompt(ex, prompt.answer_format, prompt.template) if prompt.mode == "letter"
+                 else per_choice_texts(ex, prompt.template)[0])
+    except ValueError as err:
+        raise ConfigError(f"prompt.template: {err}") from None
     if prompt.fewshot:
         if fewshot_pool is None:
             raise ConfigError("prompt.fewshot: no few-shot pool was loaded; pass the prompt.fewshot_split rows")
@@ -125,7 +129,7 @@ def prompt_prefix(ex: Example, tokenizer, prompt: PromptConfig, fewshot_pool: li
             shots = draw_shots(ex, fewshot_pool, prompt.fewshot, prompt.fewshot_seed)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        first = shots_text(shots, prompt.mode, prompt.answer_format) + first
+        first = shots_text(shots, prompt.mode, prompt.answer_format, prompt.template) + first
     if prompt.chat_template:
         try:
             return chat_wrap(tokenizer, first), False

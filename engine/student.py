@@ -537,7 +537,7 @@ def student_inputs(student: StudentConfig, path: str, answer_format: str) -> tup
     config = load_config(path, revision=student.revision, trust_remote_code=student.trust_remote_code)
     tok = load_tokenizer(path, config, revision=student.revision, trust_remote_code=student.trust_remote_code)
     return tok, InputSpec(kind=model_kind(config), mode=student.mode, max_length=student.max_length,
-                          answer_format=answer_format)
+                          answer_format=answer_format, template=student.template)
 
 
 def check_student(student: StudentConfig, path: str) -> None:

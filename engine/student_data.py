@@ -33,9 +33,12 @@ class InputSpec:
     """'per_choice' or 'letter'."""
     max_length: int
     answer_format: str = " {letter}"
+    template: Optional[str] = None
+    """`student.template`: the student's own input template (null: the question, or the teacher's prompt)."""
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "mode": self.mode, "max_length": self.max_length, "answer_format": self.answer_format}
+        d = {"kind": self.kind, "mode": self.mode, "max_length": self.max_length, "answer_format": self.answer_format}
+        return d | ({"template": self.template} if self.template else {})  # absent when null: older fingerprints hold
 
 
 def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> Sequences:
@@ -45,21 +48,35 @@ def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> 
     what the teacher reads (`build_sequences`), so `start` marks each choice's first token and
     `letter_ids` the label tokens. Over-long inputs lose tokens from the left of the question.
     """
-    from engine.config import PromptConfig
+    from engine.config import ConfigError, PromptConfig
+    from engine.prompts import render
 
     if spec.kind == "decoder":
-        prompt = PromptConfig(mode=spec.mode, answer_format=spec.answer_format, max_length=spec.max_length)
-        return build_sequences(list(examples), tokenizer, prompt)
+        prompt = PromptConfig(mode=spec.mode, answer_format=spec.answer_format, max_length=spec.max_length,
+                              template=spec.template)
+        try:
+            return build_sequences(list(examples), tokenizer, prompt)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("prompt.template", "student.template")) from None
+
+    def first_text(ex: Example) -> str:
+        if not spec.template:
+            return ex.question.strip()
+        try:
+            return render(spec.template, ex, spec.answer_format)
+        except ValueError as err:
+            raise ConfigError(f"student.template: {err}") from None
+
     n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
     answer = np.asarray([ex.answer for ex in examples], dtype=np.int64)
     if spec.mode == "letter":
-        firsts = [letter_prompt(ex, spec.answer_format) for ex in examples]
+        firsts = [first_text(ex) if spec.template else letter_prompt(ex, spec.answer_format) for ex in examples]
         with _truncating_left(tokenizer):
             enc = tokenizer(firsts, truncation=True, max_length=spec.max_length) if firsts else {"input_ids": []}
         row_q = np.arange(len(examples), dtype=np.int64)
         row_c = np.zeros(len(examples), dtype=np.int64)
     else:
-        firsts = [ex.question.strip() for ex in examples for _ in ex.choices]
+        firsts = [text for ex in examples for text in [first_text(ex)] * len(ex.choices)]
         seconds = [c.strip() for ex in examples for c in ex.choices]
         enc = _encode_pairs(tokenizer, firsts, seconds, spec.max_length) if firsts else {"input_ids": []}
         row_q = np.repeat(np.arange(len(examples), dtype=np.int64), n_choices)

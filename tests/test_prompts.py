@@ -183,3 +183,56 @@ def test_new_prompt_fields_enter_the_store_identity_only_when_set():
     shot = store_identity(replace(base, prompt=replace(base.prompt, fewshot=5)))["prompt"]
     assert (shot["fewshot"], shot["fewshot_split"], shot["fewshot_seed"]) == (5, "train", 0)
     assert store_identity(replace(base, prompt=replace(base.prompt, chat_template=True)))["prompt"]["chat_template"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt templates: the teacher's and the student's own
+
+SUBJ = Example(id="q9", question="Which is a gas?", choices=("rock", "steam"), answer=1, subject="physics")
+
+
+@pytest.mark.parametrize("mode, template, want", [
+    ("per_choice", "Subject: {{ subject }}\nQ: {{ question }}\nA:", "Subject: physics\nQ: Which is a gas?\nA:"),
+    ("letter", "{{ question }}\n{% for c in choices %}({{ labels[loop.index0] }}) {{ c }}\n{% endfor %}Answer:",
+     "Which is a gas?\n(A) rock\n(B) steam\nAnswer:"),
+])
+def test_prompt_templates_for_both_modes(tiny_model, mode, template, want):
+    from engine.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    seqs = build_sequences([SUBJ], tok, PromptConfig(mode=mode, template=template))
+    prefix = tok(want)["input_ids"]
+    assert list(seqs.ids[0][: len(prefix)]) == prefix
+    if mode == "per_choice":
+        assert int(seqs.start[0]) == len(prefix)  # the choice text is still the scored part
+    shots = build_sequences([SUBJ], tok, PromptConfig(mode=mode, template=template, fewshot=1), POOL[:2])
+    text = tok.decode(shots.ids[0])  # the solved example is written with the same template
+    assert text.count(want.splitlines()[-1]) == 2 and "Pool question" in text
+
+
+def test_bad_templates_fail_naming_the_field():
+    from engine.config import ConfigError, StudentConfig
+    from engine.models import load_tokenizer  # noqa: F401
+
+    with pytest.raises(ConfigError, match=r"prompt\.template: not a valid Jinja template"):
+        PromptConfig(template="{{ question ")
+    with pytest.raises(ConfigError, match=r"student\.template: not a valid Jinja template"):
+        StudentConfig(template="{% if %}")
+    with pytest.raises(ConfigError, match=r"prompt\.template: template .* failed on question 'q1': 'topic' is undefined"):
+        build_sequences([EX], None, PromptConfig(template="{{ topic }}"))
+    with pytest.raises(ConfigError, match=r"prompt\.template: template .* renders empty for question 'q1'"):
+        build_sequences([EX], None, PromptConfig(template="{{ '' }}"))
+
+
+def test_the_students_own_input_template(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from engine.student_data import InputSpec, encode_examples
+
+    btok = AutoTokenizer.from_pretrained(tiny_bert)
+    spec = InputSpec("encoder", "per_choice", 64, template="{{ subject }}: {{ question }}")
+    seqs = encode_examples([SUBJ], btok, spec)
+    for r, choice in enumerate(SUBJ.choices):
+        assert seqs.ids[r].tolist() == btok("physics: Which is a gas?", choice)["input_ids"]
+    assert InputSpec(**spec.to_dict()) == spec  # saved in student.json, read back by `distill predict`
+    assert "template" not in InputSpec("encoder", "per_choice", 64).to_dict()  # older students keep their fingerprint

@@ -9,7 +9,11 @@ its traceback. The CLI prints the line and, unless `--verbose`, nothing else.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
+
+# A worker's error that reached the driver only as text (an actor that died in its constructor).
+_MISSING = re.compile(r"(?:FileNotFoundError|OSError)[^\n]*?No such file or directory: '([^']+)'")
 
 
 class RayStartError(RuntimeError):
@@ -59,7 +63,9 @@ def describe(err: BaseException) -> str | None:
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"cannot write {e.filename or 'a file'} ({e.strerror}). Point out_dir at a folder you can write"
     for e in chain:
-        if isinstance(e, FileNotFoundError):
-            return (f"{e.filename or 'a file'} vanished mid-run ({e.strerror}). Restore it (the model and data "
-                    "must stay in place while a run reads them)")
+        found = e.filename if isinstance(e, FileNotFoundError) else None
+        match = None if found else _MISSING.search(str(e))
+        if found or match:
+            return (f"{found or match.group(1)} vanished mid-run (No such file or directory). Restore it (the "
+                    "model and data must stay in place while a run reads them)")
     return None

@@ -143,3 +143,30 @@ def test_sigint_mid_training_resumes_to_the_uninterrupted_students(tmp_path, tin
         assert a[source]["best_epoch"] == b[source]["best_epoch"], source
         np.testing.assert_allclose(a[source]["history"], b[source]["history"])
         np.testing.assert_allclose(a[source]["test_probs"], b[source]["test_probs"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_teacher_file_that_vanishes_mid_run(tmp_path, tiny_model, extract_reference):
+    """The teacher's weights vanish mid-extraction and its replica dies: the replacement cannot load them.
+    One line names the file; with the file back, the same command resumes to the uninterrupted store."""
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_model, model)
+    out, err = tmp_path / "run", tmp_path / "vanish.err"
+    args = extract_args(model, out)
+    args[2] = f"teacher.model={model}"
+    proc = _start(args, err)
+    _read_until(proc, " done by replica ", times=2)
+    weights = next(model.glob("*.safetensors"))
+    away = weights.rename(weights.with_name("elsewhere.bin"))
+    pids = subprocess.run(["pgrep", "-f", "TeacherActor"], capture_output=True, text=True).stdout.split()
+    assert pids, "no replica process found"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 1, err.read_text()[-3000:]
+    _one_line(err.read_text(), rf"^distill: {re.escape(str(weights))} vanished mid-run .*Restore it.* Kept: .*"
+                               r"activations\.zarr\.partial \(\d+/\d+ chunks done\)\. To continue: distill extract")
+    away.rename(weights)
+    resumed = distill(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_store(out / "activations.zarr", extract_reference)

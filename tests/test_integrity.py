@@ -177,6 +177,9 @@ def test_faults_of_the_environment_are_one_line():
     gone = raised(RuntimeError("reading the model failed"))
     gone.__cause__ = FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/t/model.safetensors")
     assert failures.describe(gone).startswith("/models/t/model.safetensors vanished mid-run")
+    as_text = RuntimeError("The actor died because of an error raised in its creation task ... FileNotFoundError: "
+                           "[Errno 2] No such file or directory: '/models/t/model.safetensors'")
+    assert failures.describe(as_text).startswith("/models/t/model.safetensors vanished mid-run")
     assert failures.describe(failures.RayStartError("locally: port 6379 in use")).startswith("Ray failed to start")
     assert failures.describe(ValueError("a bug")) is None  # a bug keeps its traceback
 

@@ -13,7 +13,8 @@ import re
 from collections.abc import Iterator
 
 # A worker's error that reached the driver only as text (an actor that died in its constructor).
-_MISSING = re.compile(r"(?:FileNotFoundError|OSError)[^\n]*?No such file or directory: '([^']+)'")
+_MISSING = (re.compile(r"No such file or directory: '([^']+)'"),
+            re.compile(r"no file named (\S+?)\.? found in directory (\S+?)\.?(?:\s|$)"))  # transformers' wording
 
 
 class RayStartError(RuntimeError):
@@ -64,8 +65,12 @@ def describe(err: BaseException) -> str | None:
             return f"cannot write {e.filename or 'a file'} ({e.strerror}). Point out_dir at a folder you can write"
     for e in chain:
         found = e.filename if isinstance(e, FileNotFoundError) else None
-        match = None if found else _MISSING.search(str(e))
-        if found or match:
-            return (f"{found or match.group(1)} vanished mid-run (No such file or directory). Restore it (the "
-                    "model and data must stay in place while a run reads them)")
+        for pattern in () if found else _MISSING:
+            m = pattern.search(str(e))
+            if m:
+                found = m.group(1) if m.lastindex == 1 else f"{m.group(2).rstrip('/')}/{m.group(1)}"
+                break
+        if found:
+            return (f"{found} vanished mid-run (No such file or directory). Restore it (the model and data "
+                    "must stay in place while a run reads them)")
     return None

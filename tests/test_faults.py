@@ -153,7 +153,6 @@ def test_a_teacher_file_that_vanishes_mid_run(tmp_path, tiny_model, extract_refe
     shutil.copytree(tiny_model, model)
     out, err = tmp_path / "run", tmp_path / "vanish.err"
     args = extract_args(model, out)
-    args[2] = f"teacher.model={model}"
     proc = _start(args, err)
     _read_until(proc, " done by replica ", times=2)
     weights = next(model.glob("*.safetensors"))

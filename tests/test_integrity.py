@@ -180,6 +180,8 @@ def test_faults_of_the_environment_are_one_line():
     as_text = RuntimeError("The actor died because of an error raised in its creation task ... FileNotFoundError: "
                            "[Errno 2] No such file or directory: '/models/t/model.safetensors'")
     assert failures.describe(as_text).startswith("/models/t/model.safetensors vanished mid-run")
+    hf = RuntimeError("OSError: Error no file named model.safetensors found in directory /models/t.")
+    assert failures.describe(hf).startswith("/models/t/model.safetensors vanished mid-run")
     assert failures.describe(failures.RayStartError("locally: port 6379 in use")).startswith("Ray failed to start")
     assert failures.describe(ValueError("a bug")) is None  # a bug keeps its traceback
 

@@ -9,8 +9,8 @@ pins its own dependencies, so it is not one of the project's); the engine scores
 with its teacher forward (`engine.teacher.forward_rows`, packed per-choice rows, fp32). Compared:
 every choice's log-likelihood (max |diff|), acc (the engine's `normalise: none`) and acc_norm
 (`normalise: bytes`), question by question. `--chat` repeats both with the teacher's chat template
-(`prompt.chat_template: true` against lm-eval's `--apply_chat_template`). Writes
-bench/results/lm_eval_parity.json.
+(`prompt.chat_template: true` against lm-eval's `--apply_chat_template`). Writes `--out`
+(bench/results/lm_eval_parity.json).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
     lm_version = subprocess.run([str(venv_py), "-c", "import importlib.metadata as m; print(m.version('lm-eval'))"],
                                 capture_output=True, text=True).stdout.strip()
     results = {
-        "command": "python bench/lm_eval_parity.py" + (" --chat" if args.chat else ""),
+        "command": " ".join(["python", "bench/lm_eval_parity.py", *sys.argv[1:]]),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "task": f"the default's ARC-Easy test sample, first {len(examples)} questions, per-choice prompt",
         "teacher": f"{cfg.teacher.model} ({model_dir}), float32",

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def main() -> None:
     p["train_seconds"] = p["epoch_seconds"]
     ray = {**{k: med(rays, k) for k in keys}, "runs": rays, "ray_init_seconds": round(ray_init_s, 2)}
     results = {
-        "command": "python bench/student.py", "config": args.config,
+        "command": " ".join(["python", "bench/student.py", *sys.argv[1:]]), "config": args.config,
         "train_questions": train.n_questions, "test_questions": test.n_questions, "rows": train.n_rows,
         "validation_questions": splits["validation"].n_questions,
         "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,

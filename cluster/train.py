@@ -290,9 +290,12 @@ def _train_loop(config: dict) -> None:
         history = list(state["history"]) if resuming else []
         best, best_val = None, None
         if resuming:
-            _load_trainable(model, load_file(str(Path(ckpt_dir) / _MODEL)), names)
+            current = load_file(str(Path(ckpt_dir) / _MODEL))
+            _load_trainable(model, current, names)
             if rank == 0 and Path(ckpt_dir, _BEST).is_file():
                 best = load_file(str(Path(ckpt_dir) / _BEST))
+            elif rank == 0 and state.get("best_is_current"):  # the best epoch was the checkpoint's own
+                best = current
         model = ray.train.torch.prepare_model(model)
         inner = st.unwrap(model)
         optimizer = st.make_optimizer(model, scfg.train_lr, scfg.weight_decay)
@@ -362,7 +365,11 @@ def _train_loop(config: dict) -> None:
                      "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes,
                      "report_seconds": held}
             current = _trainable_state(inner, names) if rank == 0 else None
-            held = [*held, _report(rank, metrics, state, current, best, optimizer, scheduler,
+            # The best epoch is most often the one just trained (and after the last epoch the model holds
+            # the best weights): then they are written once.
+            state["best_is_current"] = rank == 0 and (last or st.best_epoch(history) == epoch + 1)
+            held = [*held, _report(rank, metrics, state, current, None if state["best_is_current"] else best,
+                                   optimizer, scheduler,
                                    f"job_{j:03d}_epoch_{epoch + 1:04d}")]
             reported = True
         start_epoch = 0
@@ -375,20 +382,34 @@ def _train_loop(config: dict) -> None:
 
 
 def _report(rank, metrics, state, current, best, optimizer, scheduler, dir_name) -> float:
-    """Write rank 0's checkpoint to a local folder and report it; Ray Train copies it to storage in a
-    background thread (ASYNC upload) and then deletes the local folder, so training goes on meanwhile.
-    Returns the seconds this worker was held up (writing the files, and the report barrier)."""
+    """Write rank 0's checkpoint and report it. Where the run's storage is a local (or shared) folder,
+    the files are written straight into it, under a hidden name renamed into place when complete, and
+    reported as they are (NO_UPLOAD): nothing is copied a second time. Elsewhere they go to a local
+    folder that Ray Train uploads in a background thread (ASYNC). Returns the seconds this worker was
+    held up (writing the files, and the report barrier)."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
     t0 = time.perf_counter()
-    checkpoint = None
+    storage = ray.train.get_context().get_storage()
+    direct = dir_name is not None and type(storage.storage_filesystem).__name__ == "LocalFileSystem"
+    checkpoint, mode = None, CheckpointUploadMode.NO_UPLOAD if direct else CheckpointUploadMode.ASYNC
     if rank == 0:
-        tmp = tempfile.mkdtemp(prefix="student-ckpt-")
-        _write_checkpoint(Path(tmp), current=current, best=best, optimizer=optimizer, scheduler=scheduler, state=state)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name,
-                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        if direct:
+            final = Path(storage.build_checkpoint_path_from_name(dir_name))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.tmp-", dir=final.parent))
+            _write_checkpoint(tmp, current=current, best=best, optimizer=optimizer, scheduler=scheduler, state=state)
+            if final.exists():  # written by an attempt killed before Ray registered it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            checkpoint = ray.train.Checkpoint.from_directory(str(final))
+        else:
+            tmp = tempfile.mkdtemp(prefix="student-ckpt-")
+            _write_checkpoint(Path(tmp), current=current, best=best, optimizer=optimizer, scheduler=scheduler,
+                              state=state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode)
     return time.perf_counter() - t0
 
 

@@ -511,8 +511,11 @@ def test_train_student_on_ray_and_resume(local_ray, tiny_model, tmp_path):
     assert first["train_seconds"] > 0 and math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1
     run_dir = storage / "student-probe"
     assert sorted(p.name for p in run_dir.glob("job_*")) == ["job_000_epoch_0001"]
-    assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= {
-        p.name for p in (run_dir / "job_000_epoch_0001").iterdir()}
+    files = {p.name for p in (run_dir / "job_000_epoch_0001").iterdir()}
+    assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= files
+    # Written straight into the storage (no temporary folder left), the best epoch's weights once.
+    assert "best.safetensors" not in files and not list(run_dir.glob(".*tmp-*"))
+    assert json.loads((run_dir / "job_000_epoch_0001" / "state.json").read_text())["best_is_current"] is True
     folder = Path(first["student_dir"])
     info = json.loads((folder / "student.json").read_text())
     assert info["source"] == "probe" and info["best_epoch"] == 1 and info["test_acc"] == pytest.approx(first["test_accuracy"])

@@ -9,7 +9,8 @@
     distill verify OUT_DIR                   every store's checksums and every artifact's files, one line each
     distill tasks                            the built-in task specs (set data.task to one, or to your own YAML)
 
-Every stage that writes holds `<out_dir>/.distill.lock` (one writer per run directory). A fault of the
+A stage runs the stages whose output it reads first when they have not run under the config (and says
+so); `--no-prereqs` makes it refuse instead. Every stage that writes holds `<out_dir>/.distill.lock` (one writer per run directory). A fault of the
 environment (disk full, memory, a vanished file, Ray failing to start, Ctrl-C) ends with one line that
 says what happened, what was kept and the command to continue; `--verbose` adds the traceback.
 """
@@ -26,7 +27,7 @@ import traceback
 from pathlib import Path
 
 from cluster import failures, runtime  # runtime sets Ray's environment before ray is imported
-from engine.config import ConfigError, config_hash, load, to_dict
+from engine.config import ConfigError, config_hash, dump_yaml, fields_help, load
 from engine.lock import LockError, RunLock
 from engine.models import ModelError
 from engine.store import StoreError
@@ -42,10 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="print the traceback of a failure too")
     sub = p.add_subparsers(dest="command", required=True)
+    fields = fields_help()
     for name in (*STAGES, "bench", "show-config"):
-        s = sub.add_parser(name, parents=[common])
+        s = sub.add_parser(name, parents=[common], epilog=fields, formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("config", help="YAML config, e.g. configs/default.yaml")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. student.epochs=1")
+        if name in ("probe", "baseline", "train", "report"):
+            s.add_argument("--no-prereqs", action="store_true",
+                           help="refuse, naming them, when the stages this one reads have not run under this config "
+                                "(by default they run first, each announced)")
     sub.add_parser("tasks", parents=[common], help="list the built-in task specs (data.task)")
     s = sub.add_parser("verify", parents=[common], help="check every store and artifact under a run directory")
     s.add_argument("out_dir", help="a run's out_dir, e.g. runs/default")
@@ -171,7 +177,9 @@ def check_writable(path: str | Path, field: str) -> None:
                           "write") from None
 
 
-def execute(command: str, cfg) -> dict | None:
+def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
+    """Run `command`. A stage whose inputs were not made yet under this config runs those stages first,
+    saying so (`prereqs`), or refuses with one error naming them (`--no-prereqs`)."""
     from cluster import pipeline
 
     if command == "bench":
@@ -187,9 +195,17 @@ def execute(command: str, cfg) -> dict | None:
     run = pipeline.Run(cfg)
     t0 = time.perf_counter()
     run.check_inputs()  # bad data, model or layers fail here, before Ray starts or anything is written
+    lacking = pipeline.missing(run, pipeline.prerequisites(cfg, command))
+    if lacking and not prereqs:
+        raise ConfigError(f"{command}: needs the output of {', '.join(lacking)}, not made under this config in "
+                          f"{cfg.out_dir} yet; run `distill {lacking[0]}` (or `distill run`) with this config first, "
+                          "or drop --no-prereqs")
+    if lacking:
+        print(f"[distill] {command}: not made yet under this config: {', '.join(lacking)}; running "
+              f"{'it' if len(lacking) == 1 else 'them'} first (--no-prereqs refuses instead)", flush=True)
     runtime.init(cfg.ray)
     try:
-        if command in ("extract", "run"):
+        if command in ("extract", "run") or "extract" in lacking:
             pipeline.extract(run)
         if command == "extract":
             return None
@@ -230,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tasks":
             return tasks(args)
         cfg = load(args.config, args.overrides)
-        if args.command == "show-config":
-            print(json.dumps({"config_hash": config_hash(cfg), **to_dict(cfg)}, indent=2))
+        if args.command == "show-config":  # YAML that loads back as the same config
+            made = "distill show-config " + shlex.join([args.config, *args.overrides])
+            print(dump_yaml(cfg, f"{made}\nconfig hash {config_hash(cfg)}"), end="")
             return 0
         if not cfg.ray.address:
             check_writable(cfg.ray.temp_dir, "ray.temp_dir")
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[distill] took over {lock.path}: its holder (pid {lock.took_over.get('pid')}, "
                       f"{lock.took_over.get('command')!r}) died without releasing it", flush=True)
             print(f"[distill] {args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}", flush=True)
-            execute(args.command, cfg)
+            execute(args.command, cfg, prereqs=not getattr(args, "no_prereqs", False))
     except KeyboardInterrupt:
         _say("interrupted", out_dir, again, args.verbose)
         return 130

@@ -181,7 +181,7 @@ def probe(run: Run) -> tuple[dict, dict]:
     from cluster.probes import run_probe_sweep
 
     cfg = run.cfg
-    where = run.out / f"probes-{config_hash(_probe_identity(cfg))[:8]}"
+    where = probe_dir(cfg)
     found = artifacts.load(where, _probe_identity(cfg))
     if found:
         log("probe", f"reusing {where}")
@@ -198,6 +198,38 @@ def probe(run: Run) -> tuple[dict, dict]:
     meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stage_seconds": run.timings["probes"], **res}
     artifacts.save(where, _probe_identity(cfg), meta, arrays)
     return artifacts.load(where, _probe_identity(cfg))
+
+
+def probe_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / f"probes-{config_hash(_probe_identity(cfg))[:8]}"
+
+
+def baseline_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / f"baseline-{config_hash(_baseline_identity(cfg))[:8]}"
+
+
+def student_dir(cfg: Config, source: str) -> Path:
+    return Path(cfg.out_dir) / "students" / f"{source}-{config_hash(_student_identity(cfg, source))[:8]}"
+
+
+def prerequisites(cfg: Config, command: str) -> list[str]:
+    """The stages `command` reads the output of, in the order they run."""
+    letter_table = cfg.prompt.mode == "letter" and cfg.baseline.enabled and bool(cfg.baseline.formats)
+    return {"probe": ["extract"],
+            "baseline": (["extract"] if cfg.extract.teacher_scores else []) + (["probe"] if letter_table else []),
+            "train": ["extract", "probe"],
+            "report": ["extract", "probe", "baseline", "train"]}.get(command, [])
+
+
+def missing(run: Run, stages: list[str]) -> list[str]:
+    """Which of `stages` have no committed output under this config yet (a partial store counts as
+    missing: extraction resumes it). Each stage checks what it finds in full when it runs."""
+    cfg = run.cfg
+    have = {"extract": lambda: run.store_path.exists(),
+            "probe": lambda: (probe_dir(cfg) / artifacts.META).is_file(),
+            "baseline": lambda: not cfg.baseline.enabled or (baseline_dir(cfg) / artifacts.META).is_file(),
+            "train": lambda: all((student_dir(cfg, s) / artifacts.META).is_file() for s in cfg.student.label_sources)}
+    return [s for s in stages if not have[s]()]
 
 
 def _baseline_identity(cfg: Config) -> dict:
@@ -217,7 +249,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     from cluster.brittleness import brittleness, variant_sequences
 
     cfg = run.cfg
-    where = run.out / f"baseline-{config_hash(_baseline_identity(cfg))[:8]}"
+    where = baseline_dir(cfg)
     if not cfg.baseline.enabled:
         return None
     found = artifacts.load(where, _baseline_identity(cfg))
@@ -311,8 +343,7 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
     train_seqs = run.seqs["train"].select(tq)
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
-        ident = _student_identity(cfg, source)
-        where = run.out / "students" / f"{source}-{config_hash(ident)[:8]}"
+        ident, where = _student_identity(cfg, source), student_dir(cfg, source)
         found = artifacts.load(where, ident)
         if found:
             plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))

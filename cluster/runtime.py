@@ -69,7 +69,14 @@ def _init(cfg: RayConfig) -> None:
         return
     Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
     runtime_env["worker_process_setup_hook"] = "cluster.runtime.quiet_local_workers"
+    # ray.address null means a local Ray. An inherited RAY_ADDRESS would make ray.init join that cluster
+    # instead, and refuse the local resources passed here: "local" starts one whatever the environment says.
+    inherited = os.environ.pop("RAY_ADDRESS", None)
+    if inherited:
+        print(f"[ray] RAY_ADDRESS={inherited} is set, but ray.address is null: starting a local Ray. "
+              "To use that cluster, set ray.address=auto", flush=True)
     ray.init(
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=False,
         _temp_dir=cfg.temp_dir,

@@ -224,7 +224,7 @@ class ExtractConfig:
     """Teacher actors."""
     cpus_per_replica: int = 2
     """CPUs each teacher actor reserves (and torch threads it uses)."""
-    gpus_per_replica: float = 0
+    gpus_per_replica: float = 0.0
     """GPUs each teacher actor reserves. Above 1, the teacher is split over them (`device_map='auto'`)."""
     placement: str = "PACK"
     """Ray placement-group strategy for the replicas: 'PACK' (fill nodes in turn), 'SPREAD' (across
@@ -613,9 +613,14 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """'student.epochs=3' -> ('student.epochs', 3). Values are parsed as YAML scalars or lists."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ConfigError(f"{text!r}: overrides are key=value, e.g. student.epochs=3")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{key.strip()}: cannot read the value {raw!r} ({problem}); write it as YAML, e.g. "
+                          f"{key.strip()}=[a, b] for a list, or quote it: {key.strip()}='\"{raw}\"'") from None
 
 
 def from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -626,16 +631,109 @@ def from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config
     return _build(Config, data)
 
 
-def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Load a YAML config and apply `key=value` overrides. Relative paths in it stay as written."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: no such file {str(p)!r}; pass a YAML file such as configs/default.yaml")
+EXTENDS = "extends"
+"""Top-level key of a config file naming the config it extends (a path relative to the file's folder):
+that config is read first (it may extend another), and this file's keys replace its keys, section by
+section. The key itself is not a config field."""
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`: sections merge key by key; any other value (lists too) is replaced whole."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as plain data, with its `extends` chain resolved. Bad YAML, a missing file or a cycle
+    is one ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        what = f"{_seen[-1]}: extends" if _seen else "config"
+        raise ConfigError(f"{what}: no such file {str(p)!r}; pass a YAML file such as configs/default.yaml")
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: extends itself through {' -> '.join(str(s) for s in _seen)}; break the cycle")
+    try:
         data = yaml.safe_load(p.read_text()) or {}
-        _check(isinstance(data, dict), "config", f"{p} must hold a YAML mapping")
-    return from_dict(data, overrides)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML{where} ({problem}); fix the file") from None
+    _check(isinstance(data, dict), "config", f"{p} must hold a YAML mapping")
+    parent = data.pop(EXTENDS, None)
+    if parent is None:
+        return data
+    _check(isinstance(parent, str) and bool(parent), f"{p}: {EXTENDS}", f"must be a config file's path, got {parent!r}")
+    return _merge(read_yaml(p.parent / parent, (*_seen, p.resolve())), data)
+
+
+def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a YAML config (and what it `extends`) and apply `key=value` overrides. Relative paths in it
+    stay as written (relative to where `distill` runs, not to the file)."""
+    return from_dict(read_yaml(path) if path is not None else {}, overrides)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line (as the configs in configs/ are written)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def dump_yaml(cfg: Config, header: str = "") -> str:
+    """The whole resolved config as YAML that `load` reads back to the same config (and hash)."""
+    body = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, width=110, allow_unicode=True)
+    return "".join(f"# {line}\n" for line in header.splitlines()) + body
+
+
+def field_docs(cls: type = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, docstring) of every config field, in schema order: what
+    `distill <cmd> --help` lists. The docstrings are the attribute docstrings under each field in this
+    file, read from its source."""
+    import ast
+    import inspect
+
+    cls = cls or Config
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += field_docs(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((prefix + f.name, _type_name(tp), default, docs.get(f.name, "")))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    """'int', 'str or null', 'list of float': a field's type as a YAML user reads it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}"
+    return {bool: "true/false", float: "number"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def fields_help() -> str:
+    """Every config field with its type, default and docstring, for `--help`."""
+    import textwrap
+
+    lines = ["config fields (in the YAML, or as key=value overrides; `distill show-config CONFIG` prints a "
+             "whole config):"]
+    for name, tp, default, doc in field_docs():
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        lines.append(f"  {name} ({tp}, default {shown})")
+        lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict:

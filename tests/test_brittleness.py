@@ -50,9 +50,11 @@ def test_letter_mode_table_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "letter"
     args = ("configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "prompt.mode=letter",
             "probe.families=[logreg]")
-    assert distill("extract", *args).returncode == 0
-    res = distill("baseline", *args)
+    res = distill("baseline", *args)  # on an empty out_dir: what it reads runs first, announced
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert ("[distill] baseline: not made yet under this config: extract, probe; running them first "
+            "(--no-prereqs refuses instead)") in res.stdout
+    assert "[extract] committed" in res.stdout and "[probes] best on validation" in res.stdout
     assert "| format, choice order | teacher letter logits | probe (logreg, layer" in res.stdout
 
     (base_dir,) = out.glob("baseline-*")

@@ -191,6 +191,11 @@ def test_predict_refuses_bad_input_and_writes_nothing(tmp_path, tiny_bert):
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "run"
+    # A stage asked not to run what it reads refuses, naming those stages, and writes nothing.
+    refused = distill("train", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "--no-prereqs")
+    assert refused.returncode == 2 and refused.stderr.count("distill: error:") == 1, refused.stderr[-3000:]
+    assert "train: needs the output of extract, probe, not made under this config" in refused.stderr
+    assert not (out / "activations.zarr").exists() and not list(out.glob("probes-*"))
     res = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in ("[extract] committed", "[probes] best on validation", "[baseline] vLLM teacher accuracy",
@@ -237,8 +242,9 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert checked.count("store") == 1 and checked.count("artifact") >= 5, ver.stdout  # probes, baseline, 3 students
 
     # A second run reuses every artifact; a run whose store would differ is refused, naming the field.
-    again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}")
+    again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "--no-prereqs")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "not made yet" not in again.stdout
     assert "[probe] reusing" in again.stdout and "[train] reusing" in again.stdout
     assert json.loads((out / "report.json").read_text())["students"] == report["students"]
     refused = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")

@@ -35,6 +35,8 @@ def test_overrides_are_typed():
         ("baseline.formats=[A]", r"baseline\.formats: 'A' must contain exactly one of \{letter\} or \{number\}"),
         ("baseline.permutations=-1", r"baseline\.permutations: must be >= 0"),
         ("noequals", r"overrides are key=value"),
+        ("student.label_sources=[gold, probe", r"student\.label_sources: cannot read the value '\[gold, probe'"),
+        ("baseline.formats={letter", r"baseline\.formats: cannot read the value .*quote it"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -123,3 +125,90 @@ def test_dtype_auto_is_decided_by_a_checkable_fact():
         "teacher", "baseline", "student"}
     assert resolve(resolved)[0] == resolved  # idempotent
     assert store_identity(cfg)["teacher.dtype"] == resolved.teacher.dtype  # a store never records 'auto'
+
+
+def test_every_default_has_its_declared_type():
+    """A default of another type (0 for a float) would not survive a round trip through YAML: the
+    loaded config would differ from the one shown, and so would its hash."""
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, name = hints[f.name], prefix + f.name
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, name + ".")
+            elif tp is float:
+                yield name, f.default
+
+    wrong = [(n, d) for n, d in walk(Config) if not isinstance(d, float)]
+    assert not wrong, wrong
+
+
+def test_show_config_output_loads_back_to_the_same_config(tmp_path, capsys):
+    from cluster.cli import main
+
+    for name in ("default", "bench", "tiny", "arc_easy_letter"):
+        argv = ["show-config", f"configs/{name}.yaml", "student.epochs=2", "data.max_test=null", "probe.cs=[0.1, 1]"]
+        assert main(argv) == 0
+        shown = capsys.readouterr().out
+        cfg = load(f"configs/{name}.yaml", argv[2:])
+        assert shown.startswith("# distill show-config ") and f"config hash {config_hash(cfg)}" in shown
+        (tmp_path / f"{name}.yaml").write_text(shown)
+        again = load(tmp_path / f"{name}.yaml")
+        assert again == cfg and config_hash(again) == config_hash(cfg)
+
+
+def test_a_config_extends_another(tmp_path):
+    (tmp_path / "base.yaml").write_text("out_dir: runs/base\nseed: 3\nstudent:\n  epochs: 5\n  lr: 1.0e-4\n"
+                                        "probe:\n  cs: [0.1, 1]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\nstudent:\n  epochs: 2\nprobe:\n  cs: [10]\n")
+    (tmp_path / "top.yaml").write_text("extends: sub/mid.yaml\nout_dir: runs/top\n")
+    cfg = load(tmp_path / "top.yaml", ["seed=4"])
+    assert cfg.out_dir == "runs/top" and cfg.seed == 4  # this file, then the override
+    assert cfg.student.epochs == 2 and cfg.student.lr == 1e-4  # a section merges key by key
+    assert cfg.probe.cs == (10.0,)  # a list is replaced whole
+    assert cfg.student.batch_size == from_dict({}).student.batch_size  # unset everywhere: the schema's default
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: extends itself through .*b\.yaml"):
+        load(tmp_path / "a.yaml")
+    (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"lost\.yaml: extends: no such file .*nowhere\.yaml"):
+        load(tmp_path / "lost.yaml")
+    (tmp_path / "bad.yaml").write_text("student:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML at line \d+, column \d+"):
+        load(tmp_path / "bad.yaml")
+
+
+def test_shipped_configs_extend_the_default_and_say_only_what_differs():
+    """Each config in configs/ but the default extends it (directly or through another)."""
+    from pathlib import Path
+
+    import yaml
+
+    for path in sorted(Path("configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if path.name != "default.yaml":
+            assert "extends" in data, path
+        assert isinstance(load(path), Config)
+
+
+def test_help_lists_every_field_with_its_docstring(capsys):
+    from cluster.cli import main
+    from engine.config import field_docs
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    docs = field_docs()
+    assert len(docs) > 90 and len({d[0] for d in docs}) == len(docs)
+    for name, tp, _default, doc in docs:
+        assert doc, f"{name} has no docstring"
+        assert f"  {name} ({tp}, default " in shown, name
+        assert " ".join(doc.split())[:40] in " ".join(shown.split()), name
+    assert "student.epochs (int, default 3)" in shown and "data.max_test (int or null, default null)" in shown

@@ -169,3 +169,51 @@ def test_a_teacher_file_that_vanishes_mid_run(tmp_path, tiny_model, extract_refe
     resumed = distill(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_store(out / "activations.zarr", extract_reference)
+
+
+_HEAD = """
+import os, sys
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import ray
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], _node_ip_address="127.0.0.1")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+
+_JOIN = """
+import sys
+from cluster import runtime
+from engine.config import RayConfig
+import ray
+runtime.init(RayConfig(num_cpus=2, temp_dir=sys.argv[1]))
+print("GCS", ray.get_runtime_context().gcs_address, "CPU", ray.cluster_resources().get("CPU"), flush=True)
+runtime.shutdown()
+"""
+
+
+def test_ray_address_in_the_environment_does_not_capture_a_local_run():
+    """RAY_ADDRESS set (here: a running local cluster's) with ray.address null: the run starts its own
+    local Ray with its own CPUs, and says so; Ray would otherwise join that cluster and refuse num_cpus."""
+    short = f"/tmp/pkd-addr-{os.getpid()}"  # Ray's AF_UNIX socket paths must stay short
+    head = subprocess.Popen([sys.executable, "-c", _HEAD, f"{short}-head"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", address), address
+        env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": REPO}
+        out = subprocess.run([sys.executable, "-c", _JOIN, f"{short}-own"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"RAY_ADDRESS={address} is set, but ray.address is null: starting a local Ray" in out.stdout
+        gcs, cpus = re.search(r"GCS (\S+) CPU (\S+)", out.stdout).groups()
+        assert gcs != address and float(cpus) == 2.0
+    finally:
+        head.stdin.close()  # the head shuts its Ray down
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        for d in (f"{short}-head", f"{short}-own"):
+            shutil.rmtree(d, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import ray
 
 from engine.config import BaselineConfig
+from engine.log import log
 from engine.sequences import Sequences
 
 Pair = tuple[list[int], list[int]]
@@ -34,6 +36,9 @@ class VLLMScorer:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         # Engine core in this process, so killing the actor frees everything.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings reach the console with --verbose only
+        if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR":
+            warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside vLLM's imports
         from vllm import LLM
 
         self.llm = LLM(
@@ -155,5 +160,5 @@ def score_sequences(
     scores = mask_absent(seqs, flat) if letter else flat
     res = ScoreResult(scores, seqs.n_rows, n_tokens, score_s, startup_s)
     if not quiet:
-        print(f"vLLM baseline: {n_tokens} tokens in {score_s:.2f}s = {res.tokens_per_s:.0f} tok/s", flush=True)
+        log("baseline", f"vLLM: {n_tokens} tokens in {score_s:.2f}s = {res.tokens_per_s:.0f} tok/s")
     return res

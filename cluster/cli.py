@@ -10,9 +10,12 @@
     distill tasks                            the built-in task specs (set data.task to one, or to your own YAML)
 
 A stage runs the stages whose output it reads first when they have not run under the config (and says
-so); `--no-prereqs` makes it refuse instead. Every stage that writes holds `<out_dir>/.distill.lock` (one writer per run directory). A fault of the
-environment (disk full, memory, a vanished file, Ray failing to start, Ctrl-C) ends with one line that
-says what happened, what was kept and the command to continue; `--verbose` adds the traceback.
+so); `--no-prereqs` makes it refuse instead. Every stage that writes holds `<out_dir>/.distill.lock`
+(one writer per run directory) and keeps a log file, `<out_dir>/logs/<time>-<command>-<pid>.log`.
+`--quiet` keeps the console to warnings and errors; `--verbose` adds debug lines and the libraries' own
+logs. A fault of the environment (disk full, memory, a vanished file, Ray failing to start, Ctrl-C) ends
+with one line that says what happened, what was kept and the command to continue; `--verbose` adds the
+traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from cluster import failures, runtime  # runtime sets Ray's environment before ray is imported
 from engine.config import ConfigError, config_hash, dump_yaml, fields_help, load
 from engine.lock import LockError, RunLock
+from engine.log import WARNING, log, run_log, set_console
 from engine.models import ModelError
 from engine.store import StoreError
 from engine.student_folder import StudentError
@@ -41,7 +45,10 @@ KNOWN = (ConfigError, DataError, ModelError, StoreError, StudentError, LockError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Probe-based knowledge distillation on Ray.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="print the traceback of a failure too")
+    common.add_argument("--verbose", action="store_true",
+                        help="debug lines, the libraries' own logs (Ray, transformers, vLLM), and a failure's traceback")
+    common.add_argument("--quiet", action="store_true",
+                        help="warnings and errors only on the console (the run's log file under out_dir/logs keeps all)")
     sub = p.add_subparsers(dest="command", required=True)
     fields = fields_help()
     for name in (*STAGES, "bench", "show-config"):
@@ -201,8 +208,8 @@ def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
                           f"{cfg.out_dir} yet; run `distill {lacking[0]}` (or `distill run`) with this config first, "
                           "or drop --no-prereqs")
     if lacking:
-        print(f"[distill] {command}: not made yet under this config: {', '.join(lacking)}; running "
-              f"{'it' if len(lacking) == 1 else 'them'} first (--no-prereqs refuses instead)", flush=True)
+        log("distill", f"{command}: not made yet under this config: {', '.join(lacking)}; running "
+                       f"{'it' if len(lacking) == 1 else 'them'} first (--no-prereqs refuses instead)")
     runtime.init(cfg.ray)
     try:
         if command in ("extract", "run") or "extract" in lacking:
@@ -219,7 +226,7 @@ def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
             students = pipeline.train(run, probe_arrays)
         if command in ("report", "run"):
             results = pipeline.report(run, probe_meta, base, students)
-            print(f"[distill] {command} finished in {time.perf_counter() - t0:.0f}s; report in {cfg.out_dir}/report.md")
+            log("distill", f"{command} finished in {time.perf_counter() - t0:.0f}s; report in {cfg.out_dir}/report.md")
             return results
         return None
     finally:
@@ -232,6 +239,7 @@ def _sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    set_console(quiet=args.quiet, verbose=args.verbose)
     again = "distill " + shlex.join(sys.argv[1:] if argv is None else argv)
     out_dir = None
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -253,12 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.ray.address:
             check_writable(cfg.ray.temp_dir, "ray.temp_dir")
         check_writable(cfg.out_dir, "out_dir")
-        with RunLock(cfg.out_dir, again) as lock:
+        with RunLock(cfg.out_dir, again) as lock, run_log(cfg.out_dir, args.command, quiet=args.quiet) as log_file:
             out_dir = cfg.out_dir
             if lock.took_over:
-                print(f"[distill] took over {lock.path}: its holder (pid {lock.took_over.get('pid')}, "
-                      f"{lock.took_over.get('command')!r}) died without releasing it", flush=True)
-            print(f"[distill] {args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}", flush=True)
+                log("distill", f"took over {lock.path}: its holder (pid {lock.took_over.get('pid')}, "
+                               f"{lock.took_over.get('command')!r}) died without releasing it", WARNING)
+            log("distill", f"{args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}; log {log_file}")
             execute(args.command, cfg, prereqs=not getattr(args, "no_prereqs", False))
     except KeyboardInterrupt:
         _say("interrupted", out_dir, again, args.verbose)

@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine import store
 from engine.config import Config, ConfigError, ExtractConfig, config_hash, store_identity, to_dict
+from engine.log import WARNING, log
 from engine.sequences import Sequences
 from engine.teacher import ForwardOut, forward_rows
 
@@ -166,7 +167,7 @@ def run_extraction(
     identity = store_identity(cfg)
     if path.exists():
         store.open_store(path, identity)  # raises, naming the field, if made under another config
-        print(f"[extract] reusing {path}", flush=True)
+        log("extract", f"reusing {path}")
         return path
     layout = {name: (s, ids, len(layers), hidden) for name, (s, ids) in splits.items()}
     meta = store_meta(cfg, model_path, layers, n_model_layers, hidden)
@@ -182,23 +183,23 @@ def run_extraction(
     total_rows = sum(s.n_rows for s, _ in splits.values())
     todo_rows = sum(work(n, c).n_rows for n, c in queue)
     e = cfg.extract
-    print(f"[extract] {len(queue)} chunks ({todo_rows}/{total_rows} rows) to do on {e.replicas} replica(s) "
+    log("extract", f"{len(queue)} chunks ({todo_rows}/{total_rows} rows) to do on {e.replicas} replica(s) "
           f"({e.placement}); layers {layers[0]}..{layers[-1]} ({len(layers)}), "
-          f"teacher scores {'on' if e.teacher_scores else 'off'}", flush=True)
+          f"teacher scores {'on' if e.teacher_scores else 'off'}")
     t0 = time.perf_counter()
     pool = ReplicaPool(cfg, (model_path, cfg, layers, pad_id), actor_cls or TeacherActor)
     try:
-        log = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0)
-        log["replicas"] = ray.get([a.info.remote() for a in pool.actors])
-        log["replaced"] = pool.replaced
+        drained = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0)
+        drained["replicas"] = ray.get([a.info.remote() for a in pool.actors])
+        drained["replaced"] = pool.replaced
     finally:
         pool.close()
-    log["seconds"] = round(time.perf_counter() - t0, 1)
+    drained["seconds"] = round(time.perf_counter() - t0, 1)
     root_attrs = store.open_store(part, allow_incomplete=True).attrs
-    store.set_attr(part, "extract_log", [*root_attrs.get("extract_log", []), log])
-    store.set_attr(part, "extract_seconds", log["seconds"])
+    store.set_attr(part, "extract_log", [*root_attrs.get("extract_log", []), drained])
+    store.set_attr(part, "extract_seconds", drained["seconds"])
     final = store.commit(path)
-    print(f"[extract] committed {final}", flush=True)
+    log("extract", f"committed {final}")
     return final
 
 
@@ -231,7 +232,7 @@ def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max
                                    f"(extract.max_chunk_retries={max_retries}): {err}") from err
             queue.appendleft((name, c))
             if pool.actors[i] is actor:  # the first of its chunks to report the death
-                print(f"[extract] replica {i} died on {name} chunk {c}; chunk requeued, replica replaced", flush=True)
+                log("extract", f"replica {i} died on {name} chunk {c}; chunk requeued, replica replaced", WARNING)
                 pool.replace(i)
             fill(i)
             continue
@@ -239,8 +240,7 @@ def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max
         chunks.append([name, c, res["replica"], retries.get((name, c), 0)])
         done_rows, done_tokens = done_rows + n, done_tokens + res["tokens"]
         el = time.perf_counter() - t0
-        print(f"[extract] {name} chunk {c} done by replica {res['replica']} | {done_rows}/{todo_rows} rows | "
-              f"{done_tokens / el:.0f} tok/s | {el:.0f}s elapsed, ~{el / done_rows * (todo_rows - done_rows):.0f}s left",
-              flush=True)
+        log("extract", f"{name} chunk {c} done by replica {res['replica']} | {done_rows}/{todo_rows} rows | "
+              f"{done_tokens / el:.0f} tok/s | {el:.0f}s elapsed, ~{el / done_rows * (todo_rows - done_rows):.0f}s left")
         fill(i)
     return {"chunks": chunks, "tokens": done_tokens, "retries": sum(retries.values())}

@@ -25,15 +25,12 @@ import numpy as np
 from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
 from engine.config import PSEUDO_SOURCES, STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
+from engine.log import LOGGER, log
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import ROLES, Example, load_role, load_split, stratified_subset
 from engine.teacher import choice_chars, teacher_choice_logprobs
-
-
-def log(stage: str, msg: str) -> None:
-    print(f"[{stage}] {msg}", flush=True)
 
 
 @dataclass
@@ -294,7 +291,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     if asked:
         meta["brittleness"] = brittleness(run, asked, [r.scores for r in asked_res], probe_meta)
         meta["brittleness"]["tokens_per_s"] = sum(r.n_tokens for r in asked_res) / max(sum(r.score_s for r in asked_res), 1e-9)
-        print("\n".join(brittleness_lines(meta["brittleness"])), flush=True)
+        LOGGER.info("\n".join(brittleness_lines(meta["brittleness"])))
     run.timed("baseline", t0)
     meta["stage_seconds"] = run.timings["baseline"]
     artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})

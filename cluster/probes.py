@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from engine.config import ProbeConfig
+from engine.log import log
 from engine.metrics import accuracy, ece
 from engine.probes import (
     apply_temperature,
@@ -104,7 +105,7 @@ def _gather(refs: list, describe) -> list:
         done, pending = ray.wait(pending, num_returns=1)
         i = index[done[0]]
         out[i] = ray.get(done[0])
-        print(f"[probes] {len(refs) - len(pending)}/{len(refs)} {describe(i, out[i])}", flush=True)
+        log("probes", f"{len(refs) - len(pending)}/{len(refs)} {describe(i, out[i])}")
     return out
 
 
@@ -129,7 +130,7 @@ def _combined(results: list[dict], cfg: ProbeConfig, submit, val_seqs, test_seqs
         by_layer = {r["layer"]: r for r in results if r["family"] == top["family"] and r["C"] == top["C"] and r["layer"] is not None}
         out.append(ensemble_result([by_layer[layer] for layer in members], val_seqs, test_seqs))
     for r in out:
-        print(f"[probes] {_name(r)} C={r['C']:g}: val {r['val_acc']:.3f} test {r['test_acc']:.3f}", flush=True)
+        log("probes", f"{_name(r)} C={r['C']:g}: val {r['val_acc']:.3f} test {r['test_acc']:.3f}")
     return out
 
 
@@ -187,8 +188,8 @@ def run_probe_sweep(
     sweep_s = time.perf_counter() - t0
     best = best_result(results)
     best_family, best_layers, best_combine, best_c = best["family"], best["layers"], best["combine"], best["C"]
-    print(f"[probes] best on validation: {_name(best)} C={best_c:g} val {best['val_acc']:.3f} "
-          f"(test {best['test_acc']:.3f}); sweep {sweep_s:.1f} s", flush=True)
+    log("probes", f"best on validation: {_name(best)} C={best_c:g} val {best['val_acc']:.3f} "
+          f"(test {best['test_acc']:.3f}); sweep {sweep_s:.1f} s")
 
     # Phase 2: cross-fit the best, one task per fold of the labelled train questions (+ one for the pool).
     t1 = time.perf_counter()
@@ -228,12 +229,12 @@ def run_probe_sweep(
         "train_questions": tq,
         "seconds": {"sweep": sweep_s, "crossfit": crossfit_s},
     }
-    print(f"[probes] OOF acc {out['oof_acc']:.3f} on {len(tq)} train questions; T={T:.2f} "
-          f"ECE {out['ece_raw']:.3f} -> {out['ece_calibrated']:.3f}; cross-fit {crossfit_s:.1f} s", flush=True)
+    log("probes", f"OOF acc {out['oof_acc']:.3f} on {len(tq)} train questions; T={T:.2f} "
+          f"ECE {out['ece_raw']:.3f} -> {out['ece_calibrated']:.3f}; cross-fit {crossfit_s:.1f} s")
     if pool is not None:
         out.update(_pool_outputs(held[-1], T, pool, train_seqs.answer[pool]))
-        print(f"[probes] pseudo-labels on {len(pool)} pool questions: acc {out['pool_acc']:.3f} "
-              f"ECE {out['pool_ece']:.3f} (withheld gold, reported only)", flush=True)
+        log("probes", f"pseudo-labels on {len(pool)} pool questions: acc {out['pool_acc']:.3f} "
+              f"ECE {out['pool_ece']:.3f} (withheld gold, reported only)")
     return out
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from engine.config import RayConfig
+from engine.log import WARNING, log
 
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -23,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker gets: the repo on the path and quiet, bounded threading."""
     keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH", "TOKENIZERS_PARALLELISM",
-            "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_CPU_KVCACHE_SPACE")
+            "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
     return env
@@ -73,8 +74,8 @@ def _init(cfg: RayConfig) -> None:
     # instead, and refuse the local resources passed here: "local" starts one whatever the environment says.
     inherited = os.environ.pop("RAY_ADDRESS", None)
     if inherited:
-        print(f"[ray] RAY_ADDRESS={inherited} is set, but ray.address is null: starting a local Ray. "
-              "To use that cluster, set ray.address=auto", flush=True)
+        log("ray", f"RAY_ADDRESS={inherited} is set, but ray.address is null: starting a local Ray. "
+                   "To use that cluster, set ray.address=auto", WARNING)
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,

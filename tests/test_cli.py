@@ -242,10 +242,19 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert checked.count("store") == 1 and checked.count("artifact") >= 5, ver.stdout  # probes, baseline, 3 students
 
     # A second run reuses every artifact; a run whose store would differ is refused, naming the field.
-    again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "--no-prereqs")
+    # The run kept a log file: its progress records and the workers' lines Ray printed in the driver.
+    (run_log,) = (out / "logs").glob("*-run-*.log")
+    text = run_log.read_text()
+    assert "INFO [extract] committed" in text and re.search(r"\[student-gold\] job \d+/\d+ epoch 1/1 loss", text)
+    # --quiet: nothing but warnings on the console, all of it in the second run's own log file.
+    again = distill("report", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "--no-prereqs",
+                    "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "not made yet" not in again.stdout
-    assert "[probe] reusing" in again.stdout and "[train] reusing" in again.stdout
+    assert "[probe] reusing" not in again.stdout and "[distill]" not in again.stdout, again.stdout[-3000:]
+    (report_log,) = (out / "logs").glob("*-report-*.log")
+    logged = report_log.read_text()
+    assert "not made yet" not in logged
+    assert "[probe] reusing" in logged and "[train] reusing" in logged and "[distill] report finished" in logged
     assert json.loads((out / "report.json").read_text())["students"] == report["students"]
     refused = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"out_dir={out}", "extract.layers=[1, 2]")
     assert refused.returncode == 2

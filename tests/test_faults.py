@@ -103,7 +103,11 @@ def test_a_corrupt_chunk_is_named_by_verify_and_by_the_probe_stage(tmp_path, tin
     _one_line(probe.stderr, r"activations\.zarr: array train/activations chunk c/2/1/0 is corrupt .*Run `distill "
                             r"verify`")
     assert not list(out.glob("probes-*"))
-    np.testing.assert_equal(len(list(out.iterdir())), 2)  # the store and the lock file: nothing written
+    # Nothing written but the run's log, which says how it ended: the store, the lock file, logs/.
+    assert sorted(p.name for p in out.iterdir()) == [".distill.lock", "activations.zarr", "logs"]
+    (log_file,) = (out / "logs").iterdir()
+    logged = log_file.read_text()
+    assert "STOPPED " in logged and "chunk c/2/1/0 is corrupt" in logged.split("STOPPED ", 1)[1]
 
 
 def _students(out: Path) -> dict[str, dict]:

@@ -26,6 +26,7 @@ from engine import labels
 from engine import student as st
 from engine.config import load
 from engine.hardware import matmul_flags
+from engine.metrics import accuracy
 from engine.tasks import stratified_subset
 
 OUT = Path(__file__).parent / "results" / "heads.json"
@@ -57,11 +58,11 @@ def main() -> None:
                                           features=feats["train"])
                 st.train_epoch(model, batches, opt, sched, soft=True, temperature=1.0, alpha=1.0)
                 p = st.predict(model, val, batch_size=256, pad_id=0, features=feats["validation"])
-                history.append({"epoch": epoch + 1, "val_acc": st.accuracy(p, val.answer), "val_loss": 0.0})
+                history.append({"epoch": epoch + 1, "val_acc": accuracy(p, val.answer), "val_loss": 0.0})
                 if st.best_epoch(history) == epoch + 1:
                     best = {k: v.clone() for k, v in model.head.state_dict().items()}
             model.head.load_state_dict(best)
-            acc = st.accuracy(st.predict(model, test, batch_size=256, pad_id=0, features=feats["test"]), test.answer)
+            acc = accuracy(st.predict(model, test, batch_size=256, pad_id=0, features=feats["test"]), test.answer)
             rows.append({"fraction": fraction, "questions": int(len(questions)), "head_batch_size": batch, "head_lr": lr,
                          "seconds": round(time.perf_counter() - t0, 1), "best_epoch": st.best_epoch(history),
                          "test_acc": round(acc, 4)})

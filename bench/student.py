@@ -45,7 +45,7 @@ from engine import student as st  # noqa: E402
 from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
 from engine.hardware import matmul_flags, pick_dtype  # noqa: E402
-from engine.metrics import nll  # noqa: E402
+from engine.metrics import accuracy, nll  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
 
@@ -76,7 +76,7 @@ def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_di
         loss = st.train_epoch(model, batches, optimizer, scheduler, device="cpu", soft=s.soft,
                               temperature=s.temperature, alpha=s.alpha, dtype=dtype)
         probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id, dtype=dtype)
-        history.append({"epoch": epoch + 1, "val_acc": st.accuracy(probs, val.answer),
+        history.append({"epoch": epoch + 1, "val_acc": accuracy(probs, val.answer),
                         "val_loss": nll(probs, val.answer)})
         if st.best_epoch(history) == epoch + 1:
             best = {n: p.detach().clone() for n, p in model.state_dict().items() if n in names}
@@ -87,7 +87,7 @@ def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_di
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
             "epochs": [round(e, 2) for e in epochs], "train_loss": loss, "best_epoch": st.best_epoch(history),
-            "test_acc": st.accuracy(probs, test.answer)}
+            "test_acc": accuracy(probs, test.answer)}
 
 
 def main() -> None:

@@ -20,15 +20,16 @@ from engine.log import log
 from engine.metrics import accuracy, ece
 from engine.probes import (
     apply_temperature,
+    assemble_oof,
     best_per_layer,
     best_result,
     combine_members,
+    crossfit_plan,
     ensemble_result,
     fit_and_score,
     fit_predict_layers,
     fit_temperature,
     layer_features,
-    question_folds,
 )
 
 
@@ -194,17 +195,12 @@ def run_probe_sweep(
     # Phase 2: cross-fit the best, one task per fold of the labelled train questions (+ one for the pool).
     t1 = time.perf_counter()
     answer = train_seqs.answer[tq]
-    fold = question_folds(answer, cfg.folds, seed)
+    fold, plan = crossfit_plan(tq, answer, cfg.folds, seed, pool)  # the pool, if any, is only predicted
     task = _fold_task.options(num_cpus=cpus_per_task, runtime_env=env)
-    splits_to_fit = [(tq[fold != k], tq[fold == k]) for k in range(cfg.folds)]
-    if pool is not None:
-        splits_to_fit.append((tq, pool))  # all labelled questions fit; the pool is only predicted
     refs = [task.remote(store_path, mode, best_layers, best_combine, best_c, cfg.max_iter, seed, fit_q, held_q,
-                        train_split, cpus_per_task, best_family) for fit_q, held_q in splits_to_fit]
+                        train_split, cpus_per_task, best_family) for fit_q, held_q in plan]
     held = _gather(refs, lambda k, p: f"fold {k}: {len(p)} questions held out" if k < cfg.folds else f"pool: {len(p)} questions predicted")
-    oof_raw = np.zeros((len(tq), train_seqs.max_choices), dtype=np.float32)
-    for k in range(cfg.folds):
-        oof_raw[fold == k] = held[k]
+    oof_raw = assemble_oof(fold, held[: cfg.folds], train_seqs.max_choices)
     crossfit_s = time.perf_counter() - t1
 
     # Calibration on the held-out (OOF) predictions only.

@@ -220,7 +220,7 @@ def _train_loop(config: dict) -> None:
 
     from engine import student as st
     from engine import student_folder as sf
-    from engine.metrics import nll
+    from engine.metrics import accuracy, nll
 
     scfg = _student_config(config["student"])
     spec = st.InputSpec(**config["spec"])
@@ -325,7 +325,7 @@ def _train_loop(config: dict) -> None:
                 val, t1 = splits["validation"], time.perf_counter()
                 probs = st.predict(inner, val, batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
                                    features=feats.get("validation"), dtype=dtype)
-                entry |= {"val_acc": st.accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
+                entry |= {"val_acc": accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
                           "val_seconds": time.perf_counter() - t1}
                 history.append(entry)
                 if st.best_epoch(history) == epoch + 1:
@@ -342,11 +342,11 @@ def _train_loop(config: dict) -> None:
                 val_probs = best_val if best_val is not None else st.predict(  # a resumed job's best epoch ran before
                     inner, splits["validation"], batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
                     features=feats.get("validation"), dtype=dtype)
-                test_acc = st.accuracy(test_probs, splits["test"].answer)
+                test_acc = accuracy(test_probs, splits["test"].answer)
                 folder = out_root / f"job_{j:03d}"
                 shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
                 meta = {**job["meta"], "dtype": dtype, "dtype_why": dtype_why, "best_epoch": keep, "history": history, "test_acc": test_acc,
-                        "val_acc": st.accuracy(val_probs, splits["validation"].answer)}
+                        "val_acc": accuracy(val_probs, splits["validation"].answer)}
                 sf.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
                 np.save(folder.parent / f"job_{j:03d}.test_probs.npy", test_probs, allow_pickle=False)
                 np.save(folder.parent / f"job_{j:03d}.val_probs.npy", val_probs, allow_pickle=False)

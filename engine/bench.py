@@ -11,7 +11,6 @@ paired: the same test questions, the same seeds. Pure numpy/scipy; matplotlib is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,19 +22,6 @@ SOURCE_ORDER = ("gold", "logit", "probe", "gold+logit", "gold+probe", "logit_pse
 PAIRS = (("probe", "logit"), ("probe", "gold"), ("gold+probe", "gold+logit"), ("gold+probe", "gold"),
          ("probe_pseudo", "logit_pseudo"), ("probe_pseudo", "gold"))
 """The differences reported, a - b, wherever both sources trained at a (dataset, regime, fraction)."""
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided Student-t interval; one value has no interval (nan)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("t_interval: no values")
-    if x.size == 1:
-        return float(x[0]), float("nan")
-    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean()), float(half)
 
 
 def key(cell: dict) -> tuple:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -49,20 +47,6 @@ def nll(probs: np.ndarray, answer: np.ndarray, eps: float = 1e-12) -> float:
     probs = np.asarray(probs, dtype=np.float64)
     p = probs[np.arange(len(answer)), np.asarray(answer)]
     return float(-np.mean(np.log(np.maximum(p, eps))))
-
-
-def ci95(values) -> tuple[float, float]:
-    """(mean, half-width) of a t-based 95% interval over seeds; half-width 0 for a single value."""
-    v = np.asarray(list(values), dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    mean = float(v.mean())
-    if len(v) == 1:
-        return mean, 0.0
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return mean, half
 
 
 def bootstrap_accuracy(correct, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -22,7 +22,6 @@ probabilities. A result of such a candidate has `layer` None, `layers` its membe
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -150,25 +149,6 @@ def fit_predict(
     return choice_probs(probe, X_rows, seqs, predict_questions)
 
 
-@dataclass
-class ProbeResult:
-    """One (layer, C) job: validation picks, test reports."""
-
-    layer: int
-    C: float
-    val_acc: float
-    test_acc: float
-    val_probs: np.ndarray | None = field(default=None, repr=False)
-    test_probs: np.ndarray | None = field(default=None, repr=False)
-    fit_seconds: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("val_probs")
-        d.pop("test_probs")
-        return d
-
-
 def fit_and_score(
     train_X: np.ndarray,
     train_seqs: Sequences,
@@ -195,21 +175,40 @@ def fit_and_score(
     return {"C": float(C), "fit_seconds": fit_s, "n_train": int(n_train), "acc": acc, "probs": probs}
 
 
+def crossfit_plan(questions: np.ndarray, answer: np.ndarray, folds: int, seed: int,
+                  pool: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The cross-fitting protocol: (fold id per question, [(fit questions, held-out questions), ...]).
+
+    Fold k fits on the other folds' `questions` and holds out its own (stratified by `answer`, seeded:
+    `question_folds`); with a `pool`, one more entry fits on every labelled question and predicts the
+    pool. Every fit runs through `fit_predict`, which refuses overlapping fit and predict questions.
+    `cross_fit` runs the plan here; `cluster.probes` runs the same plan as Ray tasks."""
+    questions = np.asarray(questions, dtype=np.int64)
+    fold = question_folds(answer, folds, seed)
+    plan = [(questions[fold != k], questions[fold == k]) for k in range(folds)]
+    if pool is not None:
+        plan.append((questions, np.asarray(pool, dtype=np.int64)))
+    return fold, plan
+
+
+def assemble_oof(fold: np.ndarray, held: list[np.ndarray], width: int) -> np.ndarray:
+    """(len(fold), width) out-of-fold probabilities: fold k's held-out predictions in its questions' rows."""
+    oof = np.zeros((len(fold), width), dtype=np.float32)
+    for k in range(int(fold.max()) + 1):
+        oof[fold == k] = held[k]
+    return oof
+
+
 def cross_fit(
     X: np.ndarray, seqs: Sequences, C: float, max_iter: int, folds: int, seed: int,
     questions: np.ndarray | None = None, family: str = "logreg",
 ) -> np.ndarray:
-    """Out-of-fold probabilities (Q_sel, C_max) for `questions` (all when None), in that order.
-
-    Question i is labelled by the probe fitted on the other folds' questions only.
-    """
+    """Out-of-fold probabilities (Q_sel, C_max) for `questions` (all when None), in that order: question i
+    is labelled by the probe fitted on the other folds' questions only (`crossfit_plan`, run serially)."""
     questions = _all(seqs, questions)
-    fold = question_folds(seqs.answer[questions], folds, seed)
-    oof = np.zeros((len(questions), seqs.max_choices))
-    for k in range(folds):
-        held = fold == k
-        oof[held] = fit_predict(X, seqs, questions[~held], questions[held], C, max_iter, seed, family)
-    return oof
+    fold, plan = crossfit_plan(questions, seqs.answer[questions], folds, seed)
+    held = [fit_predict(X, seqs, fit_q, held_q, C, max_iter, seed, family) for fit_q, held_q in plan]
+    return assemble_oof(fold, held, seqs.max_choices)
 
 
 def _get(r: Any, key: str, default: Any = KeyError) -> Any:
@@ -235,7 +234,7 @@ def best_result(results):
     `val_acc`, `C`, `layer`/`layers`, `family` and `combine` (the last three if present) of each result."""
     results = list(results)
     if not results:
-        raise ValueError("select_best: no probe results")
+        raise ValueError("best_result: no probe results")
     families = list(dict.fromkeys(_get(r, "family", "") for r in results))
 
     def key(r):
@@ -244,13 +243,6 @@ def best_result(results):
                 families.index(_get(r, "family", "")), _get(r, "combine", None) or "")
 
     return min(results, key=key)
-
-
-def select_best(results) -> tuple[int | None, float]:
-    """(layer, C) of `best_result` (layer None for a multi-layer candidate): validation picks, test is never read."""
-    best = best_result(results)
-    layer = _get(best, "layer")
-    return (None if layer is None else int(layer)), float(_get(best, "C"))
 
 
 def best_per_layer(results) -> list:

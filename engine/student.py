@@ -519,10 +519,6 @@ def pool_features(model: StudentModel, seqs: Sequences, *, batch_size: int, pad_
     return out
 
 
-def accuracy(probs: np.ndarray, answer: np.ndarray) -> float:
-    return float((probs.argmax(-1) == np.asarray(answer)).mean()) if len(answer) else float("nan")
-
-
 def best_epoch(history: Sequence[dict]) -> int:
     """The epoch (1-based) a student keeps: the highest validation accuracy, then the lowest validation
     loss, then the earliest. Test never enters the choice."""

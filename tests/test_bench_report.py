@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from engine import bench
 from engine.metrics import paired_difference, seeds_and_questions_bootstrap
@@ -32,15 +31,6 @@ def synthetic(true_acc: dict[str, float], seeds=(0, 1, 2, 3, 4), fractions=(0.1,
                 cells.append(cell)
                 correct[bench.key(cell)] = c
     return cells, correct
-
-
-def test_t_interval_matches_hand_computation():
-    mean, half = bench.t_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
-    one = bench.t_interval([0.4])
-    assert one[0] == 0.4 and math.isnan(one[1])
-    with pytest.raises(ValueError, match="no values"):
-        bench.t_interval([])
 
 
 def test_one_seed_is_the_question_bootstrap_with_the_binomial_width():

@@ -16,6 +16,7 @@ import torch
 from engine import student as st
 from engine import student_folder as sf
 from engine.config import from_dict
+from engine.metrics import accuracy
 from engine.tasks import Example
 
 torch.set_num_threads(1)  # the test machine is oversubscribed: 2 threads ran ~10x slower than 1
@@ -358,7 +359,7 @@ def test_student_with_its_own_vocabulary_learns(tiny_bert, finetune):
                                   rng=np.random.default_rng(epoch), features=feats.get("train"))
         st.train_epoch(m, batches, opt, soft=True, temperature=1.0, alpha=1.0)
     probs = st.predict(m, test, batch_size=8, pad_id=btok.pad_token_id, features=feats.get("test"))
-    assert st.accuracy(probs, test.answer) >= 0.9, st.accuracy(probs, test.answer)
+    assert accuracy(probs, test.answer) >= 0.9, accuracy(probs, test.answer)
 
 
 def test_best_epoch_is_chosen_on_validation_only():

@@ -39,6 +39,7 @@ class VLLMScorer:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings reach the console with --verbose only
         if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR":
             warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside vLLM's imports
+            os.environ.setdefault("TQDM_DISABLE", "1")  # its weight-loading bars
         from vllm import LLM
 
         self.llm = LLM(

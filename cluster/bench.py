@@ -25,7 +25,8 @@ import numpy as np
 
 from cluster import pipeline
 from engine import artifacts, bench, hardware, metrics
-from engine.config import PSEUDO_SOURCES, Config, config_hash, to_dict
+from engine.config import Config, config_hash, to_dict
+from engine.labels import SOURCES
 from engine.tasks import benchmark_data
 
 
@@ -42,8 +43,8 @@ def cell_config(cfg: Config, seed: int, fraction: float, *, finetune: str | None
     (fraction < 1); the probe sweep makes the pool's labels whenever the matrix has a pseudo source, so
     every regime's cell shares one sweep."""
     sources = tuple(cfg.bench.sources if sources is None else sources)
-    sources = tuple(s for s in sources if s not in PSEUDO_SOURCES or fraction < 1.0)
-    pool = fraction < 1.0 and any(s in PSEUDO_SOURCES for s in cfg.bench.sources)
+    sources = tuple(s for s in sources if not SOURCES[s].pseudo or fraction < 1.0)
+    pool = fraction < 1.0 and any(SOURCES[s].pseudo for s in cfg.bench.sources)
     return dataclasses.replace(
         cfg,
         seed=seed,

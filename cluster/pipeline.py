@@ -24,7 +24,7 @@ import numpy as np
 
 from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
-from engine.config import PSEUDO_SOURCES, STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
+from engine.config import STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
 from engine.log import LOGGER, log
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
@@ -346,12 +346,12 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
             plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))
             continue
         questions, answers = tq, train_seqs.answer
-        if source in PSEUDO_SOURCES:  # gold on the labelled questions, the probe's or teacher's labels on the pool
+        if labels.label_source(source).pseudo:  # gold on the labelled questions, the probe's or teacher's on the pool
             pool = probe_arrays["pool_questions"]
             questions = np.concatenate([tq, pool])
             seqs = run.seqs["train"].select(questions)
             pool_n = seqs.n_choices[len(tq):]
-            pool_probs = (probe_arrays["pool_probs"] if source == "probe_pseudo" else
+            pool_probs = (probe_arrays["pool_probs"] if labels.base_source(source) == "probe" else
                           labels.logit_targets(train_logp[pool][:, : seqs.max_choices], pool_n))
             targets, answers = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, pool_probs, pool_n,
                                                       soft=cfg.student.soft)

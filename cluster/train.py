@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import LABEL_SOURCES, STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
+from engine.config import STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
 from engine.hardware import pick_dtype
-from engine.labels import loss_alpha
+from engine.labels import SOURCES, loss_alpha
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
@@ -477,8 +477,8 @@ class StudentJob:
     """Extra fields for the student's `student.json` (label source details, config hash, ...)."""
 
     def check(self, train: Sequences) -> None:
-        if self.source not in LABEL_SOURCES:
-            raise ValueError(f"source: must be one of {LABEL_SOURCES}, got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source: must be one of {tuple(SOURCES)}, got {self.source!r}")
         q = np.asarray(self.questions)
         if q.ndim != 1 or len(q) == 0 or q.min() < 0 or q.max() >= train.n_questions:
             raise ValueError(f"questions: expected indices into the {train.n_questions} train questions")

@@ -18,6 +18,9 @@ from typing import Any, Optional
 
 import yaml
 
+from engine.families import FAMILIES
+from engine.labels import SOURCES
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the field and the fix."""
@@ -46,10 +49,8 @@ def _check_template(template: Optional[str], name: str) -> None:
 MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
 NORMALISE = ("none", "tokens", "bytes")
-LABEL_SOURCES = ("gold", "logit", "probe", "gold+logit", "gold+probe", "probe_pseudo", "logit_pseudo")
-"""Student supervision: see `StudentConfig.label_sources`."""
-PSEUDO_SOURCES = ("probe_pseudo", "logit_pseudo")
-"""Sources that also train on the unlabelled pool (`probe.label_pool`), so need a train fraction below 1."""
+LABEL_SOURCES = tuple(SOURCES)
+"""Student supervision: see `StudentConfig.label_sources` (one entry each in `engine.labels.SOURCES`)."""
 BENCH_DATASETS = ("arc_easy", "arc_challenge", "mmlu", "aqua_rat")
 """The benchmark's datasets; `engine.tasks.benchmark_data` gives each one's honest splits."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -208,7 +209,7 @@ class TeacherConfig:
 
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-PROBE_FAMILIES = ("logreg", "conditional_logit", "mlp")
+PROBE_FAMILIES = tuple(FAMILIES)  # (the families' names; engine/families.py holds one entry per family)
 PROBE_COMBINES = ("concat", "ensemble")
 
 
@@ -254,9 +255,9 @@ class ProbeConfig:
     max_iter: int = 300
     """Solver iterations for logistic regression."""
     families: tuple[str, ...] = ("logreg",)
-    """Probe families swept with every (layer, C): 'logreg' (StandardScaler + logistic regression),
-    'conditional_logit' (one scorer softmaxed within each question; per-choice mode only) and 'mlp'
-    (one hidden layer). Validation picks the family too."""
+    """Probe families swept with every (layer, C), from `engine/families.py`: 'logreg' (StandardScaler +
+    logistic regression), 'conditional_logit' (one scorer softmaxed within each question; per-choice
+    mode only) and 'mlp' (one hidden layer). Validation picks the family too."""
     combine: tuple[str, ...] = ()
     """Multi-layer candidates added to the sweep, over the `combine_layers` layers whose probes of the
     best single-layer family and C score best on validation: 'concat' (one probe of that family and C on
@@ -271,8 +272,8 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.cs) > 0 and all(c > 0 for c in self.cs), "probe.cs", "give positive values, e.g. [0.01, 0.1]")
-        _check(len(self.families) > 0 and all(f in PROBE_FAMILIES for f in self.families), "probe.families",
-               f"use some of {', '.join(PROBE_FAMILIES)}")
+        _check(len(self.families) > 0 and all(f in FAMILIES for f in self.families), "probe.families",
+               f"use some of {', '.join(FAMILIES)}")
         _check(all(c in PROBE_COMBINES for c in self.combine) and len(set(self.combine)) == len(self.combine),
                "probe.combine", f"use some of {', '.join(PROBE_COMBINES)}, each once, or []")
         _check(self.combine_layers >= 2, "probe.combine_layers", "must be >= 2")
@@ -403,8 +404,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check_template(self.template, "student.template")
-        bad = [s for s in self.label_sources if s not in LABEL_SOURCES]
-        _check(not bad, "student.label_sources", f"choose from {LABEL_SOURCES} (or []), got {bad}")
+        bad = [s for s in self.label_sources if s not in SOURCES]
+        _check(not bad, "student.label_sources", f"choose from {tuple(SOURCES)} (or []), got {bad}")
         _check(bool(self.model), "student.model", "name 'all-minilm-l6-v2', 'teacher', a model folder or a hub id")
         _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
         _check(self.dtype in STUDENT_DTYPES, "student.dtype", f"must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
@@ -484,9 +485,9 @@ class BenchConfig:
         bad = [d for d in self.datasets if d not in BENCH_DATASETS]
         _check(bool(self.datasets) and not bad, "bench.datasets", f"choose from {BENCH_DATASETS}, got {list(self.datasets)}")
         for name in ("sources", "slice_sources"):
-            bad = [x for x in getattr(self, name) if x not in LABEL_SOURCES]
+            bad = [x for x in getattr(self, name) if x not in SOURCES]
             _check(not bad and (name != "sources" or bool(self.sources)), f"bench.{name}",
-                   f"choose from {LABEL_SOURCES}, got {list(getattr(self, name))}")
+                   f"choose from {tuple(SOURCES)}, got {list(getattr(self, name))}")
         for name in ("fractions", "slice_fractions"):
             values = getattr(self, name)
             bad = [f for f in values if not 0.0 < f <= 1.0]
@@ -535,14 +536,15 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
-        pseudo = [s for s in self.student.label_sources if s in PSEUDO_SOURCES]
+        pseudo = [s for s in self.student.label_sources if SOURCES[s].pseudo]
         _check(self.probe.label_pool or not pseudo, "student.label_sources",
                f"{pseudo} train on the unlabelled pool: set probe.label_pool=true (and data.train_fraction < 1)")
-        logit = [s for s in self.student.label_sources if "logit" in s]
+        logit = [s for s in self.student.label_sources if SOURCES[s].labels == "logit"]
         _check(self.extract.teacher_scores or not logit, "extract.teacher_scores",
                f"the label sources {logit} need the teacher's scores; set it true or drop them from student.label_sources")
-        _check(self.prompt.mode == "per_choice" or "conditional_logit" not in self.probe.families, "probe.families",
-               "'conditional_logit' scores choices within a question, which needs prompt.mode=per_choice")
+        grouped = [f for f in self.probe.families if FAMILIES[f].grouped]
+        _check(self.prompt.mode == "per_choice" or not grouped, "probe.families",
+               f"{grouped} score choices within a question, which needs prompt.mode=per_choice")
         _check(not self.probe.label_pool or self.data.train_fraction < 1.0, "probe.label_pool",
                "the pool is the train questions left out by data.train_fraction; set data.train_fraction < 1 (e.g. 0.1) "
                "or probe.label_pool=false")

@@ -8,29 +8,64 @@ unlabelled pool; `pseudo_labelled`). Hard labels are the one-hot argmax of the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from engine.metrics import accuracy, softmax_rows
 
-SOURCES = ("gold", "logit", "probe", "gold+logit", "gold+probe", "probe_pseudo", "logit_pseudo")
+PROVIDERS = ("gold", "logit", "probe")
+"""Where labels come from: the gold answers, the teacher's own choice scores (`logit_targets`, needs
+`extract.teacher_scores`), or the out-of-fold probe probabilities (`probe_targets`)."""
 
 
-def base_source(source: str) -> str:
+@dataclass(frozen=True)
+class LabelSource:
+    """One way to supervise a student: one entry in `SOURCES`, which the config's checks, the label
+    making, the loss weight, the benchmark and the report all read."""
+
+    name: str
+    """What `student.label_sources` and `bench.sources` call it."""
+    labels: str
+    """Whose labels it trains on where it has no gold: one of `PROVIDERS`."""
+    doc: str
+    """One line for the docs."""
+    mix: bool = False
+    """A gold cross-entropy term joins the loss, weighted 1 - `student.mix_alpha`."""
+    pseudo: bool = False
+    """Semi-supervised: gold on the labelled train questions, `labels`' predictions on the unlabelled pool
+    (`probe.label_pool`), so it needs `data.train_fraction` < 1."""
+
+
+SOURCES: dict[str, LabelSource] = {s.name: s for s in (
+    LabelSource("gold", "gold", "the gold answers, one-hot"),
+    LabelSource("logit", "logit", "the teacher's own choice scores, softmaxed"),
+    LabelSource("probe", "probe", "the out-of-fold probe probabilities, calibrated"),
+    LabelSource("gold+logit", "logit", "the teacher's labels with a gold term in the loss", mix=True),
+    LabelSource("gold+probe", "probe", "the probe's labels with a gold term in the loss", mix=True),
+    LabelSource("probe_pseudo", "probe", "gold, plus the probe's labels on the unlabelled pool", pseudo=True),
+    LabelSource("logit_pseudo", "logit", "gold, plus the teacher's labels on the unlabelled pool (the fair "
+                "baseline of probe_pseudo)", pseudo=True),
+)}
+"""Every label source, by name."""
+
+
+def label_source(name: str) -> LabelSource:
+    """The label source called `name`, or a ValueError listing the known ones."""
+    if name not in SOURCES:
+        raise ValueError(f"label source must be one of {tuple(SOURCES)}, got {name!r}")
+    return SOURCES[name]
+
+
+def base_source(name: str) -> str:
     """Whose labels a source trains on where it has no gold: 'gold', 'logit' or 'probe'."""
-    for base in ("probe", "logit"):
-        if base in source:
-            return base
-    if source != "gold":
-        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
-    return "gold"
+    return label_source(name).labels
 
 
-def loss_alpha(source: str, alpha: float, mix_alpha: float) -> float:
-    """The weight of the soft-label term for `source` (the rest is gold cross-entropy): `mix_alpha` for
+def loss_alpha(name: str, alpha: float, mix_alpha: float) -> float:
+    """The weight of the soft-label term for `name` (the rest is gold cross-entropy): `mix_alpha` for
     the mixes, `alpha` otherwise. The pseudo sources carry gold as labels, so they take `alpha` too."""
-    if source not in SOURCES:
-        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
-    return mix_alpha if source.startswith("gold+") else alpha
+    return mix_alpha if label_source(name).mix else alpha
 
 
 def _present(n_choices: np.ndarray, width: int) -> np.ndarray:
@@ -105,20 +140,17 @@ def make_targets(
     """(Q, max n_choices) float32 labels from `source`; hard (one-hot argmax) unless `soft`. Gold is one-hot."""
     n_choices = np.asarray(n_choices, dtype=np.int64)
     width = int(n_choices.max()) if len(n_choices) else 0
-    if source == "gold":
+    labels = base_source(source)  # a mix's soft term takes these labels; its gold term comes from the loss
+    if labels == "gold":
         return gold_targets(answer, n_choices, width)
-    if source in ("gold+logit", "gold+probe"):  # the soft term's labels; the gold term comes from the loss
-        source = base_source(source)
-    if source == "logit":
+    if labels == "logit":
         if teacher_logp is None:
             raise ValueError("make_targets('logit') needs teacher_logp")
         t = logit_targets(_fit_width(teacher_logp, width, -np.inf), n_choices)
-    elif source == "probe":
+    else:
         if probe_probs is None:
             raise ValueError("make_targets('probe') needs probe_probs")
         t = probe_targets(_fit_width(probe_probs, width, 0.0), n_choices)
-    else:
-        raise ValueError(f"label source must be one of {SOURCES}, got {source!r}")
     if len(t) != len(n_choices):
         raise ValueError(f"make_targets({source!r}): {len(t)} label rows for {len(n_choices)} questions")
     return t if soft else hard(t)

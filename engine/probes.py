@@ -25,25 +25,17 @@ import time
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline
 
+from engine.families import family as probe_family
 from engine.metrics import accuracy, softmax_rows
-from engine.probe_models import ConditionalLogitProbe, MLPProbe, concat_layers, ensemble_log_probs
+from engine.probe_models import concat_layers, ensemble_log_probs
 from engine.sequences import Sequences
 
 
 def make_probe(C: float, max_iter: int, seed: int, family: str = "logreg"):
-    """A fresh probe estimator. 'logreg': StandardScaler + LogisticRegression (lbfgs; multinomial for
-    more than two classes); 'conditional_logit': `ConditionalLogitProbe`; 'mlp': `MLPProbe`."""
-    if family == "logreg":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
-    if family == "conditional_logit":
-        return ConditionalLogitProbe(C=C, max_iter=max_iter)
-    if family == "mlp":
-        return MLPProbe(C=C, max_iter=max_iter, seed=seed)
-    raise ValueError(f"probe family {family!r}: use one of logreg, conditional_logit, mlp")
+    """A fresh, unfitted estimator of the probe family `family` (`engine.families.FAMILIES`)."""
+    return probe_family(family).build(C, max_iter, seed)
 
 
 def question_folds(answer: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -102,9 +94,9 @@ def fit_probe(
             "use more train questions or fewer folds"
         )
     probe = make_probe(C, max_iter, seed, family)
-    if family == "conditional_logit":
+    if probe_family(family).grouped:
         if seqs.mode != "per_choice":
-            raise ValueError("probe family 'conditional_logit' needs per-choice rows; use prompt.mode=per_choice")
+            raise ValueError(f"probe family {family!r} needs per-choice rows; use prompt.mode=per_choice")
         probe.fit(np.asarray(X_rows)[rows], y, groups=seqs.row_question[rows])
     else:
         probe.fit(np.asarray(X_rows)[rows], y)

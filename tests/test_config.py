@@ -63,7 +63,7 @@ def test_probe_families_are_checked():
     assert from_dict({"probe": {"families": ["logreg", "conditional_logit", "mlp"]}}).probe.families[1] == "conditional_logit"
     with pytest.raises(ConfigError, match="probe.families: use some of logreg, conditional_logit, mlp"):
         from_dict({"probe": {"families": ["svm"]}})
-    with pytest.raises(ConfigError, match="probe.families: 'conditional_logit' .* needs prompt.mode=per_choice"):
+    with pytest.raises(ConfigError, match=r"probe\.families: \['conditional_logit'\] .* needs prompt\.mode=per_choice"):
         from_dict({"prompt": {"mode": "letter"}, "probe": {"families": ["conditional_logit"]}})
 
 

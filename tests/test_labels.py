@@ -65,3 +65,28 @@ def test_logit_pseudo_puts_the_teachers_own_labels_on_the_pool():
     np.testing.assert_allclose(targets[0], [0, 1, 0, 0])
     np.testing.assert_allclose(targets[1:], [[0.1, 0.2, 0.7, 0], [0.5, 0.25, 0.25, 0]], atol=1e-6)
     np.testing.assert_array_equal(used, [1, 2, 0])  # the pool's answers are the teacher's argmax, never gold
+
+
+def test_a_new_label_source_is_one_entry(monkeypatch):
+    """One `LabelSource` in `engine.labels.SOURCES`: the config's checks, the label making and the loss
+    weight all follow it (here a semi-supervised mix of the probe's labels with a gold term)."""
+    from engine import labels
+    from engine.config import from_dict
+
+    entry = labels.LabelSource("gold+probe_pseudo", "probe", "gold term, probe labels, pool too", mix=True, pseudo=True)
+    monkeypatch.setitem(labels.SOURCES, entry.name, entry)
+    cfg = from_dict({"data": {"train_fraction": 0.5}, "probe": {"label_pool": True},
+                     "student": {"label_sources": ["gold", "gold+probe_pseudo"]},
+                     "bench": {"sources": ["gold", "gold+probe_pseudo"]}})
+    assert cfg.student.label_sources == ("gold", "gold+probe_pseudo")
+    with pytest.raises(ConfigError, match=r"student\.label_sources: \['gold\+probe_pseudo'\] train on the unlabelled pool"):
+        from_dict({"student": {"label_sources": ["gold+probe_pseudo"]}})
+    assert labels.loss_alpha(entry.name, 1.0, 0.4) == 0.4 and labels.base_source(entry.name) == "probe"
+    answer, n = np.array([0, 1]), np.array([3, 2])
+    probs = np.array([[0.2, 0.5, 0.3], [0.9, 0.1, 0.0]])
+    np.testing.assert_allclose(labels.make_targets(entry.name, answer=answer, n_choices=n, probe_probs=probs),
+                               labels.make_targets("probe", answer=answer, n_choices=n, probe_probs=probs))
+    teacher = labels.LabelSource("teacher_only", "logit", "the teacher's labels")
+    monkeypatch.setitem(labels.SOURCES, teacher.name, teacher)
+    with pytest.raises(ConfigError, match=r"extract\.teacher_scores: the label sources \['teacher_only'\] need"):
+        from_dict({"extract": {"teacher_scores": False}, "student": {"label_sources": ["teacher_only"]}})

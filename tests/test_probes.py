@@ -610,3 +610,67 @@ def test_sweep_pool_gold_and_features_never_reach_the_fit(tmp_path, local_ray):
     assert not np.allclose(after["pool_probs"][~kept], before["pool_probs"][~kept])
     assert after["pool_acc"] == pytest.approx(accuracy(after["pool_probs_raw"], answer[pool]))
     assert before["pool_acc"] == pytest.approx(accuracy(before["pool_probs_raw"], seqs["train"].answer[pool]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe families: one entry each (engine/families.py)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("engine.families", fromlist=["FAMILIES"]).FAMILIES))
+def test_every_registered_family_is_an_estimator_that_learns(name):
+    """Whatever `FAMILIES` lists passes here: a fresh, clonable scikit-learn estimator per call that
+    learns a planted signal in each prompt mode it accepts, with well-formed choice probabilities."""
+    from sklearn.base import clone
+
+    from engine.families import FAMILIES
+
+    fam = FAMILIES[name]
+    assert fam.name == name and fam.doc
+    a, b = pr.make_probe(0.5, 50, 0, name), pr.make_probe(0.5, 50, 0, name)
+    assert a is not b and clone(a).get_params().keys() == a.get_params().keys()
+    rng = np.random.default_rng(11)
+    for mode in ("per_choice",) if fam.grouped else ("per_choice", "letter"):
+        n, ans = random_questions(120, rng, choices=(4,) if mode == "letter" else (3, 4, 5))
+        seqs = make_seqs(mode, n, ans)
+        X = planted(seqs, 8, 3.0, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            probe = pr.fit_probe(X, seqs, np.arange(90), 1.0, 300, 0, name)
+        p = pr.choice_probs(probe, X, seqs, np.arange(90, 120))
+        check_prob_rows(p, n[90:])
+        assert accuracy(p, ans[90:]) > 0.6, (name, mode)
+
+
+def test_a_new_family_is_one_entry(monkeypatch):
+    """The README's worked example: one `ProbeFamily` in `FAMILIES` and the config accepts it, the sweep
+    fits it, and a grouped family is refused in letter mode."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from engine import families
+    from engine.config import ConfigError, from_dict
+
+    def sparse_logreg(C, max_iter, seed):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, l1_ratio=1.0, solver="saga",
+                                                                  max_iter=max_iter, random_state=seed))
+
+    entry = families.ProbeFamily("sparse_logreg", sparse_logreg, "L1 logistic regression: few features")
+    monkeypatch.setitem(families.FAMILIES, entry.name, entry)
+    cfg = from_dict({"probe": {"families": ["logreg", "sparse_logreg"]}})
+    assert cfg.probe.families == ("logreg", "sparse_logreg")
+    rng = np.random.default_rng(12)
+    n, ans = random_questions(120, rng)
+    seqs = make_seqs("per_choice", n, ans)
+    X = planted(seqs, 8, 3.0, rng)
+    evals = {"validation": (X, seqs)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        out = pr.fit_and_score(X, seqs, evals, 1.0, 300, 0, np.arange(90), "sparse_logreg")
+    assert out["acc"]["validation"] > 0.6
+    grouped = families.ProbeFamily("grouped_one", families.FAMILIES["conditional_logit"].build, "x", grouped=True)
+    monkeypatch.setitem(families.FAMILIES, grouped.name, grouped)
+    with pytest.raises(ConfigError, match=r"probe\.families: \['grouped_one'\] score choices within a question"):
+        from_dict({"prompt": {"mode": "letter"}, "probe": {"families": ["grouped_one"]}})
+    with pytest.raises(ConfigError, match=r"probe\.families: use some of logreg, conditional_logit, mlp, sparse_logreg"):
+        from_dict({"probe": {"families": ["nope"]}})

@@ -217,8 +217,7 @@ def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
         if command == "extract":
             return None
         probe_meta = None
-        letter_table = cfg.prompt.mode == "letter" and cfg.baseline.enabled and bool(cfg.baseline.formats)
-        if command in ("probe", "train", "report", "run") or (command == "baseline" and letter_table):
+        if command in ("probe", "run") or "probe" in pipeline.prerequisites(cfg, command):
             probe_meta, probe_arrays = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
         if command in ("baseline", "report", "run"):
             base = pipeline.baseline(run, probe_meta)

@@ -6,8 +6,8 @@ Both train the default's student (all-MiniLM-L6-v2, fully fine-tuned, reading (q
 with its own tokenizer) for `--epochs` epochs on the same ARC-Easy train questions with gold labels, the
 same batches, optimiser, schedule and threads; both score validation after every epoch, keep the best
 epoch, score the test questions with it and save the student folder:
-  plain:  `engine.student` in this process: build the model, `train_epoch` and validation per epoch,
-          `predict`, `save_student`;
+  plain:  `engine.fit` in this process (the loop Ray Train's workers run, as rank 0 of 1): build the
+          model, `fit_job` (training and validation per epoch), `finish_job`, `save_student`;
   ray:    `cluster.train.train_student` (1 worker, `cpus` CPUs): the whole `TorchTrainer.fit()`,
           including worker start-up, checkpointing and the test prediction, timed from the driver.
 The two alternate `--repeats` times (the epoch time on a shared machine drifts between runs) and the
@@ -40,54 +40,46 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import numpy as np  # noqa: E402
 
 from cluster import runtime  # noqa: E402  (sets Ray's environment before ray is imported)
-from engine import labels  # noqa: E402
+from engine import fit, labels  # noqa: E402
 from engine import student as st  # noqa: E402
 from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
 from engine.hardware import matmul_flags, pick_dtype  # noqa: E402
-from engine.metrics import accuracy, nll  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "student.json"
 
 
-def plain(cfg, model_path: str, splits: dict, spec, targets, pad_id: int, out_dir: str) -> dict:
-    """The same student, batches, optimiser, schedule, validation and test scoring in this process."""
+def plain(cfg, model_path: str, splits: dict, spec, job, pad_id: int, out_dir: str) -> dict:
+    """The same student, batches, optimiser, schedule, validation and test scoring in this process:
+    `engine.fit`, which Ray Train's worker loop runs too, as rank 0 of 1."""
     import torch
 
     s = cfg.student
-    dtype = pick_dtype(s.dtype, gpu=False)[0]
+    worker = fit.Worker(dtype=pick_dtype(s.dtype, gpu=False)[0])
     t0 = time.perf_counter()
     torch.set_num_threads(s.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
-    train, val, test = splits["train"], splits["validation"], splits["test"]
+    torch.manual_seed(job.seed)
     tok, _ = st.student_inputs(s, model_path, spec.answer_format)
-    model = st.build_student(model_path, s, max_choices=max(x.max_choices for x in splits.values()))
+    max_choices = max(x.max_choices for x in splits.values())
+    model = st.build_student(model_path, s, max_choices=max_choices, answer_format=spec.answer_format, tokenizer=tok)
     names = st.set_trainable(model, s.finetune, s.top_blocks)
     optimizer = st.make_optimizer(model, s.train_lr, s.weight_decay)
-    steps = -(-train.n_questions // s.batch_size)
+    steps = fit.steps_per_epoch(len(job.questions), 1, s.train_batch_size)
     scheduler = st.make_scheduler(optimizer, steps * s.train_epochs, start_step=0)
-    epochs, history, best = [], [], None
-    for epoch in range(s.train_epochs):  # the same batches as cluster.train's loop, rank 0 of 1
-        t1 = time.perf_counter()
-        mine = st.shard_questions(train.n_questions, 0, 1, seed=cfg.seed, epoch=epoch)
-        batches = st.make_batches(train, targets, mine, s.batch_size, pad_id, rng=np.random.default_rng([cfg.seed, epoch, 0]))
-        loss = st.train_epoch(model, batches, optimizer, scheduler, device="cpu", soft=s.soft,
-                              temperature=s.temperature, alpha=s.alpha, dtype=dtype)
-        probs = st.predict(model, val, batch_size=4 * s.batch_size, pad_id=pad_id, dtype=dtype)
-        history.append({"epoch": epoch + 1, "val_acc": accuracy(probs, val.answer),
-                        "val_loss": nll(probs, val.answer)})
-        if st.best_epoch(history) == epoch + 1:
-            best = {n: p.detach().clone() for n, p in model.state_dict().items() if n in names}
-        epochs.append(time.perf_counter() - t1)
-    model.load_state_dict(best, strict=False)
-    probs = st.predict(model, test, batch_size=4 * s.batch_size, pad_id=pad_id, dtype=dtype)
-    sf.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": "gold"})
+    triple = fit.job_targets(job.questions, job.targets, job.answers, splits["train"], max_choices)
+    progress = fit.fit_job(model, names, splits, triple, scfg=s, seed=job.seed,
+                           alpha=labels.loss_alpha(job.source, s.alpha, s.mix_alpha), epochs=s.train_epochs,
+                           pad_id=pad_id, optimizer=optimizer, scheduler=scheduler, worker=worker,
+                           progress=fit.JobProgress())
+    done = fit.finish_job(model, names, splits, progress, scfg=s, pad_id=pad_id, worker=worker)
+    sf.save_student(Path(out_dir) / "plain-student", model, tok, spec, {"source": job.source})
+    epochs = [h["seconds"] + h["val_seconds"] for h in progress.history]
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
-            "epochs": [round(e, 2) for e in epochs], "train_loss": loss, "best_epoch": st.best_epoch(history),
-            "test_acc": accuracy(probs, test.answer)}
+            "epochs": [round(e, 2) for e in epochs], "train_loss": progress.history[-1]["train_loss"],
+            "best_epoch": done.best_epoch, "test_acc": done.metrics(splits)["test_acc"]}
 
 
 def main() -> None:
@@ -121,7 +113,7 @@ def main() -> None:
         for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
             storage = tempfile.mkdtemp(prefix="bench-student-")
             try:
-                plains.append(plain(cfg, model_path, splits, spec, targets, tok.pad_token_id, storage))
+                plains.append(plain(cfg, model_path, splits, spec, job, tok.pad_token_id, storage))
                 r = train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
                                   pad_id=tok.pad_token_id, storage_dir=storage)
             finally:

@@ -28,31 +28,27 @@ experiment. On a multi-node cluster `storage_dir` must be shared storage (NFS or
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.config import STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
+from engine import fit
+from engine.config import StudentConfig, config_hash, to_dict
+from engine.fit import StudentJob
 from engine.hardware import pick_dtype
-from engine.labels import SOURCES, loss_alpha
+from engine.labels import loss_alpha
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept per run (the latest is what a resume starts from); every finished student's folder
 is kept apart from them."""
 
-_MODEL = "trainable.safetensors"
-_BEST = "best.safetensors"
-_OPTIM = "optimizer.safetensors"
-_STATE = "state.json"
 ROLES = ("train", "validation", "test")
 
 
@@ -95,16 +91,9 @@ def unpack_sequences(d: dict) -> Sequences:
     )
 
 
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _split_digest(packed: dict) -> str:
     keys = ("flat", "offsets", "row_question", "row_choice", "n_choices", "answer", "start", "types")
-    return _digest(*(packed[k] for k in keys if k in packed))
+    return fit.digest(*(packed[k] for k in keys if k in packed))
 
 
 def _weights_stamp(model_path: str) -> list:
@@ -115,92 +104,12 @@ def _weights_stamp(model_path: str) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.glob("*.safetensors"))
 
 
-def _fingerprint(student: StudentConfig, job: StudentJob, model_path: str, splits: dict[str, str], spec: dict,
-                 max_choices: int, pad_id: int) -> str:
-    """What a resumed run must share with the checkpoint it resumes: all but `epochs` and resources."""
-    s = to_dict(student)
-    for key in ("epochs", "head_epochs", "label_sources", *STUDENT_RUNTIME):  # more epochs / other resources are fine
-        s.pop(key)
-    if s.get("template") is None:  # added later; the spec carries it when set
-        s.pop("template", None)
-    return config_hash({
-        "student": s, "seed": job.seed, "source": job.source, "model": model_path, "spec": spec,
-        "max_choices": max_choices, "pad_id": pad_id, "splits": splits,
-        "job": _digest(job.questions, np.asarray(job.targets, np.float32), job.answers), "format": 3,
-    })
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files (safetensors + JSON)
-
-
-def _save_optimizer(optimizer, path: Path) -> dict:
-    """Tensors of the optimizer state to safetensors; returns the JSON-able rest."""
-    import torch
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    tensors, state = {}, {}
-    for pid, st in sd["state"].items():
-        entry = {"tensors": [], "values": {}}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-                entry["tensors"].append(k)
-            else:
-                entry["values"][k] = v
-        state[str(pid)] = entry
-    save_file(tensors, str(path))
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
-    state = {}
-    for pid, entry in meta["state"].items():
-        st = {k: tensors[f"{pid}.{k}"] for k in entry["tensors"]}
-        st.update(entry["values"])
-        state[int(pid)] = st
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _trainable_state(model, names: list[str]) -> dict:
-    sd = model.state_dict()
-    return {n: sd[n].detach().cpu().clone().contiguous() for n in names}
-
-
-def _load_trainable(model, tensors: dict, names: list[str]) -> None:
-    if sorted(tensors) != sorted(names):
-        raise ValueError("the checkpoint's trainable weights do not match the student's; use a fresh storage_dir")
-    model.load_state_dict(tensors, strict=False)
-
-
-def _write_checkpoint(d: Path, *, current: dict, best: dict | None, optimizer, scheduler, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file(current, str(d / _MODEL))
-    if best is not None:
-        save_file(best, str(d / _BEST))
-    state = dict(state, optimizer=_save_optimizer(optimizer, d / _OPTIM), schedule_step=scheduler.last_epoch)
-    (d / _STATE).write_text(json.dumps(state))
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-worker loop: the jobs in order, each from a fresh student, scored on validation every epoch
+# The per-worker loop: `engine.fit` over the jobs in order, with DDP's loss reduction and Ray's checkpoints
 
 
 def _student_config(d: dict) -> StudentConfig:
     return StudentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-
-
-def _resume_point(state: dict | None, epochs: int, n_jobs: int) -> tuple[int, int]:
-    """(job, epoch) to start at, given the latest checkpoint's state: its job continues while it has
-    epochs left (a single-job run asked for more epochs continues), else the next job starts."""
-    if state is None:
-        return 0, 0
-    job, epoch = int(state["job"]), int(state["epoch"])
-    if epoch < epochs or job + 1 >= n_jobs:
-        return job, epoch
-    return job + 1, 0
 
 
 TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1"}
@@ -211,182 +120,191 @@ regions; with one thread for the main thread the loop's pool is the only one (`b
 
 
 def _train_loop(config: dict) -> None:
+    """Ray Train's worker loop: read the splits, resume from the latest checkpoint, then each job through
+    `_train_job`. A stored run that had finished every job hands its results on as this run's."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    from safetensors.torch import load_file
 
     from engine import student as st
-    from engine import student_folder as sf
-    from engine.metrics import accuracy, nll
 
     scfg = _student_config(config["student"])
-    spec = st.InputSpec(**config["spec"])
-    jobs, epochs = config["jobs"], scfg.train_epochs
-    every = epochs if scfg.finetune == "head" else 1  # heads checkpoint once per job
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(scfg.cpus_per_worker)
     device = ray.train.torch.get_device()
     dtype, dtype_why = pick_dtype(scfg.dtype, gpu=device.type == "cuda")  # decided where the student trains
-    roles = ROLES if rank == 0 else ("train",)
+    worker = fit.Worker(ctx.get_world_rank(), ctx.get_world_size(), device, dtype, _all_reduce(device))
+    roles = ROLES if worker.rank == 0 else ("train",)
     splits = {r: unpack_sequences(ray.get(config["split_refs"][r])) for r in roles}
     feats = {r: ray.get(config["feature_refs"][r]) for r in roles} if config["feature_refs"] else {}
-    train = splits["train"]
-    pad_id, model_path = int(config["pad_id"]), config["model_path"]
-    loss_kw = dict(soft=scfg.soft, temperature=scfg.temperature)
-    out_root = Path(config["students_dir"])
-    tokenizer = st.load_tokenizer(model_path, st.load_config(model_path, revision=scfg.revision,
-                                  trust_remote_code=scfg.trust_remote_code), revision=scfg.revision,
-                                  trust_remote_code=scfg.trust_remote_code) if rank == 0 else None
+    tokenizer = None
+    if worker.rank == 0:
+        kw = dict(revision=scfg.revision, trust_remote_code=scfg.trust_remote_code)
+        tokenizer = st.load_tokenizer(config["model_path"], st.load_config(config["model_path"], **kw), **kw)
+    ckpt = _latest_checkpoint(config, best=worker.rank == 0)
+    state = ckpt.state if ckpt else None
+    start_job, start_epoch = fit.resume_point(state, scfg.train_epochs, len(config["jobs"]))
+    run = {"finished": dict(state["finished"]) if state else {},
+           "resumes": [*state.get("resumes", []), [start_job, start_epoch]] if state else [],  # each restart's start
+           "held": list(state.get("report_seconds", [])) if state else [],  # each checkpoint's hold-up of the loop
+           "dtype": dtype, "dtype_why": dtype_why, "reported": False}
+    if state is not None and worker.rank == 0:
+        print(f"[{config['name']}] resumed at job {start_job + 1}/{len(config['jobs'])}, epoch "
+              f"{start_epoch}/{scfg.train_epochs}", flush=True)
+    for j in range(start_job, len(config["jobs"])):
+        resume = ckpt if j == start_job and start_epoch > 0 else None
+        if resume is None or start_epoch < scfg.train_epochs:
+            _train_job(config, scfg, j, splits, feats, tokenizer, worker, run, resume, start_epoch if resume else 0)
+    if not run["reported"]:  # the stored run had finished every job: hand its results on as this run's
+        saved = (ckpt.current, None, ckpt.optimizer, ckpt.state["schedule_step"]) if worker.rank == 0 else None
+        _report(worker.rank, {"job": len(config["jobs"]) - 1, "epoch": scfg.train_epochs,
+                              "start_epoch": scfg.train_epochs}, {**state, "resumes": run["resumes"]}, saved, None)
 
-    state, ckpt_dir, reported = None, None, False
+
+def _all_reduce(device):
+    """The question-weighted mean loss over the worker group (None outside a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def reduce(loss: float, n: int) -> float:
+        buf = torch.tensor([loss * n, float(n)], dtype=torch.float64, device=device)
+        dist.all_reduce(buf)
+        return float((buf[0] / buf[1]).cpu())
+
+    return reduce
+
+
+def _latest_checkpoint(config: dict, *, best: bool) -> fit.Checkpoint | None:
+    """Ray Train's latest checkpoint of this run, read into memory; one made under other data or
+    settings is refused."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / _STATE).read_text())
-            if state.get("fingerprint") != config["fingerprint"]:
-                raise ValueError(
-                    f"{config['name']}: the checkpoint under the run's storage was made with other data or "
-                    "settings; pass a fresh storage_dir for a new experiment"
-                )
-            ckpt_dir = tempfile.mkdtemp()  # keep the weights past the context manager
-            for name in (_MODEL, _BEST, _OPTIM):
-                if Path(d, name).is_file():
-                    shutil.copyfile(Path(d, name), Path(ckpt_dir, name))
-    start_job, start_epoch = _resume_point(state, epochs, len(jobs))
-    finished = dict(state["finished"]) if state else {}
-    resumes = [*state.get("resumes", []), [start_job, start_epoch]] if state else []  # where each restart began
-    held = list(state.get("report_seconds", [])) if state else []  # each checkpoint's hold-up of the loop
-    if state is not None and rank == 0:
-        print(f"[{config['name']}] resumed at job {start_job + 1}/{len(jobs)}, epoch {start_epoch}/{epochs}",
-              flush=True)
-    backbone_dir = None
-    if scfg.finetune == "head" and rank == 0:  # one frozen backbone on disk, hard-linked into every student
-        backbone_dir = out_root / "backbone"
-
-    for j in range(start_job, len(jobs)):
-        job = jobs[j]
-        seed, tag = int(job["seed"]), f"student-{job['source']}"
-        torch.manual_seed(seed)
-        questions = np.asarray(ray.get(job["questions_ref"]), dtype=np.int64)
-        targets = np.zeros((train.n_questions, int(config["max_choices"])), dtype=np.float32)
-        job_targets = np.asarray(ray.get(job["targets_ref"]), dtype=np.float32)
-        targets[questions, : job_targets.shape[1]] = job_targets
-        gold = np.asarray(train.answer).copy()
-        gold[questions] = np.asarray(ray.get(job["answers_ref"]), dtype=np.int64)
-        model = st.build_student(model_path, scfg, max_choices=int(config["max_choices"]),
-                                 answer_format=spec.answer_format, tokenizer=tokenizer)
-        names = st.set_trainable(model, scfg.finetune, scfg.top_blocks)
-        if backbone_dir is not None and not backbone_dir.exists():
-            tmp = Path(tempfile.mkdtemp(prefix="backbone.tmp-", dir=out_root))
-            model.backbone.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, backbone_dir)
-        first = start_epoch if j == start_job else 0
-        resuming = first > 0
-        train_seconds = float(state["train_seconds"]) if resuming else 0.0
-        history = list(state["history"]) if resuming else []
-        best, best_val = None, None
-        if resuming:
-            current = load_file(str(Path(ckpt_dir) / _MODEL))
-            _load_trainable(model, current, names)
-            if rank == 0 and Path(ckpt_dir, _BEST).is_file():
-                best = load_file(str(Path(ckpt_dir) / _BEST))
-            elif rank == 0 and state.get("best_is_current"):  # the best epoch was the checkpoint's own
-                best = current
-        model = ray.train.torch.prepare_model(model)
-        inner = st.unwrap(model)
-        optimizer = st.make_optimizer(model, scfg.train_lr, scfg.weight_decay)
-        per_worker = -(-len(questions) // world)
-        steps_per_epoch = -(-per_worker // scfg.train_batch_size)
-        if resuming:
-            _load_optimizer(optimizer, load_file(str(Path(ckpt_dir) / _OPTIM)), state["optimizer"])
-        # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
-        scheduler = st.make_scheduler(optimizer, steps_per_epoch * epochs, start_step=steps_per_epoch * first)
-
-        for epoch in range(first, epochs):
-            t0 = time.perf_counter()
-            mine = questions[st.shard_questions(len(questions), rank, world, seed=seed, epoch=epoch)]
-            batches = st.make_batches(train, targets, mine, scfg.train_batch_size, pad_id, gold=gold,
-                                      rng=np.random.default_rng([seed, epoch, rank]), features=feats.get("train"))
-            loss = st.train_epoch(model, batches, optimizer, scheduler, device=device, dtype=dtype,
-                                  alpha=float(job["alpha"]), **loss_kw)
-            if world > 1 and dist.is_available() and dist.is_initialized():
-                buf = torch.tensor([loss * len(mine), float(len(mine))], dtype=torch.float64, device=device)
-                dist.all_reduce(buf)
-                loss = float((buf[0] / buf[1]).cpu())
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            entry = {"epoch": epoch + 1, "train_loss": loss, "seconds": seconds}
-            metrics = {"job": j, "epoch": epoch + 1, "train_loss": loss, "start_epoch": first}
-            if rank == 0:  # validation picks the epoch that is kept
-                val, t1 = splits["validation"], time.perf_counter()
-                probs = st.predict(inner, val, batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
-                                   features=feats.get("validation"), dtype=dtype)
-                entry |= {"val_acc": accuracy(probs, val.answer), "val_loss": nll(probs, val.answer),
-                          "val_seconds": time.perf_counter() - t1}
-                history.append(entry)
-                if st.best_epoch(history) == epoch + 1:
-                    best, best_val = _trainable_state(inner, names), probs
-                metrics |= {"val_acc": entry["val_acc"]}
-            else:
-                history.append(entry)
-            last = epoch + 1 == epochs
-            if last and rank == 0:  # the job is done: its best epoch is the student
-                _load_trainable(inner, best, names)
-                keep = st.best_epoch(history)
-                test_probs = st.predict(inner, splits["test"], batch_size=4 * scfg.train_batch_size, pad_id=pad_id,
-                                        device=device, features=feats.get("test"), dtype=dtype)
-                val_probs = best_val if best_val is not None else st.predict(  # a resumed job's best epoch ran before
-                    inner, splits["validation"], batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device,
-                    features=feats.get("validation"), dtype=dtype)
-                test_acc = accuracy(test_probs, splits["test"].answer)
-                folder = out_root / f"job_{j:03d}"
-                shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
-                meta = {**job["meta"], "dtype": dtype, "dtype_why": dtype_why, "best_epoch": keep, "history": history, "test_acc": test_acc,
-                        "val_acc": accuracy(val_probs, splits["validation"].answer)}
-                sf.save_student(folder, inner, tokenizer, spec, meta, backbone_dir=backbone_dir)
-                np.save(folder.parent / f"job_{j:03d}.test_probs.npy", test_probs, allow_pickle=False)
-                np.save(folder.parent / f"job_{j:03d}.val_probs.npy", val_probs, allow_pickle=False)
-                finished[str(j)] = {"epochs": epoch + 1, "start_epoch": first, "train_seconds": train_seconds,
-                                    "history": history, "best_epoch": keep, "test_accuracy": test_acc}
-                metrics["test_accuracy"] = test_acc
-            if rank == 0 and (not scfg.finetune == "head" or last):
-                extra = f" val_acc {entry['val_acc']:.4f}"
-                if "test_accuracy" in metrics:
-                    extra += f"; kept epoch {finished[str(j)]['best_epoch']}, test_acc {metrics['test_accuracy']:.4f}"
-                print(f"[{tag}] job {j + 1}/{len(jobs)} epoch {epoch + 1}/{epochs} loss {loss:.4f} "
-                      f"elapsed {train_seconds:.1f}s{extra}", flush=True)
-            if (epoch + 1) % every and not last:
-                continue
-            state = {"job": j, "epoch": epoch + 1, "fingerprint": config["fingerprint"],
-                     "train_seconds": train_seconds, "history": history, "finished": finished, "resumes": resumes,
-                     "report_seconds": held}
-            current = _trainable_state(inner, names) if rank == 0 else None
-            # The best epoch is most often the one just trained (and after the last epoch the model holds
-            # the best weights): then they are written once.
-            state["best_is_current"] = rank == 0 and (last or st.best_epoch(history) == epoch + 1)
-            held = [*held, _report(rank, metrics, state, current, None if state["best_is_current"] else best,
-                                   optimizer, scheduler,
-                                   f"job_{j:03d}_epoch_{epoch + 1:04d}")]
-            reported = True
-        start_epoch = 0
-    if not reported:  # the stored run had finished every job: hand its results on as this run's
-        state = {**state, "resumes": resumes}
-        _report(rank, {"job": len(jobs) - 1, "epoch": epochs, "start_epoch": epochs}, state,
-                _trainable_state(inner, names) if rank == 0 else None, None, optimizer, scheduler, None)
-    if ckpt_dir:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        out = fit.read_checkpoint(d, best=best)
+    if out.state.get("fingerprint") != config["fingerprint"]:
+        raise ValueError(f"{config['name']}: the checkpoint under the run's storage was made with other data or "
+                         "settings; pass a fresh storage_dir for a new experiment")
+    return out
 
 
-def _report(rank, metrics, state, current, best, optimizer, scheduler, dir_name) -> float:
-    """Write rank 0's checkpoint and report it. Where the run's storage is a local (or shared) folder,
-    the files are written straight into it, under a hidden name renamed into place when complete, and
-    reported as they are (NO_UPLOAD): nothing is copied a second time. Elsewhere they go to a local
-    folder that Ray Train uploads in a background thread (ASYNC). Returns the seconds this worker was
-    held up (writing the files, and the report barrier)."""
+def _train_job(config: dict, scfg: StudentConfig, j: int, splits: dict, feats: dict, tokenizer,
+               worker: fit.Worker, run: dict, resume: fit.Checkpoint | None, first: int) -> None:
+    """Job `j` from fresh pretrained weights (or its checkpoint): `engine.fit.fit_job`, a checkpoint per
+    epoch (heads: per job); after the last epoch rank 0 writes the student's folder."""
+    import ray
+    import ray.train.torch
+    import torch
+
+    from engine import student as st
+
+    job, epochs, pad_id = config["jobs"][j], scfg.train_epochs, int(config["pad_id"])
+    torch.manual_seed(int(job["seed"]))
+    triple = fit.job_targets(ray.get(job["questions_ref"]), ray.get(job["targets_ref"]), ray.get(job["answers_ref"]),
+                             splits["train"], int(config["max_choices"]))
+    model = st.build_student(config["model_path"], scfg, max_choices=int(config["max_choices"]),
+                             answer_format=config["spec"]["answer_format"], tokenizer=tokenizer)
+    names = st.set_trainable(model, scfg.finetune, scfg.top_blocks)
+    backbone_dir = _backbone_dir(config, scfg, model, worker.rank)
+    progress = fit.JobProgress()
+    if resume is not None:
+        fit.load_trainable(model, resume.current, names)
+        progress = fit.JobProgress.resumed(resume, first)
+    model = ray.train.torch.prepare_model(model)
+    inner = st.unwrap(model)
+    optimizer = st.make_optimizer(model, scfg.train_lr, scfg.weight_decay)
+    steps_per_epoch = fit.steps_per_epoch(len(triple[0]), worker.world, scfg.train_batch_size)
+    if resume is not None:
+        fit.load_optimizer(optimizer, resume.optimizer)
+    # The schedule is placed by epochs done (not restored): `epochs` or the worker count may differ.
+    scheduler = st.make_scheduler(optimizer, steps_per_epoch * epochs, start_step=steps_per_epoch * first)
+    every = epochs if scfg.finetune == "head" else 1  # heads checkpoint once per job
+
+    def on_epoch(epoch: int, entry: dict) -> None:
+        last = epoch == epochs
+        metrics = {"job": j, "epoch": epoch, "train_loss": entry["train_loss"], "start_epoch": first}
+        if worker.rank == 0:
+            metrics["val_acc"] = entry["val_acc"]
+            if last:  # the job is done: its best epoch is the student
+                metrics["test_accuracy"] = _save_job(config, scfg, j, model, names, splits, feats, tokenizer, worker,
+                                                     run, progress, first, backbone_dir)
+            if scfg.finetune != "head" or last:
+                _print_epoch(config, j, epoch, epochs, entry, progress, run, metrics)
+        if epoch % every and not last:
+            return
+        state = {"job": j, "epoch": epoch, "fingerprint": config["fingerprint"],
+                 "train_seconds": progress.train_seconds, "history": progress.history, "finished": run["finished"],
+                 "resumes": run["resumes"], "report_seconds": run["held"]}
+        # The best epoch is most often the one just trained (and after the last epoch the model holds
+        # the best weights): then they are written once.
+        state["best_is_current"] = worker.rank == 0 and (last or st.best_epoch(progress.history) == epoch)
+        current = fit.trainable_state(inner, names) if worker.rank == 0 else None
+        saved = (current, None if state["best_is_current"] else progress.best,
+                 fit.optimizer_state(optimizer) if worker.rank == 0 else None, scheduler.last_epoch)
+        run["held"] = [*run["held"], _report(worker.rank, metrics, state, saved, f"job_{j:03d}_epoch_{epoch:04d}")]
+        run["reported"] = True
+
+    fit.fit_job(model, names, splits, triple, scfg=scfg, seed=int(job["seed"]), alpha=float(job["alpha"]),
+                epochs=epochs, pad_id=pad_id, optimizer=optimizer, scheduler=scheduler, worker=worker,
+                progress=progress, features=feats, on_epoch=on_epoch)
+
+
+def _backbone_dir(config: dict, scfg: StudentConfig, model, rank: int) -> Path | None:
+    """Head students: the frozen backbone, written once and hard-linked into every student's folder."""
+    if scfg.finetune != "head" or rank != 0:
+        return None
+    out = Path(config["students_dir"]) / "backbone"
+    if not out.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="backbone.tmp-", dir=out.parent))
+        model.backbone.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, out)
+    return out
+
+
+def _save_job(config, scfg, j, model, names, splits, feats, tokenizer, worker, run, progress, first,
+              backbone_dir) -> float:
+    """Rank 0, a job's last epoch: its student folder (best epoch) and its test and validation
+    probabilities beside it; returns its test accuracy."""
+    from engine import student as st
+    from engine import student_folder as sf
+
+    done = fit.finish_job(model, names, splits, progress, scfg=scfg, pad_id=int(config["pad_id"]), worker=worker,
+                          features=feats)
+    m = done.metrics(splits)
+    folder = Path(config["students_dir"]) / f"job_{j:03d}"
+    shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed attempt
+    meta = {**config["jobs"][j]["meta"], "dtype": run["dtype"], "dtype_why": run["dtype_why"],
+            "best_epoch": m["best_epoch"], "history": progress.history, "test_acc": m["test_acc"], "val_acc": m["val_acc"]}
+    sf.save_student(folder, st.unwrap(model), tokenizer, st.InputSpec(**config["spec"]), meta, backbone_dir=backbone_dir)
+    np.save(folder.parent / f"job_{j:03d}.test_probs.npy", done.test_probs, allow_pickle=False)
+    np.save(folder.parent / f"job_{j:03d}.val_probs.npy", done.val_probs, allow_pickle=False)
+    run["finished"][str(j)] = {"epochs": scfg.train_epochs, "start_epoch": first,
+                               "train_seconds": progress.train_seconds, "history": progress.history,
+                               "best_epoch": m["best_epoch"], "test_accuracy": m["test_acc"]}
+    return m["test_acc"]
+
+
+def _print_epoch(config, j, epoch, epochs, entry, progress, run, metrics) -> None:
+    extra = f" val_acc {entry['val_acc']:.4f}"
+    if "test_accuracy" in metrics:
+        extra += f"; kept epoch {run['finished'][str(j)]['best_epoch']}, test_acc {metrics['test_accuracy']:.4f}"
+    print(f"[student-{config['jobs'][j]['source']}] job {j + 1}/{len(config['jobs'])} epoch {epoch}/{epochs} "
+          f"loss {entry['train_loss']:.4f} elapsed {progress.train_seconds:.1f}s{extra}", flush=True)
+
+
+def _report(rank, metrics, state, saved, dir_name) -> float:
+    """Write rank 0's checkpoint (`saved`: current weights, best weights or None, optimizer state,
+    schedule step) and report it. Where the run's storage is a local (or shared) folder, the files are
+    written straight into it, under a hidden name renamed into place when complete, and reported as they
+    are (NO_UPLOAD): nothing is copied a second time. Elsewhere they go to a local folder that Ray Train
+    uploads in a background thread (ASYNC). Returns the seconds this worker was held up (writing the
+    files, and the report barrier)."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
@@ -395,20 +313,20 @@ def _report(rank, metrics, state, current, best, optimizer, scheduler, dir_name)
     direct = dir_name is not None and type(storage.storage_filesystem).__name__ == "LocalFileSystem"
     checkpoint, mode = None, CheckpointUploadMode.NO_UPLOAD if direct else CheckpointUploadMode.ASYNC
     if rank == 0:
+        current, best, optimizer, step = saved
         if direct:
             final = Path(storage.build_checkpoint_path_from_name(dir_name))
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.tmp-", dir=final.parent))
-            _write_checkpoint(tmp, current=current, best=best, optimizer=optimizer, scheduler=scheduler, state=state)
+        else:
+            final, tmp = None, Path(tempfile.mkdtemp(prefix="student-ckpt-"))
+        fit.write_checkpoint(tmp, current=current, best=best, optimizer=optimizer, schedule_step=step, state=state)
+        if final is not None:
             if final.exists():  # written by an attempt killed before Ray registered it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            checkpoint = ray.train.Checkpoint.from_directory(str(final))
-        else:
-            tmp = tempfile.mkdtemp(prefix="student-ckpt-")
-            _write_checkpoint(Path(tmp), current=current, best=best, optimizer=optimizer, scheduler=scheduler,
-                              state=state)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            tmp = final
+        checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode)
     return time.perf_counter() - t0
 
@@ -463,35 +381,6 @@ def cached_features(student: StudentConfig, model_path: str, spec: dict, packed:
 # Driver side
 
 
-@dataclass(frozen=True)
-class StudentJob:
-    """One student to train: its label source, seed, train questions (indices into the train split),
-    their targets (n, C) and the answers its gold loss term may use (n,)."""
-
-    source: str
-    seed: int
-    questions: np.ndarray
-    targets: np.ndarray
-    answers: np.ndarray
-    meta: dict | None = None
-    """Extra fields for the student's `student.json` (label source details, config hash, ...)."""
-
-    def check(self, train: Sequences) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"source: must be one of {tuple(SOURCES)}, got {self.source!r}")
-        q = np.asarray(self.questions)
-        if q.ndim != 1 or len(q) == 0 or q.min() < 0 or q.max() >= train.n_questions:
-            raise ValueError(f"questions: expected indices into the {train.n_questions} train questions")
-        t = self.targets
-        width = int(train.n_choices[q].max())
-        if t.ndim != 2 or t.shape[0] != len(q) or t.shape[1] < width:
-            raise ValueError(f"targets: expected shape ({len(q)}, >= {width}), got {t.shape}")
-        if not np.isfinite(t).all():
-            raise ValueError("targets: contains NaN or inf")
-        if len(self.answers) != len(q):
-            raise ValueError(f"answers: expected {len(q)}, got {len(self.answers)}")
-
-
 def train_students(
     student: StudentConfig,
     jobs: list[StudentJob],
@@ -534,9 +423,8 @@ def train_students(
     packed = {r: pack_sequences(splits[r]) for r in ROLES}
     digests = {r: _split_digest(p) for r, p in packed.items()}
     spec_d = spec.to_dict()
-    prints = [_fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
-    # One job may be continued with more epochs; in a run of several, finished jobs would be stale.
-    fingerprint = prints[0] if len(jobs) == 1 else config_hash({"jobs": prints, "epochs": student.train_epochs})
+    prints = [fit.fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
+    fingerprint = fit.run_fingerprint(prints, student.train_epochs)
     feature_refs = {}
     if student.finetune == "head":
         if features_dir is None:
@@ -594,7 +482,7 @@ def train_students(
         raise RuntimeError(f"{name}: training finished without a checkpoint")
     out = []
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / _STATE).read_text())
+        state = json.loads((Path(d) / fit.CKPT_STATE).read_text())
     finished = state["finished"]
     test = splits["test"]
     for j, job in enumerate(jobs):

@@ -571,7 +571,8 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
 
 def test_resume_fingerprint_ignores_epochs_and_resources(shared_data, tokenizer):
     """A resumed run must match its checkpoint in all but epochs and resources (else the worker refuses)."""
-    from cluster.train import StudentJob, _fingerprint, pack_sequences, unpack_sequences
+    from cluster.train import StudentJob, pack_sequences, unpack_sequences
+    from engine.fit import fingerprint as _fingerprint
 
     seqs = sequences(shared_data, tokenizer, "per_choice", 5)
     packed = pack_sequences(seqs)
@@ -666,7 +667,7 @@ def test_students_killed_mid_run_resume_from_the_last_checkpoint(local_ray, tiny
 
 
 def test_resume_point():
-    from cluster.train import _resume_point
+    from engine.fit import resume_point as _resume_point
 
     assert _resume_point(None, 2, 3) == (0, 0)
     assert _resume_point({"job": 0, "epoch": 1}, 2, 3) == (0, 1)  # the job goes on

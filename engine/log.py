@@ -198,6 +198,10 @@ def progress(stage: str, total: int, unit: str = "it") -> Iterator[Progress]:
     # TQDM_DISABLE and the other TQDM_* variables still apply: only what is passed here is fixed.
     bar = tqdm(total=total, desc=f"[{stage}]", unit=unit, file=stream, leave=False, dynamic_ncols=True,
                mininterval=0.5)
+    if bar.disable:  # TQDM_DISABLE=1 in the environment tqdm was imported in: no bar, so the lines stay
+        bar.close()
+        yield Progress(None)
+        return
     with tqdm.get_lock():
         _BARS.append(bar)
     try:

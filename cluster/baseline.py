@@ -10,6 +10,7 @@ normalise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -21,10 +22,15 @@ import numpy as np
 import ray
 
 from engine.config import BaselineConfig
-from engine.log import log
+from engine.log import Progress, log, progress
 from engine.sequences import Sequences
 
 Pair = tuple[list[int], list[int]]
+SCORE_CALLS = 20
+"""The scoring is sent as about this many vLLM calls, for a progress bar; all are queued on the actor at
+once, so it never waits between them, and each batches its prompts as vLLM likes."""
+SCORE_MIN_CHUNK = 512
+"""No call gets fewer prompts than this (but the last): a smaller chunk loses batching to the call's tail."""
 
 
 class VLLMScorer:
@@ -149,10 +155,10 @@ def score_sequences(
         t0 = time.perf_counter()
         if letter:
             prompts = [x.tolist() for x in seqs.ids]
-            flat = ray.get(scorer.letters.remote(prompts, seqs.letter_ids.tolist())) if prompts else np.zeros((0, 0))
+            letter_ids = seqs.letter_ids.tolist()
+            flat = _in_chunks(prompts, lambda part: scorer.letters.remote(part, letter_ids), quiet) if prompts else np.zeros((0, 0))
         else:
-            pairs = build_pairs(seqs)
-            flat = ray.get(scorer.score.remote(pairs))
+            flat = _in_chunks(build_pairs(seqs), scorer.score.remote, quiet)
         score_s = time.perf_counter() - t0
     finally:
         if own and scorer is not None:
@@ -163,3 +169,17 @@ def score_sequences(
     if not quiet:
         log("baseline", f"vLLM: {n_tokens} tokens in {score_s:.2f}s = {res.tokens_per_s:.0f} tok/s")
     return res
+
+
+def _in_chunks(items: list, call, quiet: bool) -> np.ndarray:
+    """`call(items)` as chunks of at least SCORE_MIN_CHUNK items (all queued on the actor at once),
+    concatenated in order, with a progress bar over the items scored (none if `quiet`)."""
+    size = max(SCORE_MIN_CHUNK, -(-len(items) // SCORE_CALLS))
+    spans = [(lo, min(lo + size, len(items))) for lo in range(0, len(items), size)] or [(0, 0)]
+    refs = [call(items[lo:hi]) for lo, hi in spans]
+    parts = []
+    with contextlib.nullcontext(Progress(None)) if quiet else progress("baseline", len(items), "prompt") as bar:
+        for ref, (lo, hi) in zip(refs, spans):
+            parts.append(ray.get(ref))
+            bar.update(hi - lo)
+    return np.concatenate(parts)

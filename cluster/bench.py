@@ -27,6 +27,7 @@ from cluster import pipeline
 from engine import artifacts, bench, hardware, metrics
 from engine.config import Config, config_hash, to_dict
 from engine.labels import SOURCES
+from engine.log import progress
 from engine.tasks import benchmark_data
 
 
@@ -78,21 +79,23 @@ def bench_dataset(cfg: Config, dataset: str) -> tuple[list[dict], dict, dict, di
             "chance": float((1.0 / test.n_choices).mean()), "probe": {}, "probe_choice": {}}
     t0 = time.perf_counter()
     plans, seen, probed = [], set(), set()
-    for finetune, sources, fractions, seeds in regimes(cfg, dataset):
-        for seed in seeds:
-            for fraction in fractions:
-                crun = run.variant(cell_config(dcfg, seed, fraction, finetune=finetune, sources=sources))
-                meta, arrays = pipeline.probe(crun)
-                if (seed, fraction) not in probed:
-                    probed.add((seed, fraction))
-                    best = meta["best"]
-                    refs["probe"].setdefault(fraction, []).append(best["test_acc"])
-                    refs["probe_choice"].setdefault(fraction, []).append(
-                        {k: best.get(k) for k in ("family", "combine", "layer", "layers", "C")} | {"seed": seed})
-                for plan in pipeline.student_plans(crun, arrays):
-                    if plan.where not in seen:  # a slice in the matrix's own regime is the matrix's cell
-                        seen.add(plan.where)
-                        plans.append(plan)
+    grid = [(finetune, sources, seed, fraction) for finetune, sources, fractions, seeds in regimes(cfg, dataset)
+             for seed in seeds for fraction in fractions]
+    with progress("bench", len(grid), "cell") as bar:  # probed and planned; the students train after
+        for finetune, sources, seed, fraction in grid:
+            crun = run.variant(cell_config(dcfg, seed, fraction, finetune=finetune, sources=sources))
+            meta, arrays = pipeline.probe(crun)
+            if (seed, fraction) not in probed:
+                probed.add((seed, fraction))
+                best = meta["best"]
+                refs["probe"].setdefault(fraction, []).append(best["test_acc"])
+                refs["probe_choice"].setdefault(fraction, []).append(
+                    {k: best.get(k) for k in ("family", "combine", "layer", "layers", "C")} | {"seed": seed})
+            for plan in pipeline.student_plans(crun, arrays):
+                if plan.where not in seen:  # a slice in the matrix's own regime is the matrix's cell
+                    seen.add(plan.where)
+                    plans.append(plan)
+            bar.update(1)
     seconds["probes"] = round(time.perf_counter() - t0, 1)
     pipeline.log("bench", f"{dataset}: {sum(p.job is not None for p in plans)} of {len(plans)} students to train")
     t0 = time.perf_counter()

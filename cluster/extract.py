@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine import store
 from engine.config import Config, ConfigError, ExtractConfig, config_hash, store_identity, to_dict
-from engine.log import WARNING, log
+from engine.log import WARNING, Progress, log, progress
 from engine.sequences import Sequences
 from engine.teacher import ForwardOut, forward_rows
 
@@ -189,7 +189,8 @@ def run_extraction(
     t0 = time.perf_counter()
     pool = ReplicaPool(cfg, (model_path, cfg, layers, pad_id), actor_cls or TeacherActor)
     try:
-        drained = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0)
+        with progress("extract", len(queue), "chunk") as bar:
+            drained = _drain(pool, queue, part, work, todo_rows, e.max_chunk_retries, t0, bar)
         drained["replicas"] = ray.get([a.info.remote() for a in pool.actors])
         drained["replaced"] = pool.replaced
     finally:
@@ -203,9 +204,11 @@ def run_extraction(
     return final
 
 
-def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max_retries: int, t0: float) -> dict:
+def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max_retries: int, t0: float,
+           bar: Progress | None = None) -> dict:
     """Hand chunks out until every one is done; requeue the chunks of a replica that died.
-    `work(split, chunk)` gives a chunk's rows."""
+    `work(split, chunk)` gives a chunk's rows; `bar` counts the chunks done (a line each without it)."""
+    bar = bar or Progress(None)
     inflight: dict = {}
     retries: dict = {}
     chunks: list = []
@@ -241,6 +244,8 @@ def _drain(pool: ReplicaPool, queue: deque, part: str, work, todo_rows: int, max
         done_rows, done_tokens = done_rows + n, done_tokens + res["tokens"]
         el = time.perf_counter() - t0
         log("extract", f"{name} chunk {c} done by replica {res['replica']} | {done_rows}/{todo_rows} rows | "
-              f"{done_tokens / el:.0f} tok/s | {el:.0f}s elapsed, ~{el / done_rows * (todo_rows - done_rows):.0f}s left")
+              f"{done_tokens / el:.0f} tok/s | {el:.0f}s elapsed, ~{el / done_rows * (todo_rows - done_rows):.0f}s left",
+            bar.line_level)
+        bar.update(1, rows=f"{done_rows}/{todo_rows}", rows_s=f"{done_rows / el:.1f}", tok_s=f"{done_tokens / el:.0f}")
         fill(i)
     return {"chunks": chunks, "tokens": done_tokens, "retries": sum(retries.values())}

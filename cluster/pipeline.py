@@ -25,7 +25,7 @@ import numpy as np
 from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
 from engine.config import STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
-from engine.log import LOGGER, log
+from engine.log import LOGGER, log, progress
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
 from engine.sequences import Sequences, build_sequences
@@ -267,8 +267,11 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
                           num_gpus=cfg.baseline.tensor_parallel_size if cfg.extract.gpus_per_replica else 0)
     try:
         res = score_sequences(run.model_path, sub, cfg.baseline, num_cpus=0, scorer=scorer)
-        asked_res = [score_sequences(run.model_path, s, cfg.baseline, num_cpus=0, scorer=scorer, quiet=True)
-                     for _, s in asked]
+        asked_res = []
+        with progress("baseline", len(asked), "variant") as bar:
+            for _, s in asked:
+                asked_res.append(score_sequences(run.model_path, s, cfg.baseline, num_cpus=0, scorer=scorer, quiet=True))
+                bar.update(1)
     finally:
         ray.kill(scorer)
     if test.mode == "letter":

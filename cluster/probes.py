@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from engine.config import ProbeConfig
-from engine.log import log
+from engine.log import log, progress
 from engine.metrics import accuracy, ece
 from engine.probes import (
     apply_temperature,
@@ -98,15 +98,18 @@ def _fold_task(
 
 
 def _gather(refs: list, describe) -> list:
-    """ray.get in completion order with a progress line per result; returns results in `refs` order."""
+    """ray.get in completion order with a progress bar (or a line per result, see engine.log.progress);
+    returns results in `refs` order."""
     index = {r: i for i, r in enumerate(refs)}
     out: list = [None] * len(refs)
     pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        i = index[done[0]]
-        out[i] = ray.get(done[0])
-        log("probes", f"{len(refs) - len(pending)}/{len(refs)} {describe(i, out[i])}")
+    with progress("probes", len(refs), "task") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = index[done[0]]
+            out[i] = ray.get(done[0])
+            log("probes", f"{len(refs) - len(pending)}/{len(refs)} {describe(i, out[i])}", bar.line_level)
+            bar.update(1)
     return out
 
 

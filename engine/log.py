@@ -9,6 +9,13 @@ which otherwise stay at WARNING (vLLM inside its actor at ERROR).
 every record at DEBUG with its time, plus whatever else reaches the driver's standard output and error
 (the Ray workers' lines, which Ray prints there), so a run's file holds the whole story even under
 `--quiet`.
+
+`progress(stage, total, unit)` draws a tqdm bar for a driver-side loop on the console itself, past the
+run's tee, so the log file never sees its carriage returns. It draws only when the console is a terminal,
+not under `--quiet`, and never in a Ray worker (whose standard output is a file Ray forwards line by line);
+`DISTILL_PROGRESS=1` draws it on any console, `=0` never. While a bar is up, the caller's per-step lines
+go at `progress.line_level` (DEBUG: the file keeps them, the bar replaces them on the console); without a
+bar they stay INFO lines, as before.
 """
 
 from __future__ import annotations
@@ -25,23 +32,67 @@ from pathlib import Path
 
 LOGGER = logging.getLogger("distill")
 WARNING = logging.WARNING
+PROGRESS_ENV = "DISTILL_PROGRESS"
+"""1 (or true/yes/on): progress bars on any console; 0 (false/no/off): never; unset: on a terminal."""
 THIRD_PARTY = ("ray", "transformers", "vllm", "urllib3", "filelock", "huggingface_hub")
 """Loggers of the libraries a run uses: WARNING on the console unless --verbose."""
 
 
+_BARS: list = []
+"""The progress bars drawn now (tqdm instances), innermost last."""
+
+
+@contextlib.contextmanager
+def _above_bars() -> Iterator[None]:
+    """Console output in here is written above the bars: they are cleared first and drawn again after."""
+    if not _BARS:
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm.get_lock():
+        bars = list(_BARS)
+        for bar in bars:
+            bar.clear(nolock=True)
+        try:
+            yield
+        finally:
+            for bar in bars:
+                bar.refresh(nolock=True)
+
+
 class _Tee(io.TextIOBase):
-    """A stream that writes to the console (unless hidden) and to the run's log file."""
+    """A stream that writes to the console (unless hidden) and to the run's log file. While a progress
+    bar is up, the console gets whole lines only, written above the bar."""
 
     def __init__(self, console, file, show: bool) -> None:
         self.console, self.file, self.show = console, file, show
+        self.pending = ""
 
     def write(self, s: str) -> int:
         if self.show:
-            self.console.write(s)
+            if _BARS or self.pending:
+                self.pending += s
+                lines, nl, self.pending = self.pending.rpartition("\n")
+                if nl:
+                    with _above_bars():
+                        self.console.write(lines + nl)
+                        self.console.flush()
+                if not _BARS:
+                    self._release()
+            else:
+                self.console.write(s)
         self.file.write(s)
         return len(s)
 
+    def _release(self) -> None:
+        """The part of a line held back while a bar was up, once none is."""
+        if self.pending and not _BARS:
+            self.console.write(self.pending)
+            self.pending = ""
+
     def flush(self) -> None:
+        self._release()
         self.console.flush()
         self.file.flush()
 
@@ -63,8 +114,9 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = _console_stream()
-            stream.write(self.format(record) + "\n")
-            stream.flush()
+            with _above_bars():
+                stream.write(self.format(record) + "\n")
+                stream.flush()
         except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
             self.handleError(record)
 
@@ -89,6 +141,78 @@ def set_console(*, quiet: bool = False, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose:
         os.environ["VLLM_LOGGING_LEVEL"] = "INFO"  # read by the vLLM actor (cluster.runtime passes it on)
+
+
+def progress_shown(stream=None) -> bool:
+    """Whether `progress` draws a bar: not in a Ray worker, not under --quiet, then DISTILL_PROGRESS
+    if set, else whether `stream` (the console) is a terminal."""
+    if "RAY_RAYLET_PID" in os.environ:  # set by the raylet in every worker it starts, never in the driver
+        return False
+    if CONSOLE.level > logging.INFO:
+        return False
+    forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    stream = _console_stream() if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+class Progress:
+    """What `progress` yields: `update(n, **postfix)` advances the bar, if one is drawn, and shows
+    `postfix` (say rows/s) beside it; `line_level` is the level for the caller's own per-step lines."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    @property
+    def shown(self) -> bool:
+        return self.bar is not None
+
+    @property
+    def line_level(self) -> int:
+        return logging.DEBUG if self.bar is not None else logging.INFO
+
+    def update(self, n: int = 1, **postfix: object) -> None:
+        if self.bar is None:
+            return
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(n)
+
+
+@contextlib.contextmanager
+def progress(stage: str, total: int, unit: str = "it") -> Iterator[Progress]:
+    """A progress bar `[stage]` over `total` units on the console, or nothing (see `progress_shown`).
+    For driver-side loops: a Ray worker's bar could not reach the driver's console."""
+    stream = _console_stream()
+    if not progress_shown(stream):
+        yield Progress(None)
+        return
+    from tqdm import tqdm
+
+    # TQDM_DISABLE and the other TQDM_* variables still apply: only what is passed here is fixed.
+    bar = tqdm(total=total, desc=f"[{stage}]", unit=unit, file=stream, leave=False, dynamic_ncols=True,
+               mininterval=0.5)
+    if bar.disable:  # TQDM_DISABLE=1 in the environment tqdm was imported in: no bar, so the lines stay
+        bar.close()
+        yield Progress(None)
+        return
+    with tqdm.get_lock():
+        _BARS.append(bar)
+    try:
+        yield Progress(bar)
+    finally:
+        with tqdm.get_lock():
+            _BARS.remove(bar)
+        bar.close()
+        for tee in (sys.stdout, sys.stderr):
+            if isinstance(tee, _Tee):
+                tee._release()
 
 
 @contextlib.contextmanager

@@ -117,3 +117,22 @@ def test_score_sequences_owns_its_actor(local_ray, tiny_model, seqs):
     res = score_sequences(str(tiny_model), sub, CFG, num_cpus=2)
     assert res.scores.shape == (2, sub.max_choices) and np.isfinite(res.scores[:, :3]).all()
     wait_cpus_free()
+
+
+@pytest.mark.parametrize("bar", ["1", "0"])
+def test_scoring_in_chunks_keeps_the_order(local_ray, monkeypatch, capsys, bar):
+    """The prompts go as several calls queued at once (a bar counts them); the scores come back in order."""
+    import cluster.baseline as baseline
+
+    monkeypatch.setenv("DISTILL_PROGRESS", bar)
+    monkeypatch.setattr(baseline, "SCORE_MIN_CHUNK", 2)
+    calls = []
+
+    def call(part):
+        calls.append(len(part))
+        return ray.put(np.asarray(part, dtype=np.float64) * 10)
+
+    got = baseline._in_chunks(list(range(7)), call, quiet=False)
+    assert calls == [2, 2, 2, 1] and got.tolist() == [0, 10, 20, 30, 40, 50, 60]
+    assert ("[baseline]" in capsys.readouterr().out) == (bar == "1")
+    assert baseline._in_chunks([], call, quiet=False).shape == (0,)

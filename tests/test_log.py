@@ -1,11 +1,12 @@
 """The console and the run's log file (engine.log): levels, --quiet, and a file that keeps everything."""
 
+import io
 import logging
 import sys
 
 import pytest
 
-from engine.log import LOGGER, log, run_log, set_console
+from engine.log import LOGGER, log, progress, progress_shown, run_log, set_console
 
 
 @pytest.fixture(autouse=True)
@@ -53,3 +54,78 @@ def test_verbose_lets_the_libraries_speak_and_a_failure_is_written_down(tmp_path
     with run_log(tmp_path, "probe") as again:  # a second run never writes into the first one's file
         pass
     assert again != path and path.read_text() == text
+
+
+def _stage(n: int = 3) -> list[int]:
+    """A driver-side loop as the stages write it: a bar, and a line per step at the bar's level."""
+    done = []
+    with progress("extract", n, "chunk") as bar:
+        for i in range(n):
+            done.append(i)
+            log("extract", f"chunk {i} done", bar.line_level)
+            bar.update(1, rows_per_s=f"{10 * (i + 1)}")
+    log("extract", "committed")
+    return done
+
+
+def test_a_forced_bar_draws_on_the_console_and_never_in_the_run_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_PROGRESS", "1")
+    with run_log(tmp_path, "extract") as path:
+        assert _stage() == [0, 1, 2]
+        print("a worker's line while no bar is up")
+    out = capsys.readouterr().out
+    assert "[extract]" in out and "chunk" in out and "\r" in out  # the bar, drawn on the console
+    assert "[extract] chunk 0 done" not in out  # the bar stands for the per-step lines
+    assert "[extract] committed\n" in out and "a worker's line while no bar is up\n" in out
+    text = path.read_text()
+    assert "\r" not in text and "rows_per_s" not in text  # no bar in the file
+    assert "DEBUG [extract] chunk 2 done" in text and "INFO [extract] committed" in text
+
+
+def test_a_worker_line_during_a_bar_is_one_whole_line_on_the_console_and_in_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_PROGRESS", "1")
+    with run_log(tmp_path, "probe") as path, progress("probes", 2, "task") as bar:
+        sys.stdout.write("(fit pid=1) half ")
+        sys.stdout.write("a line\n")
+        bar.update(2)
+    out = capsys.readouterr().out
+    assert "(fit pid=1) half a line\n" in out
+    assert "(fit pid=1) half a line\n" in path.read_text()
+
+
+@pytest.mark.parametrize("how", ["quiet", "not a terminal", "forced off", "ray worker"])
+def test_no_bar_then_the_lines_stay(how, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DISTILL_PROGRESS", raising=False)
+    if how == "quiet":
+        monkeypatch.setenv("DISTILL_PROGRESS", "1")  # --quiet wins even so
+        set_console(quiet=True)
+    elif how == "forced off":
+        monkeypatch.setattr(sys, "stdout", _Terminal())
+        monkeypatch.setenv("DISTILL_PROGRESS", "0")
+    elif how == "ray worker":
+        monkeypatch.setattr(sys, "stdout", _Terminal())
+        monkeypatch.setenv("DISTILL_PROGRESS", "1")
+        monkeypatch.setenv("RAY_RAYLET_PID", "1")
+    assert not progress_shown()
+    with run_log(tmp_path, "extract", quiet=how == "quiet") as path:
+        assert _stage() == [0, 1, 2]  # the stage still finishes
+    out = sys.stdout.getvalue() if isinstance(sys.stdout, _Terminal) else capsys.readouterr().out
+    assert "\r" not in out
+    if how == "quiet":
+        assert out == ""
+    else:
+        assert "[extract] chunk 2 done\n" in out and "[extract] committed\n" in out
+    assert "INFO [extract] chunk 2 done" in path.read_text()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_unasked(capsys, monkeypatch):
+    monkeypatch.delenv("DISTILL_PROGRESS", raising=False)
+    monkeypatch.setattr(sys, "stdout", term := _Terminal())
+    assert progress_shown()
+    assert _stage() == [0, 1, 2]
+    assert "\r" in term.getvalue() and "[extract] committed\n" in term.getvalue()

@@ -43,6 +43,7 @@ from engine.config import StudentConfig, config_hash, to_dict
 from engine.fit import StudentJob
 from engine.hardware import pick_dtype
 from engine.labels import loss_alpha
+from engine.log import progress
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
@@ -335,6 +336,47 @@ def _report(rank, metrics, state, saved, dir_name) -> float:
 # Head regime: the frozen backbone's pooled features, computed once per split and cached
 
 
+class _CheckpointWatch:
+    """Advances a progress bar from the driver while `fit()` runs: a worker's lines cannot draw on the
+    driver's console, but its checkpoints appear under the run's storage as `job_<j>_epoch_<e>`, so
+    the latest one says how many epochs are done (older ones are deleted as new ones come)."""
+
+    def __init__(self, folder: Path, per_job: int, bar, every: float = 1.0) -> None:
+        import threading
+
+        self.folder, self.per_job, self.bar, self.every = folder, per_job, bar, every
+        self.done, self.stop = self._count(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True) if bar.shown else None
+
+    def _count(self) -> int:
+        best = 0
+        for p in self.folder.glob("job_*_epoch_*") if self.folder.is_dir() else ():
+            try:
+                j, e = int(p.name.split("_")[1]), int(p.name.split("_")[3])
+            except (IndexError, ValueError):
+                continue
+            best = max(best, j * self.per_job + min(e, self.per_job))
+        return best
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            n = self._count()
+            if n > self.done:
+                self.bar.update(n - self.done)
+                self.done = n
+
+    def __enter__(self):
+        self.bar.update(self.done)  # a resumed run starts where its checkpoints are
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choices: int, pad_id: int) -> np.ndarray:
     import torch
 
@@ -474,7 +516,10 @@ def train_students(
     # abort the run and sys.exit() from inside the handler instead (and it stays installed after fit()).
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = lambda controller: None
-    result = trainer.fit()
+    per_job = 1 if student.finetune == "head" else student.train_epochs
+    with progress("train", len(jobs) * per_job, "epoch" if per_job > 1 else "student") as bar:
+        with _CheckpointWatch(Path(storage_dir).absolute() / name, per_job, bar):
+            result = trainer.fit()
     wall, window = time.perf_counter() - t0, [started, time.time()]
     if result.error is not None:
         raise result.error

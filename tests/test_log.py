@@ -129,3 +129,30 @@ def test_a_terminal_gets_a_bar_unasked(capsys, monkeypatch):
     assert progress_shown()
     assert _stage() == [0, 1, 2]
     assert "\r" in term.getvalue() and "[extract] committed\n" in term.getvalue()
+
+
+def test_training_bar_follows_the_checkpoints(tmp_path):
+    """The driver's training bar counts epochs from the checkpoint folders Ray Train writes (older ones
+    are deleted as new ones come), starting where a resumed run's checkpoints are."""
+    import time
+
+    from cluster.train import _CheckpointWatch
+
+    class Bar:
+        shown, n = True, 0
+
+        def update(self, k=1, **_):
+            self.n += k
+
+    run = tmp_path / "run"
+    (run / "job_000_epoch_0001").mkdir(parents=True)
+    bar = Bar()
+    with _CheckpointWatch(run, per_job=3, bar=bar, every=0.02):
+        assert bar.n == 1  # resumed after one epoch
+        (run / "job_000_epoch_0001").rmdir()
+        (run / "job_001_epoch_0002").mkdir()  # job 0's 3 epochs and 2 of job 1's
+        (run / ".job_001_epoch_0003.tmp-x").mkdir()  # still being written: not counted
+        deadline = time.monotonic() + 5
+        while bar.n < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert bar.n == 5

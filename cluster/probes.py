@@ -17,19 +17,18 @@ import ray
 
 from engine.config import ProbeConfig
 from engine.log import log, progress
-from engine.metrics import accuracy, ece
 from engine.probes import (
-    apply_temperature,
     assemble_oof,
-    best_per_layer,
     best_result,
+    calibrated_labels,
     combine_members,
     crossfit_plan,
     ensemble_result,
     fit_and_score,
     fit_predict_layers,
-    fit_temperature,
     layer_features,
+    pool_labels,
+    sweep_summary,
 )
 
 
@@ -206,41 +205,13 @@ def run_probe_sweep(
     oof_raw = assemble_oof(fold, held[: cfg.folds], train_seqs.max_choices)
     crossfit_s = time.perf_counter() - t1
 
-    # Calibration on the held-out (OOF) predictions only.
-    summary = ("family", "combine", "layer", "layers", "C", "val_acc", "test_acc", "fit_seconds")
-    T = fit_temperature(oof_raw, answer, is_logits=False)
-    oof_cal = apply_temperature(oof_raw, T).astype(np.float32)
-    test_cal = apply_temperature(best["test_probs"], T).astype(np.float32)
-    out = {
-        "per_layer": [{k: r[k] for k in summary} for r in best_per_layer(results)],
-        "sweep": [{k: r[k] for k in summary} for r in results],
-        "best": {k: best[k] for k in summary if k != "fit_seconds"},
-        "oof_probs": oof_cal,
-        "oof_probs_raw": oof_raw,
-        "temperature": T,
-        "oof_acc": accuracy(oof_raw, answer),
-        "ece_raw": ece(oof_raw, answer),
-        "ece_calibrated": ece(oof_cal, answer),
-        "test_probs": best["test_probs"],
-        "test_probs_calibrated": test_cal,
-        "test_ece_raw": ece(best["test_probs"], test_seqs.answer),
-        "test_ece_calibrated": ece(test_cal, test_seqs.answer),
-        "train_questions": tq,
-        "seconds": {"sweep": sweep_s, "crossfit": crossfit_s},
-    }
-    log("probes", f"OOF acc {out['oof_acc']:.3f} on {len(tq)} train questions; T={T:.2f} "
+    out = {**sweep_summary(results, best),
+           **calibrated_labels(oof_raw, answer, best["test_probs"], test_seqs.answer),
+           "train_questions": tq, "seconds": {"sweep": sweep_s, "crossfit": crossfit_s}}
+    log("probes", f"OOF acc {out['oof_acc']:.3f} on {len(tq)} train questions; T={out['temperature']:.2f} "
           f"ECE {out['ece_raw']:.3f} -> {out['ece_calibrated']:.3f}; cross-fit {crossfit_s:.1f} s")
     if pool is not None:
-        out.update(_pool_outputs(held[-1], T, pool, train_seqs.answer[pool]))
+        out.update(pool_labels(held[-1], out["temperature"], pool, train_seqs.answer[pool]))
         log("probes", f"pseudo-labels on {len(pool)} pool questions: acc {out['pool_acc']:.3f} "
               f"ECE {out['pool_ece']:.3f} (withheld gold, reported only)")
     return out
-
-
-def _pool_outputs(pool_raw: np.ndarray, T: float, pool: np.ndarray, withheld_gold: np.ndarray) -> dict[str, Any]:
-    """The pool's pseudo-labels, calibrated with the OOF temperature, and their scores against the
-    withheld gold (reported only; nothing upstream reads them)."""
-    pool_cal = apply_temperature(pool_raw, T).astype(np.float32)
-    return {"pool_questions": pool.astype(np.int64), "pool_probs": pool_cal, "pool_probs_raw": pool_raw,
-            "n_pool": int(len(pool)), "pool_acc": accuracy(pool_raw, withheld_gold),
-            "pool_ece": ece(pool_cal, withheld_gold), "pool_ece_raw": ece(pool_raw, withheld_gold)}

@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from engine.families import family as probe_family
-from engine.metrics import accuracy, softmax_rows
+from engine.metrics import accuracy, ece, softmax_rows
 from engine.probe_models import concat_layers, ensemble_log_probs
 from engine.sequences import Sequences
 
@@ -358,3 +358,40 @@ def fit_temperature(
 def apply_temperature(probs: np.ndarray, T: float) -> np.ndarray:
     """p ** (1/T) renormalised over present (non-zero) choices; zeros stay zero."""
     return _scaled(_log_probs(probs, False), T)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a sweep hands on: its summary, and the best probe's calibrated out-of-fold labels
+
+SUMMARY = ("family", "combine", "layer", "layers", "C", "val_acc", "test_acc", "fit_seconds")
+"""The fields of each sweep candidate kept in the probe artifact's meta (the arrays are kept apart)."""
+
+
+def sweep_summary(results: list[dict], best: dict) -> dict[str, Any]:
+    """per_layer (each layer's best candidate), sweep (every candidate) and best, without their arrays."""
+    return {"per_layer": [{k: r[k] for k in SUMMARY} for r in best_per_layer(results)],
+            "sweep": [{k: r[k] for k in SUMMARY} for r in results],
+            "best": {k: best[k] for k in SUMMARY if k != "fit_seconds"}}
+
+
+def calibrated_labels(oof_raw: np.ndarray, answer: np.ndarray, test_probs: np.ndarray,
+                      test_answer: np.ndarray) -> dict[str, Any]:
+    """Temperature-scale the best probe on its held-out (OOF) predictions only; the calibrated OOF
+    probabilities are the probe labels. Returns them, the raw ones, T, accuracy and ECE before and
+    after, and the test probabilities raw and calibrated (reported only)."""
+    T = fit_temperature(oof_raw, answer, is_logits=False)
+    oof_cal = apply_temperature(oof_raw, T).astype(np.float32)
+    test_cal = apply_temperature(test_probs, T).astype(np.float32)
+    return {"oof_probs": oof_cal, "oof_probs_raw": oof_raw, "temperature": T, "oof_acc": accuracy(oof_raw, answer),
+            "ece_raw": ece(oof_raw, answer), "ece_calibrated": ece(oof_cal, answer),
+            "test_probs": test_probs, "test_probs_calibrated": test_cal,
+            "test_ece_raw": ece(test_probs, test_answer), "test_ece_calibrated": ece(test_cal, test_answer)}
+
+
+def pool_labels(pool_raw: np.ndarray, T: float, pool: np.ndarray, withheld_gold: np.ndarray) -> dict[str, Any]:
+    """The pool's pseudo-labels, calibrated with the OOF temperature, and their scores against the
+    withheld gold (reported only; nothing upstream reads them)."""
+    pool_cal = apply_temperature(pool_raw, T).astype(np.float32)
+    return {"pool_questions": pool.astype(np.int64), "pool_probs": pool_cal, "pool_probs_raw": pool_raw,
+            "n_pool": int(len(pool)), "pool_acc": accuracy(pool_raw, withheld_gold),
+            "pool_ece": ece(pool_cal, withheld_gold), "pool_ece_raw": ece(pool_raw, withheld_gold)}

@@ -674,3 +674,21 @@ def test_a_new_family_is_one_entry(monkeypatch):
         from_dict({"prompt": {"mode": "letter"}, "probe": {"families": ["grouped_one"]}})
     with pytest.raises(ConfigError, match=r"probe\.families: use some of logreg, conditional_logit, mlp, sparse_logreg"):
         from_dict({"probe": {"families": ["nope"]}})
+
+
+def test_calibrated_labels_keep_the_answers_and_lower_ece():
+    """Temperature scaling fitted on the OOF predictions: an overconfident probe gets T > 1, lower ECE on
+    those predictions, and every question keeps its predicted answer (the labels' argmax)."""
+    from engine.probes import calibrated_labels
+
+    rng = np.random.default_rng(0)
+    answer = rng.integers(0, 4, 400)
+    right = rng.random(400) < 0.6
+    pred = np.where(right, answer, (answer + 1) % 4)
+    oof = np.full((400, 4), 0.01, dtype=np.float32)
+    oof[np.arange(400), pred] = 0.97  # 97% sure, 60% right
+    out = calibrated_labels(oof, answer, oof[:100], answer[:100])
+    assert out["temperature"] > 1.0 and out["ece_calibrated"] < out["ece_raw"] / 2
+    assert (out["oof_probs"].argmax(1) == pred).all() and np.allclose(out["oof_probs"].sum(1), 1.0, atol=1e-5)
+    assert out["oof_acc"] == pytest.approx(right.mean())
+    assert out["test_ece_calibrated"] < out["test_ece_raw"]

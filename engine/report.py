@@ -23,7 +23,8 @@
     versions          {package: version}                                 optional
 
 Accuracies are fractions in [0, 1]; the Markdown shows them as percentages with one decimal.
-`validate_results` raises `ValueError` naming the first missing or malformed key (dotted path).
+`validate_results` checks it against the types in `engine.results` and raises `ValueError` naming the
+first missing or malformed key (dotted path).
 Every file is written atomically (a temp file in the same folder, then `os.replace`).
 The plot uses matplotlib's Agg canvas directly (no pyplot, no display, no global figure state).
 """
@@ -39,94 +40,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engine.results import RunResults, check, is_num
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "probe_accuracy.png"
 
-_STR_KEYS = ("dataset", "mode", "teacher")
-_ENTRY_KEYS = ("layer", "val_acc", "test_acc")
 _MISSING = "—"
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"report results: {key}: {msg}")
-
-
-def _require(d: Mapping, key: str, where: str = "") -> Any:
-    name = f"{where}.{key}" if where else key
-    if key not in d:
-        _fail(name, "missing required key")
-    return d[key]
-
-
-def _is_num(x: Any) -> bool:
-    """int, float or a numpy scalar; never bool or str."""
-    if isinstance(x, (bool, str, bytes)):
-        return False
-    return isinstance(x, (int, float)) or hasattr(x, "__float__")
-
-
-def _check_entry(entry: Any, where: str) -> None:
-    if not isinstance(entry, Mapping):
-        _fail(where, f"expected a dict, got {type(entry).__name__}")
-    for key in _ENTRY_KEYS:
-        value = _require(entry, key, where)
-        if value is not None and not _is_num(value):
-            _fail(f"{where}.{key}", f"expected a number, got {value!r}")
-
-
 def validate_results(results: Any) -> None:
-    """Check the keys the report needs; raise `ValueError` naming the first missing or malformed one."""
-    if not isinstance(results, Mapping):
-        raise ValueError(f"report results: expected a dict, got {type(results).__name__}")
-    for key in _STR_KEYS:
-        if not isinstance(_require(results, key), str):
-            _fail(key, "expected a string")
-    if not isinstance(_require(results, "splits"), Mapping):
-        _fail("splits", "expected a dict of split -> number of questions")
-    tl = _require(results, "teacher_logit")
-    if not isinstance(tl, Mapping):
-        _fail("teacher_logit", "expected a dict")
-    if not _is_num(_require(tl, "test_acc", "teacher_logit")):
-        _fail("teacher_logit.test_acc", "expected a number")
-    probes = _require(results, "probes")
-    if not isinstance(probes, Mapping):
-        _fail("probes", "expected a dict")
-    per_layer = _require(probes, "per_layer", "probes")
-    if not isinstance(per_layer, (list, tuple)) or not per_layer:
-        _fail("probes.per_layer", "expected a non-empty list of {layer, C, val_acc, test_acc}")
-    for i, entry in enumerate(per_layer):
-        _check_entry(entry, f"probes.per_layer[{i}]")
-    _check_entry(_require(probes, "best", "probes"), "probes.best")
-
-    vb = results.get("vllm_baseline")
-    if vb is not None:
-        if not isinstance(vb, Mapping):
-            _fail("vllm_baseline", "expected a dict or null")
-        for key in ("n_questions", "test_acc"):
-            _require(vb, key, "vllm_baseline")
-    students = results.get("students")
-    if students is not None:
-        if not isinstance(students, (list, tuple)):
-            _fail("students", "expected a list")
-        for i, s in enumerate(students):
-            if not isinstance(s, Mapping):
-                _fail(f"students[{i}]", "expected a dict")
-            _require(s, "source", f"students[{i}]")
-            _require(s, "test_acc", f"students[{i}]")
-    for key in ("labels", "timings", "versions", "config"):
-        if results.get(key) is not None and not isinstance(results[key], Mapping):
-            _fail(key, "expected a dict")
+    """Check the keys the report needs (`engine.results.RunResults`); raise `ValueError` naming the
+    first missing or malformed one."""
+    check(RunResults, results)
 
 
 # ----------------------------------------------------------------------------------------------- formatting
 
 
 def _finite(x: Any) -> float | None:
-    if x is None or not _is_num(x):
+    if x is None or not is_num(x):
         return None
     f = float(x)
     return f if math.isfinite(f) else None
@@ -143,7 +79,7 @@ def _fmt_num(x: Any, spec: str = "g") -> str:
         return _MISSING
     f = _finite(x)
     if f is None:
-        return str(x) if not _is_num(x) else _MISSING
+        return str(x) if not is_num(x) else _MISSING
     return format(f, spec)
 
 

@@ -2,15 +2,16 @@
 
 The golden hashes below were computed by the hand-written identities (engine.config.store_identity and
 cluster.pipeline's _probe_identity, _baseline_identity, _student_identity at commit f8a8fe5) before the
-identities were derived from the fields' metadata: they name existing artifact folders and are checked
-against existing stores, so they must never change.
+identities were derived from the fields' metadata (engine/identity.py): they name existing artifact
+folders and are checked against existing stores, so they must never change. Never regenerate them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError, config_hash, load
+from engine.config import ConfigError, config_hash, load, store_identity
+from engine.identity import identity
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
@@ -74,13 +75,10 @@ def cases() -> dict[str, object]:
 
 
 def identity_hashes(cfg) -> dict[str, str]:
-    from cluster.pipeline import _baseline_identity, _probe_identity, _student_identity
-    from engine.config import store_identity
-
-    out = {"store": config_hash(store_identity(cfg)), "probe": config_hash(_probe_identity(cfg)),
-           "baseline": config_hash(_baseline_identity(cfg))}
+    out = {"store": config_hash(identity(cfg, "store")), "probe": config_hash(identity(cfg, "probe")),
+           "baseline": config_hash(identity(cfg, "baseline"))}
     for source in sorted({"gold", *cfg.student.label_sources}):
-        out[f"student:{source}"] = config_hash(_student_identity(cfg, source))
+        out[f"student:{source}"] = config_hash(identity(cfg, "student", source))
     return out
 
 
@@ -651,3 +649,14 @@ def test_the_golden_identities_are_unchanged():
     assert sorted(now) == sorted(GOLDEN)
     for name, frozen in GOLDEN.items():
         assert now[name] == dict(tok.split("=") for tok in frozen.split()), name
+
+
+def test_the_stages_name_and_check_their_artifacts_by_these_identities():
+    from cluster.pipeline import baseline_dir, probe_dir, student_dir
+
+    cfg = load(REPO / "configs" / "default.yaml", ["teacher.dtype=float32", "prompt.normalise=bytes"])
+    frozen = dict(tok.split("=") for tok in GOLDEN["default.yaml:bytes"].split())
+    assert config_hash(store_identity(cfg)) == frozen["store"]
+    assert probe_dir(cfg).name == f"probes-{frozen['probe'][:8]}"
+    assert baseline_dir(cfg).name == f"baseline-{frozen['baseline'][:8]}"
+    assert student_dir(cfg, "logit").name == f"logit-{frozen['student:logit'][:8]}"

@@ -8,10 +8,24 @@ folders and are checked against existing stores, so they must never change. Neve
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import ConfigError, config_hash, load, store_identity
-from engine.identity import identity
+import pytest
+
+from engine.config import STUDENT_RUNTIME, Config, ConfigError, StudentConfig, config_hash, field_docs, load, store_identity
+from engine.identity import (
+    ARTIFACTS,
+    check_declared,
+    decides,
+    decides_nothing,
+    deciding_fields,
+    fields_identity,
+    identity,
+    runtime,
+    section,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
@@ -660,3 +674,142 @@ def test_the_stages_name_and_check_their_artifacts_by_these_identities():
     assert probe_dir(cfg).name == f"probes-{frozen['probe'][:8]}"
     assert baseline_dir(cfg).name == f"baseline-{frozen['baseline'][:8]}"
     assert student_dir(cfg, "logit").name == f"logit-{frozen['student:logit'][:8]}"
+
+
+def _identities(cfg) -> dict[str, str]:
+    return {a: config_hash(identity(cfg, a, "logit" if a == "student" else None)) for a in ARTIFACTS}
+
+
+BASE = ["teacher.dtype=float32"]
+
+
+@pytest.mark.parametrize("override", ["student.max_failures=5", "student.num_workers=2", "student.cpus_per_worker=7",
+                                      "student.use_gpu=true", "ray.num_cpus=3", "ray.address=auto", "out_dir=elsewhere",
+                                      "extract.replicas=4", "extract.batch_size=3", "teacher.cache_dir=/x",
+                                      "student.label_sources=[gold]", "bench.seeds=[9]"])
+def test_a_runtime_field_leaves_every_identity_unchanged(override):
+    assert _identities(load(REPO / "configs/default.yaml", [*BASE, override])) == \
+        _identities(load(REPO / "configs/default.yaml", BASE))
+
+
+@pytest.mark.parametrize("override", ["extract.chunk_rows=64", "data.max_train=10", "prompt.pool=mean",
+                                      "prompt.fewshot=1", "teacher.dtype=bfloat16", "data.split_seed=2"])
+def test_a_store_field_changes_every_identity(override):
+    before, after = (_identities(load(REPO / "configs/default.yaml", [*BASE, *o])) for o in ([], [override]))
+    assert all(before[a] != after[a] for a in ARTIFACTS)
+
+
+@pytest.mark.parametrize("override", ["probe.folds=3", "probe.cs=[0.1]", "data.train_fraction=0.5"])
+def test_a_probe_field_changes_the_probe_and_student_only(override):
+    before, after = (_identities(load(REPO / "configs/default.yaml", [*BASE, *o])) for o in ([], [override]))
+    assert {a for a in ARTIFACTS if before[a] != after[a]} == {"probe", "student"}
+
+
+@pytest.mark.parametrize("override", ["student.lr=0.001", "student.template='{{ question }}'", "prompt.normalise=bytes"])
+def test_a_student_field_changes_the_student_only(override):
+    before, after = (_identities(load(REPO / "configs/default.yaml", [*BASE, *o])) for o in ([], [override]))
+    assert {a for a in ARTIFACTS if before[a] != after[a]} == {"student"}
+
+
+def test_in_letter_mode_the_baseline_follows_the_probe():
+    letter = [*BASE, "prompt.mode=letter", "probe.families=[logreg]"]
+    for formats, follows in ((["baseline.formats=[]"], False), (["baseline.formats=[' {letter}']"], True)):
+        before, after = (_identities(load(REPO / "configs/default.yaml", [*letter, *formats, *o]))
+                         for o in ([], ["probe.folds=3"]))
+        assert (before["baseline"] != after["baseline"]) == follows
+
+
+def test_every_field_declares_what_it_decides():
+    """Walk every leaf field of Config: each carries a declaration, and one that decides nothing says why."""
+    from engine.identity import META, SECTION, Decides, Section
+
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                assert isinstance(f.metadata.get(SECTION), Section), f.name
+                yield from walk(f.default_factory)
+            else:
+                yield f
+
+    leaves = list(walk(Config))
+    assert len(leaves) == len(field_docs())
+    for f in leaves:
+        d = f.metadata.get(META)
+        assert isinstance(d, Decides) and set(d.artifacts) <= set(ARTIFACTS), f.name
+        assert d.artifacts or d.why, f.name
+
+
+# Toy schemas (module level: the builder reads their type hints)
+
+
+@dataclass(frozen=True)
+class Inner:
+    kept: int = field(default=1, metadata=decides("store"))
+    forgotten: int = 2
+
+
+@dataclass(frozen=True)
+class Outer:
+    seed: int = field(default=0, metadata=decides("probe"))
+    inner: Inner = field(default_factory=Inner, metadata=section())
+
+
+@dataclass(frozen=True)
+class Unsaid:
+    quiet: int = field(default=0, metadata=decides())
+    odd: int = field(default=0, metadata=decides("stor"))
+    inner: Inner = field(default_factory=Inner)
+
+
+@dataclass(frozen=True)
+class Part:
+    a: int = field(default=1, metadata=decides("store"))
+    b: int = field(default=0, metadata=decides("store", omit_default=True))
+    c: str = field(default="x", metadata=decides("store", unless="b"))
+    d: str = field(default="n", metadata=decides("student", key="part.d", omit_default=True))
+
+
+@dataclass(frozen=True)
+class Flat:
+    lo: int = field(default=0, metadata=decides("store", key="flat.range"))
+    hi: int = field(default=9, metadata=decides("store", key="flat.range"))
+    n: int = field(default=4, metadata=decides("probe", value=lambda cfg: cfg.flat.n * 2))
+    workers: int = field(default=1, metadata=runtime("resources"))
+
+
+@dataclass(frozen=True)
+class Toy:
+    out: str = field(default="o", metadata=decides_nothing("a folder"))
+    part: Part = field(default_factory=Part, metadata=section(nest=True))
+    flat: Flat = field(default_factory=Flat, metadata=section())
+
+
+def test_a_field_without_a_declaration_is_refused():
+    with pytest.raises(TypeError, match=r"inner\.forgotten: declares nothing"):
+        check_declared(Outer)
+    with pytest.raises(TypeError) as err:
+        check_declared(Unsaid)
+    assert "quiet: decides nothing; say why" in str(err.value) and "odd: decides unknown artifacts" in str(err.value)
+    assert "inner: a section" in str(err.value)
+
+
+def test_the_builder_reads_only_the_metadata():
+    """A toy schema through the generic builder: keys, nesting, grouping, omit_default, unless, value."""
+    check_declared(Toy)
+    toy = Toy()
+    assert fields_identity(toy, "store") == {"part": {"a": 1}, "flat.range": [0, 9]}
+    assert fields_identity(toy, "baseline") == fields_identity(toy, "store")
+    assert fields_identity(toy, "probe") == {"part": {"a": 1}, "flat.range": [0, 9], "flat.n": 8}
+    changed = Toy(part=Part(b=2, d="m"), flat=Flat(workers=5))
+    assert fields_identity(changed, "student") == {"part": {"a": 1, "b": 2, "c": "x"}, "part.d": "m",
+                                                   "flat.range": [0, 9], "flat.n": 8}
+
+
+def test_deciding_fields_and_the_runtime_fields_of_the_student():
+    decide = deciding_fields(StudentConfig, "student")
+    assert STUDENT_RUNTIME == ("num_workers", "cpus_per_worker", "use_gpu", "max_failures")
+    assert not set(decide) & {*STUDENT_RUNTIME, "label_sources"}
+    names = [f.name for f in dataclasses.fields(StudentConfig)]
+    assert sorted([*decide, *STUDENT_RUNTIME, "label_sources"]) == sorted(names)
+    assert deciding_fields(StudentConfig, "store") == ()
+    assert set(identity(load(REPO / "configs/default.yaml", BASE), "student", "gold")["student"]) == set(decide) - {"template"}  # (null)

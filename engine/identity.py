@@ -38,6 +38,7 @@ import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Optional
 
 META = "probe_kd.identity"
@@ -144,15 +145,17 @@ def _problems(cls: type, prefix: str) -> list[str]:
     return out
 
 
-def _fields(cls: type, prefix: str = "", nest: Optional[str] = None):
+@cache
+def _fields(cls: type, prefix: str = "", nest: Optional[str] = None) -> tuple:
     """(dotted name, Field, Decides, the dict it nests in or None) of every leaf field of `cls`."""
-    hints = typing.get_type_hints(cls)
+    hints, out = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         if _is_section(f, hints):
             sec = f.metadata[SECTION]
-            yield from _fields(hints[f.name], f"{prefix}{f.name}.", f"{prefix}{f.name}" if sec.nest else None)
+            out += _fields(hints[f.name], f"{prefix}{f.name}.", f"{prefix}{f.name}" if sec.nest else None)
         else:
-            yield f"{prefix}{f.name}", f, f.metadata[META], nest
+            out.append((f"{prefix}{f.name}", f, f.metadata[META], nest))
+    return tuple(out)
 
 
 def _enters(d: Decides, artifact: str) -> bool:
@@ -198,7 +201,7 @@ def fields_identity(cfg: Any, artifact: str) -> dict:
     """The generic builder: every field that decides `artifact` (directly or through an artifact it is
     built on), entered as its metadata says. No rule about any particular field lives here."""
     _known(artifact)
-    fields = list(_fields(type(cfg)))
+    fields = _fields(type(cfg))
     shared = Counter(d.key for _, _, d, _ in fields if d.key is not None)
     ident: dict = {}
     for name, f, d, nest in fields:

@@ -24,7 +24,8 @@ import numpy as np
 
 from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
-from engine.config import STUDENT_RUNTIME, Config, ConfigError, config_hash, store_identity, to_dict
+from engine.config import Config, ConfigError, config_hash, store_identity, to_dict
+from engine.identity import identity
 from engine.log import LOGGER, log, progress
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
@@ -169,17 +170,12 @@ def extract(run: Run, actor_cls: type | None = None) -> Path:
     return path
 
 
-def _probe_identity(cfg: Config) -> dict:
-    return {**store_identity(cfg), "probe": to_dict(cfg.probe), "data.train_fraction": cfg.data.train_fraction,
-            "seed": cfg.seed}
-
-
 def probe(run: Run) -> tuple[dict, dict]:
     from cluster.probes import run_probe_sweep
 
     cfg = run.cfg
     where = probe_dir(cfg)
-    found = artifacts.load(where, _probe_identity(cfg))
+    found = artifacts.load(where, identity(cfg, "probe"))
     if found:
         log("probe", f"reusing {where}")
         run.timings["probes"] = found[0].get("stage_seconds")
@@ -193,20 +189,20 @@ def probe(run: Run) -> tuple[dict, dict]:
     arrays = {k: res.pop(k) for k in list(res) if isinstance(res[k], np.ndarray)}
     run.timed("probes", t0)
     meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stage_seconds": run.timings["probes"], **res}
-    artifacts.save(where, _probe_identity(cfg), meta, arrays)
-    return artifacts.load(where, _probe_identity(cfg))
+    artifacts.save(where, identity(cfg, "probe"), meta, arrays)
+    return artifacts.load(where, identity(cfg, "probe"))
 
 
 def probe_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / f"probes-{config_hash(_probe_identity(cfg))[:8]}"
+    return Path(cfg.out_dir) / f"probes-{config_hash(identity(cfg, 'probe'))[:8]}"
 
 
 def baseline_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / f"baseline-{config_hash(_baseline_identity(cfg))[:8]}"
+    return Path(cfg.out_dir) / f"baseline-{config_hash(identity(cfg, 'baseline'))[:8]}"
 
 
 def student_dir(cfg: Config, source: str) -> Path:
-    return Path(cfg.out_dir) / "students" / f"{source}-{config_hash(_student_identity(cfg, source))[:8]}"
+    return Path(cfg.out_dir) / "students" / f"{source}-{config_hash(identity(cfg, 'student', source))[:8]}"
 
 
 def prerequisites(cfg: Config, command: str) -> list[str]:
@@ -229,13 +225,6 @@ def missing(run: Run, stages: list[str]) -> list[str]:
     return [s for s in stages if not have[s]()]
 
 
-def _baseline_identity(cfg: Config) -> dict:
-    ident = {**store_identity(cfg), "baseline": to_dict(cfg.baseline), "seed": cfg.seed}  # the store holds the prompt
-    if cfg.prompt.mode == "letter" and cfg.baseline.formats:  # the brittleness table scores the probe too
-        ident["probe"] = _probe_identity(cfg)
-    return ident
-
-
 def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     """Score a test sample with the teacher in vLLM and compare with the extraction forward's scores.
     Then ask the same questions under `baseline.formats` and `baseline.permutations`: the brittleness
@@ -249,7 +238,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     where = baseline_dir(cfg)
     if not cfg.baseline.enabled:
         return None
-    found = artifacts.load(where, _baseline_identity(cfg))
+    found = artifacts.load(where, identity(cfg, "baseline"))
     if found:
         log("baseline", f"reusing {where}")
         run.timings["baseline"] = found[0].get("stage_seconds")
@@ -297,7 +286,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
         LOGGER.info("\n".join(brittleness_lines(meta["brittleness"])))
     run.timed("baseline", t0)
     meta["stage_seconds"] = run.timings["baseline"]
-    artifacts.save(where, _baseline_identity(cfg), meta, {"questions": qs, "logp": vllm_logp})
+    artifacts.save(where, identity(cfg, "baseline"), meta, {"questions": qs, "logp": vllm_logp})
     return meta
 
 
@@ -308,17 +297,6 @@ def teacher_logp(run: Run, role: str, *, normalise: str | None = None) -> tuple[
     how = run.cfg.prompt.normalise if normalise is None else normalise
     chars = choice_chars(run.examples[role]) if how == "bytes" else None
     return teacher_choice_logprobs(view.seqs, view.scores(), normalise=how, chars=chars), view.seqs
-
-
-def _student_identity(cfg: Config, source: str) -> dict:
-    drop = ("label_sources", *STUDENT_RUNTIME)  # `source` says which; resources do not change what is learnt
-    student = {k: v for k, v in to_dict(cfg.student).items() if k not in drop}
-    if student.get("template") is None:  # added later: absent when null, so older students keep their identity
-        student.pop("template", None)
-    ident = {**_probe_identity(cfg), "student": student, "source": source, "seed": cfg.seed}
-    if cfg.prompt.normalise != "none":  # it shapes the logit labels (absent when 'none': older students keep theirs)
-        ident["prompt.normalise"] = cfg.prompt.normalise
-    return ident
 
 
 @dataclass
@@ -343,7 +321,7 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
     train_seqs = run.seqs["train"].select(tq)
     width = train_seqs.max_choices
     for source in cfg.student.label_sources:
-        ident, where = _student_identity(cfg, source), student_dir(cfg, source)
+        ident, where = identity(cfg, "student", source), student_dir(cfg, source)
         found = artifacts.load(where, ident)
         if found:
             plans.append(StudentPlan(cfg, source, where, found[0]["train_label_acc"], None, found[0]))
@@ -431,7 +409,7 @@ def _train_group(run: Run, group: list[StudentPlan]) -> None:
 
     todo = group
     t0 = time.perf_counter()
-    name = "students-" + config_hash([_student_identity(p.cfg, p.source) for p in todo])[:8]
+    name = "students-" + config_hash([identity(p.cfg, "student", p.source) for p in todo])[:8]
     tok, spec = run.student_io
     results = train_students(todo[0].cfg.student, [p.job for p in todo], model_path=run.student_path,
                              splits=run.student_seqs, spec=spec, pad_id=tok.pad_token_id,
@@ -451,7 +429,7 @@ def _train_group(run: Run, group: list[StudentPlan]) -> None:
         log("train", f"student[{p.source}] test accuracy {meta['test_acc']:.3f} (seed {p.cfg.seed}, "
                      f"fraction {p.cfg.data.train_fraction:g}; epoch {meta['best_epoch']} kept on validation, "
                      f"{meta['val_acc']:.3f})")
-        artifacts.save(p.where, _student_identity(p.cfg, p.source), meta,
+        artifacts.save(p.where, identity(p.cfg, "student", p.source), meta,
                        {"test_probs": res["test_probs"], "val_probs": res["val_probs"]},
                        folders={"model": res["student_dir"]})
         log("train", f"student[{p.source}] saved as a model folder: {p.where / 'model'}")

@@ -446,12 +446,27 @@ def train_students(
     the loop)}. Checkpoints live under `<storage_dir>/<name>`, student folders under
     `<storage_dir>/<name>-students`; the same call after a kill resumes at the last checkpoint.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if not jobs:
         return []
+    _check_inputs(jobs, splits)
+    if os.path.isdir(model_path):
+        model_path = os.path.abspath(model_path)
+    loop_config = _loop_config(student, jobs, model_path, splits, spec, pad_id, storage_dir, name, features_dir)
+    trainer = _trainer(student, loop_config, storage_dir, name, max_failures)
+    t0, started = time.perf_counter(), time.time()
+    per_job = 1 if student.finetune == "head" else student.train_epochs
+    with progress("train", len(jobs) * per_job, "epoch" if per_job > 1 else "student") as bar:
+        with _CheckpointWatch(Path(storage_dir).absolute() / name, per_job, bar):
+            result = trainer.fit()
+    timing = {"wall_seconds": time.perf_counter() - t0, "fit_window": [started, time.time()]}
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    return _collect(result.checkpoint, jobs, splits["test"], Path(loop_config["students_dir"]), name, timing)
+
+
+def _check_inputs(jobs: list[StudentJob], splits: dict[str, Sequences]) -> None:
     missing = [r for r in ROLES if r not in splits]
     if missing:
         raise ValueError(f"splits: missing {missing}")
@@ -459,14 +474,19 @@ def train_students(
         job.check(splits["train"])
     if len({s.mode for s in splits.values()}) != 1:
         raise ValueError("splits: every split must be tokenized in the same mode")
-    if os.path.isdir(model_path):
-        model_path = os.path.abspath(model_path)
+
+
+def _loop_config(student: StudentConfig, jobs: list[StudentJob], model_path: str, splits: dict[str, Sequences],
+                 spec, pad_id: int, storage_dir: str, name: str, features_dir: str | None) -> dict:
+    """What every worker gets: the settings, the run's fingerprint, and object-store references to the
+    tokenized splits, the head regime's cached features and each job's questions and targets."""
+    import ray
+
     max_choices = max(s.max_choices for s in splits.values())
     packed = {r: pack_sequences(splits[r]) for r in ROLES}
     digests = {r: _split_digest(p) for r, p in packed.items()}
     spec_d = spec.to_dict()
     prints = [fit.fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
-    fingerprint = fit.run_fingerprint(prints, student.train_epochs)
     feature_refs = {}
     if student.finetune == "head":
         if features_dir is None:
@@ -475,16 +495,10 @@ def train_students(
         feature_refs = {r: ray.put(a) for r, a in feats.items()}
     students_dir = Path(storage_dir).absolute() / f"{name}-students"
     students_dir.mkdir(parents=True, exist_ok=True)
-    loop_config = {
-        "name": name,
-        "student": to_dict(student),
-        "spec": spec_d,
-        "model_path": model_path,
-        "max_choices": max_choices,
-        "pad_id": int(pad_id),
-        "fingerprint": fingerprint,
-        "students_dir": str(students_dir),
-        "split_refs": {r: ray.put(p) for r, p in packed.items()},
+    return {
+        "name": name, "student": to_dict(student), "spec": spec_d, "model_path": model_path,
+        "max_choices": max_choices, "pad_id": int(pad_id), "fingerprint": fit.run_fingerprint(prints, student.train_epochs),
+        "students_dir": str(students_dir), "split_refs": {r: ray.put(p) for r, p in packed.items()},
         "feature_refs": feature_refs,
         "jobs": [{"source": j.source, "seed": j.seed, "alpha": loss_alpha(j.source, student.alpha, student.mix_alpha),
                   "meta": {"source": j.source, "seed": j.seed, **(j.meta or {})},
@@ -492,57 +506,51 @@ def train_students(
                   "targets_ref": ray.put(np.ascontiguousarray(j.targets, dtype=np.float32)),
                   "answers_ref": ray.put(np.asarray(j.answers, np.int64))} for j in jobs],
     }
+
+
+def _trainer(student: StudentConfig, loop_config: dict, storage_dir: str, name: str, max_failures: int | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=student.num_workers,
-            use_gpu=student.use_gpu,
-            resources_per_worker={"CPU": student.cpus_per_worker},
-        ),
+        scaling_config=ScalingConfig(num_workers=student.num_workers, use_gpu=student.use_gpu,
+                                     resources_per_worker={"CPU": student.cpus_per_worker}),
         run_config=RunConfig(
             storage_path=str(Path(storage_dir).absolute()),
             name=name,
-            failure_config=FailureConfig(
-                max_failures=student.max_failures if max_failures is None else max_failures
-            ),
+            failure_config=FailureConfig(max_failures=student.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             worker_runtime_env={"env_vars": TRAIN_WORKER_ENV},
         ),
     )
-    t0, started = time.perf_counter(), time.time()
     # Ctrl-C must reach the driver as KeyboardInterrupt, as in every other stage, so `distill` prints one
     # line and the same command resumes from the last checkpoint. Ray Train's own SIGINT handler would
     # abort the run and sys.exit() from inside the handler instead (and it stays installed after fit()).
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = lambda controller: None
-    per_job = 1 if student.finetune == "head" else student.train_epochs
-    with progress("train", len(jobs) * per_job, "epoch" if per_job > 1 else "student") as bar:
-        with _CheckpointWatch(Path(storage_dir).absolute() / name, per_job, bar):
-            result = trainer.fit()
-    wall, window = time.perf_counter() - t0, [started, time.time()]
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name}: training finished without a checkpoint")
-    out = []
-    with result.checkpoint.as_directory() as d:
+    return trainer
+
+
+def _collect(checkpoint, jobs: list[StudentJob], test: Sequences, students_dir: Path, name: str,
+             timing: dict) -> list[dict[str, Any]]:
+    """Each job's result from the run's last checkpoint and the student folders beside it."""
+    with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / fit.CKPT_STATE).read_text())
-    finished = state["finished"]
-    test = splits["test"]
+    out = []
     for j, job in enumerate(jobs):
         folder = students_dir / f"job_{j:03d}"
-        if str(j) not in finished or not folder.is_dir():
+        done = state["finished"].get(str(j))
+        if done is None or not folder.is_dir():
             raise RuntimeError(f"{name}: job {j} ({job.source}, seed {job.seed}) has no result")
         probs = np.load(students_dir / f"job_{j:03d}.test_probs.npy", allow_pickle=False)
-        done = finished[str(j)]
         out.append({"source": job.source, "seed": job.seed, "test_accuracy": float((probs.argmax(-1) == test.answer).mean()),
                     "test_probs": probs, "val_probs": np.load(students_dir / f"job_{j:03d}.val_probs.npy"),
                     "student_dir": str(folder), "best_epoch": int(done["best_epoch"]),
                     "train_seconds": float(done["train_seconds"]), "epochs": int(done["epochs"]),
-                    "history": done["history"], "start_epoch": int(done["start_epoch"]), "wall_seconds": wall,
-                    "fit_window": window,
-                    "checkpoint_path": result.checkpoint.path, "resumes": state.get("resumes", []),
+                    "history": done["history"], "start_epoch": int(done["start_epoch"]), **timing,
+                    "checkpoint_path": checkpoint.path, "resumes": state.get("resumes", []),
                     "report_seconds": state.get("report_seconds", [])})
     return out
 

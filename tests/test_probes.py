@@ -563,15 +563,15 @@ def test_pipeline_probe_combines_layers_and_labels_the_pool(tmp_path, capsys, lo
 
 def test_probe_identity_covers_combine_and_pool():
     """The probe artifact is keyed by the whole probe config and data.train_fraction (the labelled/pool split)."""
-    from cluster.pipeline import _probe_identity
     from engine.config import config_hash, from_dict
+    from engine.identity import identity
 
     base = from_dict({"data": {"train_fraction": 0.1}})
     variants = [{"probe": {"label_pool": True}}, {"probe": {"label_pool": True}, "data": {"train_fraction": 0.2}},
                 {"probe": {"combine": ["concat"]}}, {"probe": {"combine": ["ensemble"]}}, {"probe": {"combine_layers": 4}}]
-    hashes = {config_hash(_probe_identity(base))}
+    hashes = {config_hash(identity(base, "probe"))}
     for v in variants:
-        hashes.add(config_hash(_probe_identity(from_dict({"data": {"train_fraction": 0.1}, **v}))))
+        hashes.add(config_hash(identity(from_dict({"data": {"train_fraction": 0.1}, **v}), "probe")))
     assert len(hashes) == 1 + len(variants)
 
 

@@ -25,7 +25,8 @@ from typing import Optional
 import numpy as np
 
 from engine import student as st
-from engine.config import STUDENT_RUNTIME, StudentConfig, config_hash, to_dict
+from engine.config import StudentConfig, config_hash
+from engine.identity import deciding_fields
 from engine.labels import SOURCES
 from engine.metrics import accuracy, nll
 from engine.sequences import Sequences
@@ -78,11 +79,10 @@ def digest(*arrays: np.ndarray) -> str:
 
 def fingerprint(student: StudentConfig, job: StudentJob, model_path: str, splits: dict[str, str], spec: dict,
                 max_choices: int, pad_id: int) -> str:
-    """What a resumed run must share with the checkpoint it resumes: all but `epochs` and resources.
-    `splits`: a digest of each split's tokens."""
-    s = to_dict(student)
-    for key in ("epochs", "head_epochs", "label_sources", *STUDENT_RUNTIME):  # more epochs / other resources are fine
-        s.pop(key)
+    """What a resumed run must share with the checkpoint it resumes: the student fields that decide what
+    it learns (`engine.identity`), but `epochs` (a single job may be continued with more), and the job's
+    data. `splits`: a digest of each split's tokens."""
+    s = {k: getattr(student, k) for k in deciding_fields(StudentConfig, "student") if k not in ("epochs", "head_epochs")}
     if s.get("template") is None:  # added later; the spec carries it when set
         s.pop("template", None)
     return config_hash({

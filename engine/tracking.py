@@ -175,11 +175,13 @@ def log_students(tracker: Tracker, students: list[dict]) -> None:
 
 
 def log_probe(tracker: Tracker, probe_meta: dict | None) -> None:
-    """The probe sweep's best candidate and its out-of-fold label accuracy."""
+    """The probe sweep's best candidate and its out-of-fold label accuracy, under 'probe_sweep/' ('probe/'
+    is the student trained on the probe's labels)."""
     if probe_meta:
         best = probe_meta.get("best", {})
-        tracker.log_metrics({"probe/val_acc": best.get("val_acc"), "probe/test_acc": best.get("test_acc"),
-                             "probe/oof_acc": probe_meta.get("oof_acc"), "probe/temperature": probe_meta.get("temperature")})
+        tracker.log_metrics({"probe_sweep/val_acc": best.get("val_acc"), "probe_sweep/test_acc": best.get("test_acc"),
+                             "probe_sweep/oof_acc": probe_meta.get("oof_acc"),
+                             "probe_sweep/temperature": probe_meta.get("temperature")})
 
 
 def log_timings(tracker: Tracker, timings: dict) -> None:

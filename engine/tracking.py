@@ -137,8 +137,12 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def config_params(cfg: Config) -> dict[str, Any]:
-    """The config as flat dotted keys ('student.epochs'), with its `config_hash`."""
-    return {**flatten(to_dict(cfg)), "config_hash": config_hash(cfg)}
+    """The config as given, as flat dotted keys ('student.epochs'), with its `config_hash` (the one the CLI
+    prints), and what each `dtype: auto` becomes here ('resolved.student.dtype'; see `engine.hardware`)."""
+    from engine.hardware import resolve
+
+    dtypes = {f"resolved.{section}.dtype": c["dtype"] for section, c in resolve(cfg)[1].items()}
+    return {**flatten(to_dict(cfg)), "config_hash": config_hash(cfg), **dtypes}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -189,7 +193,9 @@ def log_timings(tracker: Tracker, timings: dict) -> None:
 
 
 def log_report(tracker: Tracker, results: dict, out_dir: str | Path) -> None:
-    """A run's reference accuracies (teacher, vLLM baseline, chance) and its report files."""
+    """A run's reference accuracies (teacher, vLLM baseline, chance), its report files, and the hash of the
+    config the report records (with `dtype: auto` resolved) as the param `report.config_hash`."""
+    tracker.log_params({"report.config_hash": results.get("config_hash")})
     base = results.get("vllm_baseline") or {}
     tracker.log_metrics({"teacher/test_acc": results.get("teacher_logit", {}).get("test_acc"),
                          "baseline/test_acc": base.get("test_acc"), "chance": results.get("chance")})

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 from cluster import failures, runtime  # runtime sets Ray's environment before ray is imported
+from engine import tracking
 from engine.config import ConfigError, config_hash, dump_yaml, fields_help, load
 from engine.lock import LockError, RunLock
 from engine.log import WARNING, log, run_log, set_console
@@ -184,11 +185,13 @@ def check_writable(path: str | Path, field: str) -> None:
                           "write") from None
 
 
-def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
+def execute(command: str, cfg, *, prereqs: bool = True, tracker=None) -> dict | None:
     """Run `command`. A stage whose inputs were not made yet under this config runs those stages first,
-    saying so (`prereqs`), or refuses with one error naming them (`--no-prereqs`)."""
+    saying so (`prereqs`), or refuses with one error naming them (`--no-prereqs`). `tracker`
+    (`engine.tracking`; None records nothing) gets each stage's summaries, timings and report files."""
     from cluster import pipeline
 
+    tracker = tracker or tracking.Tracker()
     if command == "bench":
         from cluster.bench import dataset_config, run_bench
 
@@ -196,7 +199,9 @@ def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
             pipeline.Run(dataset_config(cfg, dataset)).check_inputs()
         runtime.init(cfg.ray)
         try:
-            return run_bench(cfg)
+            results = run_bench(cfg)
+            tracking.log_bench(tracker, results, cfg.out_dir)
+            return results
         finally:
             runtime.shutdown()
     run = pipeline.Run(cfg)
@@ -212,24 +217,38 @@ def execute(command: str, cfg, *, prereqs: bool = True) -> dict | None:
                        f"{'it' if len(lacking) == 1 else 'them'} first (--no-prereqs refuses instead)")
     runtime.init(cfg.ray)
     try:
-        if command in ("extract", "run") or "extract" in lacking:
-            pipeline.extract(run)
-        if command == "extract":
-            return None
-        probe_meta = None
-        if command in ("probe", "run") or "probe" in pipeline.prerequisites(cfg, command):
-            probe_meta, probe_arrays = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
-        if command in ("baseline", "report", "run"):
-            base = pipeline.baseline(run, probe_meta)
-        if command in ("train", "report", "run"):
-            students = pipeline.train(run, probe_arrays)
-        if command in ("report", "run"):
-            results = pipeline.report(run, probe_meta, base, students)
-            log("distill", f"{command} finished in {time.perf_counter() - t0:.0f}s; report in {cfg.out_dir}/report.md")
-            return results
-        return None
+        results = _stages(command, run, lacking, tracker)
     finally:
         runtime.shutdown()
+    tracking.log_timings(tracker, run.timings)
+    if results is not None:
+        log("distill", f"{command} finished in {time.perf_counter() - t0:.0f}s; report in {cfg.out_dir}/report.md")
+    return results
+
+
+def _stages(command: str, run, lacking: list[str], tracker) -> dict | None:
+    """The stages of `command` and those it reads that are `lacking`, in order; the report's results."""
+    from cluster import pipeline
+
+    cfg = run.cfg
+    if command in ("extract", "run") or "extract" in lacking:
+        pipeline.extract(run)
+    if command == "extract":
+        return None
+    probe_meta = None
+    if command in ("probe", "run") or "probe" in pipeline.prerequisites(cfg, command):
+        probe_meta, probe_arrays = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
+        tracking.log_probe(tracker, probe_meta)
+    if command in ("baseline", "report", "run"):
+        base = pipeline.baseline(run, probe_meta)
+    if command in ("train", "report", "run"):
+        students = pipeline.train(run, probe_arrays)
+        tracking.log_students(tracker, students)
+    if command in ("report", "run"):
+        results = pipeline.report(run, probe_meta, base, students)
+        tracking.log_report(tracker, results, cfg.out_dir)
+        return results
+    return None
 
 
 def _sigterm(signum, frame) -> None:
@@ -257,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             made = "distill show-config " + shlex.join([args.config, *args.overrides])
             print(dump_yaml(cfg, f"{made}\nconfig hash {config_hash(cfg)}"), end="")
             return 0
+        tracker = tracking.open_tracker(cfg)  # tracking.mlflow without mlflow installed fails here, writing nothing
         if not cfg.ray.address:
             check_writable(cfg.ray.temp_dir, "ray.temp_dir")
         check_writable(cfg.out_dir, "out_dir")
@@ -266,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 log("distill", f"took over {lock.path}: its holder (pid {lock.took_over.get('pid')}, "
                                f"{lock.took_over.get('command')!r}) died without releasing it", WARNING)
             log("distill", f"{args.command} {args.config} (config {config_hash(cfg)}) -> {cfg.out_dir}; log {log_file}")
-            execute(args.command, cfg, prereqs=not getattr(args, "no_prereqs", False))
+            with tracking.recording(tracker, cfg, args.command):  # one MLflow run per command when tracking.mlflow
+                execute(args.command, cfg, prereqs=not getattr(args, "no_prereqs", False), tracker=tracker)
     except KeyboardInterrupt:
         _say("interrupted", out_dir, again, args.verbose)
         return 130

@@ -543,6 +543,25 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: bool = field(default=False, metadata=decides_nothing("where the run is recorded, not what it makes"))
+    """Record each `distill` command as one MLflow run: the config, per-epoch student metrics, stage
+    summaries and timings, the report and plots. Needs `pip install 'probe-kd[track]'`. Decides no artifact."""
+    uri: Optional[str] = field(default=None, metadata=decides_nothing("where the run is recorded, not what it makes"))
+    """MLflow tracking URI; null: the file store `file:<out_dir>/mlruns` (offline, no server)."""
+    experiment: str = field(default="probe-kd", metadata=decides_nothing("where the run is recorded, not what it makes"))
+    """MLflow experiment the runs go to (made if missing)."""
+    run_name: Optional[str] = field(default=None, metadata=decides_nothing("where the run is recorded, not what it makes"))
+    """Name of the MLflow run; null: '<command> <out_dir>'."""
+
+    def __post_init__(self) -> None:
+        _check(self.uri is None or bool(self.uri.strip()), "tracking.uri",
+               "give an MLflow tracking URI (e.g. file:/abs/mlruns or http://host:5000) or null for <out_dir>/mlruns")
+        _check(bool(self.experiment.strip()), "tracking.experiment", "name an MLflow experiment, e.g. probe-kd")
+        _check(self.run_name is None or bool(self.run_name.strip()), "tracking.run_name", "give a name or null")
+
+
+@dataclass(frozen=True)
 class Config:
     out_dir: str = field(default="runs/default", metadata=decides_nothing("where the artifacts go, not what they hold"))
     """Where the run's store, probes, students and report go."""
@@ -558,6 +577,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig, metadata=section(nest=True))
     bench: BenchConfig = field(default_factory=BenchConfig, metadata=section())
     ray: RayConfig = field(default_factory=RayConfig, metadata=section())
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=section())
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "out_dir", "set an output folder")

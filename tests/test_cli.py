@@ -13,6 +13,7 @@ from conftest import distill
 
 from cluster.cli import main
 from engine import store
+from tests.test_tracking import assert_tracked_run
 
 
 def _copy_split_files(shared_data: Path, dest: Path, n: int = 30) -> Path:
@@ -133,13 +134,15 @@ def write_questions(path, examples, drop_answer: bool = False):
 @pytest.mark.slow
 def test_a_student_with_its_own_vocabulary_end_to_end(tmp_path, tiny_model, tiny_bert):
     """A BERT-style student whose tokenizer is not the teacher's trains through `distill run`, reads its own
-    tokens, and predicts from its folder in a fresh process what the run reported."""
+    tokens, and predicts from its folder in a fresh process what the run reported. The run is tracked
+    (`tracking.mlflow=true`): its MLflow run holds the config, both students' epoch curves and the report."""
     out = tmp_path / "run"
     res = distill("run", "configs/tiny.yaml", f"teacher.model={tiny_model}", f"student.model={tiny_bert}",
                   f"out_dir={out}", "student.label_sources=[gold, probe]", "student.epochs=2", "baseline.enabled=false",
-                  "student.num_layers=null", "student.lr=1e-3")
+                  "student.num_layers=null", "student.lr=1e-3", "tracking.mlflow=true", "tracking.run_name=bert")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert_tracked_run(out, report, res.stdout, "bert")  # one MLflow run in <out>/mlruns (tests/test_tracking.py)
     assert [s["source"] for s in report["students"]] == ["gold", "probe"]
     for s in report["students"]:
         info = json.loads((Path(s["model_dir"]) / "student.json").read_text())
@@ -225,6 +228,7 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     assert report["vllm_baseline"]["max_abs_diff_vs_transformers"] < 1e-3  # fp32 vLLM == fp32 transformers
     assert (out / "report.md").read_text().startswith("# Probe-KD report")
     assert (out / "probe_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "mlruns").exists()  # tracking is off by default
 
     root = zarr.open_group(str(out / "activations.zarr"), mode="r")
     assert root.attrs["complete"] and root.attrs["config_hash"] == report["config_hash"]

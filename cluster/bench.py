@@ -99,15 +99,14 @@ def bench_dataset(cfg: Config, dataset: str) -> tuple[list[dict], dict, dict, di
     seconds["probes"] = round(time.perf_counter() - t0, 1)
     pipeline.log("bench", f"{dataset}: {sum(p.job is not None for p in plans)} of {len(plans)} students to train")
     t0 = time.perf_counter()
-    metas = pipeline.train_plans(run, plans, parallel_runs=cfg.bench.parallel_runs)
+    students = pipeline.train_plans(run, plans, parallel_runs=cfg.bench.parallel_runs)
     seconds["students"] = round(time.perf_counter() - t0, 1)
     cells, correct = [], {}
-    for plan, meta in zip(plans, metas, strict=True):
+    for plan, s in zip(plans, students, strict=True):
         cell = {"dataset": dataset, "regime": plan.cfg.student.finetune, "source": plan.source,
-                "fraction": plan.cfg.data.train_fraction, "seed": plan.cfg.seed, "test_acc": meta["test_acc"],
-                "n_train": meta["n_train"], "train_label_acc": meta["train_label_acc"],
-                "val_acc": meta.get("val_acc"), "best_epoch": meta.get("best_epoch"),
-                "train_seconds": meta.get("train_seconds"), "artifact": str(plan.where)}
+                "fraction": plan.cfg.data.train_fraction, "seed": plan.cfg.seed, "test_acc": s.test_acc,
+                "n_train": s.n_train, "train_label_acc": s.train_label_acc, "val_acc": s.val_acc,
+                "best_epoch": s.best_epoch, "train_seconds": s.train_seconds, "artifact": s.artifact}
         probs = np.load(plan.where / "test_probs.npy", allow_pickle=False)
         correct[bench.key(cell)] = probs.argmax(1) == test.answer
         cells.append(cell)

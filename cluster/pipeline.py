@@ -29,6 +29,7 @@ from engine.identity import identity
 from engine.log import LOGGER, log, progress
 from engine.models import load_tokenizer, resolve_model
 from engine.report import brittleness_lines
+from engine.results import StudentRecord
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import ROLES, Example, load_role, load_split, stratified_subset
 from engine.teacher import choice_chars, teacher_choice_logprobs
@@ -354,9 +355,9 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
     return plans
 
 
-def train_plans(run: Run, plans: list[StudentPlan], *, parallel_runs: int = 1) -> list[dict]:
+def train_plans(run: Run, plans: list[StudentPlan], *, parallel_runs: int = 1) -> list[StudentRecord]:
     """Train every plan not made yet (over `run`'s splits, tokenized for the student), commit an artifact
-    per student (its model folder under `model/`), and return each plan's meta in order.
+    per student (its model folder under `model/`), and return each plan's student in order.
 
     Plans of one student regime train in one Ray Train run; with `parallel_runs` > 1 their cells
     (fraction, seed) are dealt over that many runs, and that many runs train at once (Ray places each
@@ -383,7 +384,7 @@ def train_plans(run: Run, plans: list[StudentPlan], *, parallel_runs: int = 1) -
         with ThreadPoolExecutor(max_workers=parallel_runs) as pool:
             for f in [pool.submit(_train_group, run, g) for g in groups]:
                 f.result()
-    return [p.found for p in plans]
+    return [StudentRecord.from_meta(p.found, str(p.where)) for p in plans]
 
 
 def run_groups(todo: list[StudentPlan], parallel_runs: int) -> list[list[StudentPlan]]:
@@ -436,27 +437,25 @@ def _train_group(run: Run, group: list[StudentPlan]) -> None:
         p.found = meta
 
 
-def train(run: Run, probe_arrays: dict) -> list[dict]:
-    plans = student_plans(run, probe_arrays)
-    out = train_plans(run, plans)
-    for p, meta in zip(plans, out, strict=True):
-        run.timings[f"student_{meta['source']}"] = meta.get("stage_seconds")
-        meta["artifact"] = str(p.where)
-    return out
+def train(run: Run, probe_arrays: dict) -> list[StudentRecord]:
+    students = train_plans(run, student_plans(run, probe_arrays))
+    for s in students:
+        run.timings[f"student_{s.source}"] = s.stage_seconds
+    return students
 
 
-def student_summary(students: list[dict], answer: np.ndarray) -> tuple[list[dict], list[dict]]:
+def student_summary(students: list[StudentRecord], answer: np.ndarray) -> tuple[list[dict], list[dict]]:
     """Each student's test accuracy with a 95% bootstrap interval over the test questions, its validation
     curve and kept epoch; and the paired difference of every two label sources on the same questions."""
     rows, correct = [], {}
     for s in students:
-        probs = np.load(Path(s["artifact"]) / "test_probs.npy", allow_pickle=False)
-        correct[s["source"]] = probs.argmax(1) == answer
-        acc, lo, hi = metrics.bootstrap_accuracy(correct[s["source"]])
-        rows.append({"source": s["source"], "test_acc": acc, "test_ci": [lo, hi], "val_acc": s.get("val_acc"),
-                     "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"), "train_seconds": s.get("train_seconds"),
-                     "finetune": s.get("finetune"), "model_dir": str(Path(s["artifact"]) / "model"),
-                     "val_curve": [h.get("val_acc") for h in s.get("history", [])]})
+        probs = np.load(Path(s.artifact) / "test_probs.npy", allow_pickle=False)
+        correct[s.source] = probs.argmax(1) == answer
+        acc, lo, hi = metrics.bootstrap_accuracy(correct[s.source])
+        rows.append({"source": s.source, "test_acc": acc, "test_ci": [lo, hi], "val_acc": s.val_acc,
+                     "best_epoch": s.best_epoch, "epochs": s.epochs, "train_seconds": s.train_seconds,
+                     "finetune": s.finetune, "model_dir": str(Path(s.artifact) / "model"),
+                     "val_curve": [h.get("val_acc") for h in s.history]})
     first = ("probe_pseudo", "gold+probe", "probe", "logit_pseudo", "gold+logit", "logit", "gold")  # probe - logit, ...
     sources = sorted(correct, key=lambda x: first.index(x) if x in first else len(first))
     pairs = [{"a": a, "b": b, **metrics.paired_difference(correct[a], correct[b])}
@@ -464,7 +463,7 @@ def student_summary(students: list[dict], answer: np.ndarray) -> tuple[list[dict
     return rows, pairs
 
 
-def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) -> dict:
+def report(run: Run, probe_meta: dict, base: dict | None, students: list[StudentRecord]) -> dict:
     from engine.report import write_report
 
     cfg = run.cfg
@@ -487,7 +486,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[dict]) 
         "teacher_logit": teacher,
         "vllm_baseline": base,
         "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
-        "labels": {s["source"]: {"train_label_acc": s["train_label_acc"]} for s in students},
+        "labels": {s.source: {"train_label_acc": s.train_label_acc} for s in students},
         "students": summary,
         "student_pairs": pairs,
         "timings": {**run.timings, "total": round(sum(v for v in run.timings.values() if v), 1)},

@@ -22,6 +22,7 @@ from typing import Any
 from engine.config import Config, ConfigError, config_hash, to_dict
 from engine.log import WARNING, log
 from engine.report import PLOT_PNG, REPORT_JSON, REPORT_MD
+from engine.results import StudentRecord
 
 INSTALL = "pip install 'probe-kd[track]'"
 REPORT_FILES = (REPORT_JSON, REPORT_MD, PLOT_PNG)
@@ -29,7 +30,7 @@ BENCH_FILES = ("bench.json", "bench.md", "bench_*.png")
 EPOCH_KEYS = ("train_loss", "val_acc", "val_loss", "seconds")
 STUDENT_KEYS = {"test_acc": "test_acc", "val_acc": "best_val_acc", "best_epoch": "best_epoch",
                 "train_label_acc": "train_label_acc", "train_seconds": "train_seconds"}
-"""A student's final numbers: its meta's key -> the metric's name under its label source."""
+"""A student's final numbers: its `StudentRecord` field -> the metric's name under its label source."""
 
 
 class Tracker:
@@ -169,13 +170,12 @@ def _is_number(v: Any) -> bool:
 # What a command records
 
 
-def log_students(tracker: Tracker, students: list[dict]) -> None:
+def log_students(tracker: Tracker, students: list[StudentRecord]) -> None:
     """Each student's per-epoch history (step = epoch) and its final numbers, under its label source."""
     for s in students:
-        src = s["source"]
-        for h in s.get("history", []):
-            tracker.log_metrics({f"{src}/{k}": h.get(k) for k in EPOCH_KEYS}, step=int(h["epoch"]))
-        tracker.log_metrics({f"{src}/{name}": s.get(k) for k, name in STUDENT_KEYS.items()})
+        for h in s.history:
+            tracker.log_metrics({f"{s.source}/{k}": h.get(k) for k in EPOCH_KEYS}, step=int(h["epoch"]))
+        tracker.log_metrics({f"{s.source}/{name}": getattr(s, k) for k, name in STUDENT_KEYS.items()})
 
 
 def log_probe(tracker: Tracker, probe_meta: dict | None) -> None:

@@ -14,6 +14,7 @@ from conftest import REPO
 
 from engine import tracking
 from engine.config import ConfigError, config_hash, load
+from engine.results import StudentRecord
 
 
 def _client(uri: str):
@@ -70,10 +71,10 @@ def test_tracker_writes_params_step_metrics_and_artifacts_to_the_file_store(tmp_
     report.write_text("# report\n")
     tracker = tracking.open_tracker(cfg)
     with tracking.recording(tracker, cfg, "run"):
-        tracking.log_students(tracker, [
-            {"source": "gold+probe", "test_acc": 0.5, "val_acc": 0.6, "best_epoch": 2, "history": [
-                {"epoch": 1, "train_loss": 1.2, "val_acc": 0.4, "val_loss": 1.1, "seconds": 0.5},
-                {"epoch": 2, "train_loss": 0.9, "val_acc": 0.6, "val_loss": 1.0, "seconds": 0.4}]}])
+        tracking.log_students(tracker, [StudentRecord(
+            source="gold+probe", seed=0, test_acc=0.5, val_acc=0.6, best_epoch=2, train_label_acc=0.7, artifact="",
+            history=[{"epoch": 1, "train_loss": 1.2, "val_acc": 0.4, "val_loss": 1.1, "seconds": 0.5},
+                     {"epoch": 2, "train_loss": 0.9, "val_acc": 0.6, "val_loss": 1.0, "seconds": 0.4}])])
         tracking.log_timings(tracker, {"extract": 1.5, "probes": None})
         tracking.log_files(tracker, tmp_path / "run", tracking.REPORT_FILES)
     uri = (tmp_path / "run" / "mlruns").as_uri()

@@ -760,6 +760,22 @@ def field_docs(cls: type = None, prefix: str = "") -> list[tuple[str, str, Any, 
     return out
 
 
+def decides_text(dotted: str) -> str:
+    """What the field `dotted` decides, as `--help` says it: 'decides: the store (and every artifact
+    made from it)', 'decides: the student', or 'decides: no artifact' (`engine.identity`)."""
+    from engine.identity import META, _closure
+
+    cls, *path, name = [Config, *dotted.split(".")]
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    d = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get(META)
+    if d is None or not d.artifacts:
+        return "decides: no artifact"
+    built_on = any(a != b and b in _closure(a) for a in ("probe", "baseline", "student") for b in d.artifacts)
+    made_from = " (and every artifact made from " + ("them)" if len(d.artifacts) > 1 else "it)")
+    return "decides: the " + " and the ".join(d.artifacts) + (made_from if built_on else "")
+
+
 def _type_name(tp: Any) -> str:
     """'int', 'str or null', 'list of float': a field's type as a YAML user reads it."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -780,6 +796,7 @@ def fields_help() -> str:
         shown = json.dumps(list(default) if isinstance(default, tuple) else default)
         lines.append(f"  {name} ({tp}, default {shown})")
         lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines.append(" " * 6 + decides_text(name))
     return "\n".join(lines)
 
 

@@ -212,3 +212,19 @@ def test_help_lists_every_field_with_its_docstring(capsys):
         assert f"  {name} ({tp}, default " in shown, name
         assert " ".join(doc.split())[:40] in " ".join(shown.split()), name
     assert "student.epochs (int, default 3)" in shown and "data.max_test (int or null, default null)" in shown
+
+
+def test_help_says_what_each_field_decides(capsys):
+    """`--help` names, under each field, the artifacts whose identity it enters (engine.identity)."""
+    from cluster.cli import main
+    from engine.config import decides_text, field_docs
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = capsys.readouterr().out
+    assert decides_text("student.lr") == "decides: the student"
+    assert decides_text("student.num_workers") == "decides: no artifact"
+    assert decides_text("data.max_test") == "decides: the store (and every artifact made from it)"
+    assert decides_text("seed") == "decides: the probe and the baseline (and every artifact made from them)"
+    assert "  student.lr (number, default 3e-05)" in shown
+    assert shown.count("      decides: ") == len(field_docs())

@@ -361,7 +361,8 @@ class StudentConfig:
     finetune: str = field(default="full", metadata=decides("student"))
     """Training regime. 'full': the whole model. 'head': the backbone is frozen, its pooled features are
     computed once per split and cached (keyed by their identity), and only the head trains, in seconds
-    ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train."""
+    ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train. `distill bench`
+    uses `bench.finetune` and `bench.slice_finetune` instead."""
     top_blocks: int = field(default=2, metadata=decides("student"))
     """With finetune='top': how many of the last blocks train (the rest and the embeddings stay frozen)."""
     label_sources: tuple[str, ...] = field(default=("gold", "logit", "probe"),
@@ -372,7 +373,8 @@ class StudentConfig:
     cross-entropy, on the same labelled questions);
     the semi-supervised pair 'probe_pseudo' and its fair baseline 'logit_pseudo': gold on the labelled
     train questions plus, on the unlabelled pool of `probe.label_pool`, the probe's or the teacher's own
-    labels. Empty: train no student (the report covers the teacher and the probes)."""
+    labels. Empty: train no student (the report covers the teacher and the probes). `distill bench`
+    trains `bench.sources` and `bench.slice_sources` instead."""
     soft: bool = field(default=True, metadata=decides("student"))
     """Train on soft labels (KL at `temperature`) rather than hard argmax labels."""
     temperature: float = field(default=1.0, metadata=decides("student"))
@@ -481,7 +483,8 @@ class BenchConfig:
     data_root: Optional[str] = field(default="../shared/data", metadata=_MATRIX)
     """Folder holding `<dataset>/<split>.jsonl` in the shared schema; null reads the hub ids."""
     sources: tuple[str, ...] = field(default=LABEL_SOURCES, metadata=_MATRIX)
-    """Label sources compared; the pseudo sources train at fractions below 1 only (they need a pool)."""
+    """Label sources compared; the pseudo sources train at fractions below 1 only (they need a pool).
+    In place of `student.label_sources`, which is for `distill run`."""
     fractions: tuple[float, ...] = field(default=(0.05, 0.1, 0.25, 0.5, 1.0), metadata=_MATRIX)
     """Train fractions (`data.train_fraction`), each a stratified subset of the stored train questions."""
     seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata=_MATRIX)

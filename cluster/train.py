@@ -43,7 +43,7 @@ from engine.config import StudentConfig, config_hash, to_dict
 from engine.fit import StudentJob
 from engine.hardware import pick_dtype
 from engine.labels import loss_alpha
-from engine.log import progress
+from engine.log import progress, verbose
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
@@ -509,7 +509,7 @@ def _loop_config(student: StudentConfig, jobs: list[StudentJob], model_path: str
 
 
 def _trainer(student: StudentConfig, loop_config: dict, storage_dir: str, name: str, max_failures: int | None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -523,6 +523,9 @@ def _trainer(student: StudentConfig, loop_config: dict, storage_dir: str, name: 
             failure_config=FailureConfig(max_failures=student.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             worker_runtime_env={"env_vars": TRAIN_WORKER_ENV},
+            # Ray Train's own lines (worker group starting, each report, moving the model) only with
+            # --verbose; the students' own epoch lines are prints and always shown.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     # Ctrl-C must reach the driver as KeyboardInterrupt, as in every other stage, so `distill` prints one

@@ -82,7 +82,8 @@ class _Tee(io.TextIOBase):
                     self._release()
             else:
                 self.console.write(s)
-        self.file.write(s)
+        if not self.file.closed:  # a library may keep this stream past the run (colorama's reset at exit)
+            self.file.write(s)
         return len(s)
 
     def _release(self) -> None:
@@ -94,7 +95,8 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self._release()
         self.console.flush()
-        self.file.flush()
+        if not self.file.closed:
+            self.file.flush()
 
     def fileno(self) -> int:
         return self.console.fileno()
@@ -132,6 +134,11 @@ LOGGER.propagate = False
 def log(stage: str, msg: str, level: int = logging.INFO) -> None:
     """One progress line, `[stage] msg`."""
     LOGGER.log(level, "[%s] %s", stage, msg)
+
+
+def verbose() -> bool:
+    """Whether the console shows everything (`--verbose`): then third-party logs are shown too."""
+    return CONSOLE.level <= logging.DEBUG
 
 
 def set_console(*, quiet: bool = False, verbose: bool = False) -> None:
@@ -185,6 +192,15 @@ class Progress:
         self.bar.update(n)
 
 
+def _size(stream) -> tuple[int, int] | None:
+    """None when the terminal reports its size (tqdm follows it), else (80, 24)."""
+    try:
+        got = os.get_terminal_size(stream.fileno())
+        return None if got.columns > 0 and got.lines > 0 else (80, 24)
+    except (AttributeError, ValueError, OSError):
+        return (80, 24)
+
+
 @contextlib.contextmanager
 def progress(stage: str, total: int, unit: str = "it") -> Iterator[Progress]:
     """A progress bar `[stage]` over `total` units on the console, or nothing (see `progress_shown`).
@@ -196,8 +212,9 @@ def progress(stage: str, total: int, unit: str = "it") -> Iterator[Progress]:
     from tqdm import tqdm
 
     # TQDM_DISABLE and the other TQDM_* variables still apply: only what is passed here is fixed.
-    bar = tqdm(total=total, desc=f"[{stage}]", unit=unit, file=stream, leave=False, dynamic_ncols=True,
-               mininterval=0.5)
+    size = _size(stream)  # a terminal that reports no size (0 x 0) gets 80 x 24, not an empty bar
+    bar = tqdm(total=total, desc=f"[{stage}]", unit=unit, file=stream, leave=False, dynamic_ncols=size is None,
+               ncols=size and size[0], nrows=size and size[1], mininterval=0.5)
     if bar.disable:  # TQDM_DISABLE=1 in the environment tqdm was imported in: no bar, so the lines stay
         bar.close()
         yield Progress(None)

@@ -156,3 +156,42 @@ def test_training_bar_follows_the_checkpoints(tmp_path):
         while bar.n < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
     assert bar.n == 5
+
+
+def test_ray_train_own_lines_only_with_verbose(tmp_path):
+    """Ray Train's own INFO lines (worker group starting, each report) stay off the console unless
+    --verbose; the students' epoch lines are prints and unaffected."""
+    from cluster.train import _trainer
+    from engine import log as lg
+    from engine.config import StudentConfig
+
+    try:
+        for verbose, level in ((False, "WARNING"), (True, "INFO")):
+            lg.set_console(verbose=verbose)
+            trainer = _trainer(StudentConfig(), {}, str(tmp_path), "t", None)
+            assert trainer.run_config.logging_config.log_level == level
+    finally:
+        lg.set_console()
+
+
+def test_the_run_stream_kept_past_the_run_still_writes_to_the_console(tmp_path, capsys):
+    """A library that took sys.stdout during the run (Ray's colorama resets it at exit) may write to it
+    after the log file is closed: the console gets it, and nothing raises."""
+    with run_log(tmp_path, "run"):
+        kept = sys.stdout
+        print("during")
+    kept.write("after\n")
+    kept.flush()
+    assert capsys.readouterr().out.endswith("during\nafter\n")
+    assert "after" not in next((tmp_path / "logs").glob("*.log")).read_text()
+
+
+def test_a_terminal_of_no_size_gets_a_bar_of_80_columns():
+    """A pseudo-terminal that reports 0 x 0 (some IDEs, `script`) would make tqdm draw an empty bar."""
+    from engine.log import _size
+
+    class Tty(io.StringIO):
+        def fileno(self):
+            raise OSError("no size")
+
+    assert _size(Tty()) == (80, 24)

@@ -11,6 +11,7 @@ normalise.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -45,7 +46,8 @@ class VLLMScorer:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings reach the console with --verbose only
         if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR":
             warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside vLLM's imports
-            os.environ.setdefault("TQDM_DISABLE", "1")  # its weight-loading bars
+            # Its import warns (Triton without a CPU backend) before it applies VLLM_LOGGING_LEVEL.
+            logging.getLogger("vllm").setLevel(logging.ERROR)
         from vllm import LLM
 
         self.llm = LLM(
@@ -57,6 +59,7 @@ class VLLMScorer:
             enforce_eager=True,
             enable_prefix_caching=True,  # note: requests with prompt_logprobs skip cache reads
             skip_tokenizer_init=True,
+            use_tqdm_on_load=os.environ["VLLM_LOGGING_LEVEL"] != "ERROR",  # its weight-loading bar: --verbose only
         )
         self.startup_s = time.perf_counter() - t0
 

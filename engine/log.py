@@ -206,7 +206,7 @@ def progress(stage: str, total: int, unit: str = "it") -> Iterator[Progress]:
     """A progress bar `[stage]` over `total` units on the console, or nothing (see `progress_shown`).
     For driver-side loops: a Ray worker's bar could not reach the driver's console."""
     stream = _console_stream()
-    if not progress_shown(stream):
+    if total <= 0 or not progress_shown(stream):  # nothing to count: no bar
         yield Progress(None)
         return
     from tqdm import tqdm

@@ -195,3 +195,10 @@ def test_a_terminal_of_no_size_gets_a_bar_of_80_columns():
             raise OSError("no size")
 
     assert _size(Tty()) == (80, 24)
+
+
+def test_nothing_to_count_draws_no_bar(capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_PROGRESS", "1")
+    with progress("baseline", 0, "variant") as bar:
+        assert not bar.shown
+    assert "variant" not in capsys.readouterr().out

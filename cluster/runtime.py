@@ -70,6 +70,9 @@ def _init(cfg: RayConfig) -> None:
         return
     Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
     runtime_env["worker_process_setup_hook"] = "cluster.runtime.quiet_local_workers"
+    # One machine is never preempted: no watcher actor (its start costs CPU-seconds at every fit(),
+    # and Ray core prints an error-looking line about its constructor arguments).
+    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # ray.address null means a local Ray. An inherited RAY_ADDRESS would make ray.init join that cluster
     # instead, and refuse the local resources passed here: "local" starts one whatever the environment says.
     inherited = os.environ.pop("RAY_ADDRESS", None)

@@ -221,3 +221,19 @@ def test_ray_address_in_the_environment_does_not_capture_a_local_run():
             os.killpg(head.pid, signal.SIGKILL)
         for d in (f"{short}-head", f"{short}-own"):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_local_ray_runs_no_preemption_watcher(monkeypatch, tmp_path):
+    """One machine is never preempted: a local Ray's workers (Ray Train's controller among them) get
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0; a cluster's (ray.address set) keep Ray's default."""
+    import ray
+
+    from cluster import runtime
+    from engine.config import RayConfig
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw["runtime_env"]["env_vars"]))
+    runtime._init(RayConfig(temp_dir=str(tmp_path)))
+    runtime._init(RayConfig(address="ray://example:10001"))
+    assert seen[0]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in seen[1]

@@ -162,6 +162,3 @@ class StudentRecord:
         """From an artifact's meta.json (keys it does not know, such as the config, are left there)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"artifact"}
         return cls(artifact=str(artifact), **{k: v for k, v in meta.items() if k in names})
-
-    def to_meta(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "artifact"}

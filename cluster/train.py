@@ -131,6 +131,8 @@ def _train_loop(config: dict) -> None:
     from engine import student as st
 
     scfg = _student_config(config["student"])
+    if not config.get("verbose", True):
+        _quiet_worker_reports()
     ctx = ray.train.get_context()
     torch.set_num_threads(scfg.cpus_per_worker)
     device = ray.train.torch.get_device()
@@ -161,6 +163,16 @@ def _train_loop(config: dict) -> None:
         saved = (ckpt.current, None, ckpt.optimizer, ckpt.state["schedule_step"]) if worker.rank == 0 else None
         _report(worker.rank, {"job": len(config["jobs"]) - 1, "epoch": scfg.train_epochs,
                               "start_epoch": scfg.train_epochs}, {**state, "resumes": run["resumes"]}, saved, None)
+
+
+def _quiet_worker_reports() -> None:
+    """Ray Train's worker logs every report ("Reporting training result ...") at INFO on a logger named
+    after its file, which `LoggingConfig` does not reach: raised to WARNING unless --verbose."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _all_reduce(device):
@@ -499,7 +511,7 @@ def _loop_config(student: StudentConfig, jobs: list[StudentJob], model_path: str
         "name": name, "student": to_dict(student), "spec": spec_d, "model_path": model_path,
         "max_choices": max_choices, "pad_id": int(pad_id), "fingerprint": fit.run_fingerprint(prints, student.train_epochs),
         "students_dir": str(students_dir), "split_refs": {r: ray.put(p) for r, p in packed.items()},
-        "feature_refs": feature_refs,
+        "feature_refs": feature_refs, "verbose": verbose(),
         "jobs": [{"source": j.source, "seed": j.seed, "alpha": loss_alpha(j.source, student.alpha, student.mix_alpha),
                   "meta": {"source": j.source, "seed": j.seed, **(j.meta or {})},
                   "questions_ref": ray.put(np.asarray(j.questions, np.int64)),

@@ -174,6 +174,25 @@ def test_ray_train_own_lines_only_with_verbose(tmp_path):
         lg.set_console()
 
 
+def test_ray_train_worker_report_line_quiet_unless_verbose():
+    """The worker's "Reporting training result ..." line is logged on a logger named after Ray's file,
+    which LoggingConfig does not reach: the loop raises it to WARNING when the driver is not verbose."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from cluster.train import _quiet_worker_reports
+
+    logger = logging.getLogger(context.__file__)
+    before = logger.level
+    try:
+        logger.setLevel(logging.NOTSET)
+        _quiet_worker_reports()
+        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
+
+
 def test_the_run_stream_kept_past_the_run_still_writes_to_the_console(tmp_path, capsys):
     """A library that took sys.stdout during the run (Ray's colorama resets it at exit) may write to it
     after the log file is closed: the console gets it, and nothing raises."""

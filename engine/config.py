@@ -23,6 +23,7 @@ import yaml
 from engine.families import FAMILIES
 from engine.identity import check_declared, decides, decides_nothing, identity, runtime, runtime_fields, section
 from engine.labels import SOURCES
+from engine.modes import MODES
 
 
 class ConfigError(ValueError):
@@ -49,7 +50,6 @@ def _check_template(template: Optional[str], name: str) -> None:
         raise ConfigError(f"{name}: not a valid Jinja template ({err.message}, line {err.lineno})") from None
 
 
-MODES = ("letter", "per_choice")
 POOLS = ("last", "mean")
 NORMALISE = ("none", "tokens", "bytes")
 LABEL_SOURCES = tuple(SOURCES)
@@ -183,11 +183,11 @@ class PromptConfig:
     teacher's choice distribution that 'logit' labels are made from; reports give all three accuracies."""
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, "prompt.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.mode in MODES, "prompt.mode", f"must be one of {tuple(MODES)}, got {self.mode!r}")
         _check(self.fewshot >= 0, "prompt.fewshot", "must be 0 or more")
         _check_template(self.template, "prompt.template")
         _check(self.normalise in NORMALISE, "prompt.normalise", f"must be one of {NORMALISE}, got {self.normalise!r}")
-        _check(self.normalise == "none" or self.mode == "per_choice", "prompt.normalise",
+        _check(self.normalise == "none" or MODES[self.mode].normalisable, "prompt.normalise",
                "normalises per-choice log-likelihoods; letter mode scores one label token, so keep 'none'")
         _check(self.pool in POOLS, "prompt.pool", f"must be one of {POOLS}, got {self.pool!r}")
         _check(
@@ -428,7 +428,7 @@ class StudentConfig:
         _check(bool(self.model), "student.model", "name 'all-minilm-l6-v2', 'teacher', a model folder or a hub id")
         _check(self.num_layers is None or self.num_layers >= 1, "student.num_layers", "must be >= 1 or null")
         _check(self.dtype in STUDENT_DTYPES, "student.dtype", f"must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
-        _check(self.mode in MODES, "student.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.mode in MODES, "student.mode", f"must be one of {tuple(MODES)}, got {self.mode!r}")
         _check(self.pooling in STUDENT_POOLINGS, "student.pooling", f"must be one of {STUDENT_POOLINGS}, got {self.pooling!r}")
         _check(self.scoring in STUDENT_SCORINGS, "student.scoring", f"must be one of {STUDENT_SCORINGS}, got {self.scoring!r}")
         _check(self.finetune in STUDENT_FINETUNES, "student.finetune",
@@ -591,7 +591,7 @@ class Config:
         _check(self.extract.teacher_scores or not logit, "extract.teacher_scores",
                f"the label sources {logit} need the teacher's scores; set it true or drop them from student.label_sources")
         grouped = [f for f in self.probe.families if FAMILIES[f].grouped]
-        _check(self.prompt.mode == "per_choice" or not grouped, "probe.families",
+        _check(MODES[self.prompt.mode].row_per_choice or not grouped, "probe.families",
                f"{grouped} score choices within a question, which needs prompt.mode=per_choice")
         _check(not self.probe.label_pool or self.data.train_fraction < 1.0, "probe.label_pool",
                "the pool is the train questions left out by data.train_fraction; set data.train_fraction < 1 (e.g. 0.1) "

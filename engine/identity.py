@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Optional
 
+from engine.modes import MODES
+
 META = "probe_kd.identity"
 """The field-metadata key of a leaf field's `Decides`."""
 SECTION = "probe_kd.section"
@@ -225,9 +227,9 @@ def fields_identity(cfg: Any, artifact: str) -> dict:
 
 
 def scores_probe(cfg: Any) -> bool:
-    """The baseline's brittleness table scores the chosen probe too (letter mode with answer formats):
-    the baseline then holds the probe sweep's identity under 'probe'."""
-    return cfg.prompt.mode == "letter" and bool(cfg.baseline.formats)
+    """The baseline's brittleness table scores the chosen probe too (a mode with letter labels, and answer
+    formats to ask): the baseline then holds the probe sweep's identity under 'probe'."""
+    return MODES[cfg.prompt.mode].has_letter_labels and bool(cfg.baseline.formats)
 
 
 def identity(cfg: Any, artifact: str, source: Optional[str] = None) -> dict:

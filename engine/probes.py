@@ -1,6 +1,6 @@
 """Linear probes on frozen teacher states: fitting, scoring, cross-fitting, selection and calibration.
 
-Two readouts, following `Sequences.mode`:
+Two readouts, following `Sequences.mode` (each its mode's `probe_targets` and `probe_probs`, `engine.modes`):
 
 * letter: one row per question; StandardScaler + multinomial logistic regression over the answer
   index. A fold may lack some classes: `classes_` are mapped to their choice columns, absent choices
@@ -29,6 +29,7 @@ from sklearn.pipeline import Pipeline
 
 from engine.families import family as probe_family
 from engine.metrics import accuracy, ece, softmax_rows
+from engine.modes import prompt_mode
 from engine.probe_models import concat_layers, ensemble_log_probs
 from engine.sequences import Sequences
 
@@ -74,10 +75,7 @@ def _all(seqs: Sequences, questions: np.ndarray | None) -> np.ndarray:
 
 def probe_targets_for_rows(seqs: Sequences, rows: np.ndarray) -> np.ndarray:
     """Letter: the answer index of each row's question. Per-choice: 1 where the row is the gold choice."""
-    gold = seqs.answer[seqs.row_question[rows]]
-    if seqs.mode == "letter":
-        return gold.astype(np.int64)
-    return (seqs.row_choice[rows] == gold).astype(np.int64)
+    return prompt_mode(seqs.mode).probe_targets(seqs, rows)
 
 
 def fit_probe(
@@ -95,7 +93,7 @@ def fit_probe(
         )
     probe = make_probe(C, max_iter, seed, family)
     if probe_family(family).grouped:
-        if seqs.mode != "per_choice":
+        if not prompt_mode(seqs.mode).row_per_choice:
             raise ValueError(f"probe family {family!r} needs per-choice rows; use prompt.mode=per_choice")
         probe.fit(np.asarray(X_rows)[rows], y, groups=seqs.row_question[rows])
     else:
@@ -112,21 +110,7 @@ def choice_probs(
     width = seqs.max_choices
     present = np.arange(width)[None, :] < seqs.n_choices[questions][:, None]
     X = np.asarray(X_rows)[rows]
-    if seqs.mode == "letter":
-        out = np.zeros((len(questions), width))
-        if len(rows):
-            proba = probe.predict_proba(X)
-            cols = np.asarray(probe.classes_, dtype=np.int64)
-            keep = cols < width
-            out[np.ix_(pos, cols[keep])] = proba[:, keep]
-        out = np.where(present, out, 0.0)
-        s = out.sum(axis=1, keepdims=True)
-        uniform = present / np.maximum(present.sum(axis=1, keepdims=True), 1)
-        return np.where(s > 0, out / np.where(s > 0, s, 1.0), uniform)
-    logits = np.full((len(questions), width), -np.inf)
-    if len(rows):
-        logits[pos, seqs.row_choice[rows]] = probe.decision_function(X)
-    return softmax_rows(np.where(present, logits, -np.inf))
+    return prompt_mode(seqs.mode).probe_probs(probe, X, seqs, rows, pos, present)
 
 
 def fit_predict(

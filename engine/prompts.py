@@ -1,19 +1,22 @@
-"""Prompt rendering for the two ways of reading a multiple-choice question.
+"""Prompt rendering for the two ways of reading a multiple-choice question (`engine.modes`).
 
 Letter mode lists the choices with labels and ends at "Answer:"; the answer is the label's first
 token. Per-choice mode gives one (prefix, continuation) pair per choice; the continuation is scored.
 Few-shot examples go before the question as solved questions in the same format, a blank line apart
-(lm-eval's `fewshot_delimiter`); a chat template, when asked for, wraps everything but the continuation.
+(lm-eval's `fewshot_delimiter`, `engine.sequences.shots_text`); a chat template, when asked for, wraps
+everything but the continuation.
 """
 
 from __future__ import annotations
 
 import string
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.tasks import Example
+if TYPE_CHECKING:
+    from engine.tasks import Example
 
 LETTERS = string.ascii_uppercase
 
@@ -80,19 +83,6 @@ def draw_shots(ex: Example, pool: list[Example], k: int, seed: int) -> list[Exam
                          "other questions; lower prompt.fewshot or pick a larger prompt.fewshot_split")
     rng = np.random.default_rng([seed, zlib.crc32(ex.id.encode())])
     return [candidates[i] for i in rng.choice(len(candidates), size=k, replace=False)]
-
-
-def shots_text(shots: list[Example], mode: str, answer_format: str, template: str | None = None) -> str:
-    """The solved examples, each followed by a blank line: 'Question: ...\nAnswer: <gold choice>' (per-choice)
-    or the letter prompt and its gold label (letter)."""
-    out = []
-    for s in shots:
-        if mode == "letter":
-            out.append(letter_prompt(s, answer_format, template) + choice_label(s.answer, answer_format))
-        else:
-            prefix, conts = per_choice_texts(s, template)
-            out.append(prefix + conts[s.answer])
-    return "".join(block + "\n\n" for block in out)
 
 
 def chat_wrap(tokenizer, text: str) -> str:

@@ -1,9 +1,9 @@
 """Token sequences for teacher and student: one row per question (letter) or per choice (per-choice).
 
-Rows are what the activation store indexes. In letter mode row q is question q and the state is read
-at its last token: 'Answer:', then any tokens all labels share (the '(' of '(A)'). In per-choice
-mode the rows of a question are its choices in order, and each row's continuation (the choice
-text) starts at `start[r]`.
+Rows are what the activation store indexes; the prompt mode (`engine.modes`) decides what they hold.
+In letter mode row q is question q and the state is read at its last token: 'Answer:', then any
+tokens all labels share (the '(' of '(A)'). In per-choice mode the rows of a question are its choices
+in order, and each row's continuation (the choice text) starts at `start[r]`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ConfigError, PromptConfig
-from engine.prompts import answer_texts, chat_wrap, draw_shots, letter_prompt, per_choice_texts, shots_text
+from engine.modes import prompt_mode
+from engine.prompts import answer_texts, chat_wrap, draw_shots
 from engine.tasks import Example
 
 
@@ -52,7 +53,7 @@ class Sequences:
     @property
     def score_width(self) -> int:
         """Teacher scores per row: label log-probs (letter) or [log-likelihood, tokens] (per-choice)."""
-        return self.max_choices if self.mode == "letter" else 2
+        return prompt_mode(self.mode).score_width(self)
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
@@ -114,12 +115,18 @@ def label_tokens(tokenizer, n: int, answer_format: str) -> tuple[list[int], np.n
     return labels[0][:m], np.asarray(ids, dtype=np.int64)
 
 
+def shots_text(shots: list[Example], mode: str, answer_format: str, template: str | None = None) -> str:
+    """The solved examples, each followed by a blank line: 'Question: ...\nAnswer: <gold choice>' (per-choice)
+    or the letter prompt and its gold label (letter): the mode's `solved_text`."""
+    solved = prompt_mode(mode).solved_text
+    return "".join(solved(s, answer_format, template) + "\n\n" for s in shots)
+
+
 def prompt_prefix(ex: Example, tokenizer, prompt: PromptConfig, fewshot_pool: list[Example] | None) -> tuple[str, bool]:
     """(the text before the scored part, whether the tokenizer should add its special tokens): few-shot
     examples and the question, wrapped in the chat template if asked (which brings its own)."""
     try:
-        first = (letter_prompt(ex, prompt.answer_format, prompt.template) if prompt.mode == "letter"
-                 else per_choice_texts(ex, prompt.template)[0])
+        first = prompt_mode(prompt.mode).question_text(ex, prompt)
     except ValueError as err:
         raise ConfigError(f"prompt.template: {err}") from None
     if prompt.fewshot:
@@ -142,35 +149,22 @@ def build_sequences(examples: list[Example], tokenizer, prompt: PromptConfig,
                     fewshot_pool: list[Example] | None = None) -> Sequences:
     """Tokenize every question once. Over-long prompts lose tokens from the left of the prefix.
     `fewshot_pool`: the rows of `prompt.fewshot_split` (needed when `prompt.fewshot` > 0)."""
+    mode = prompt_mode(prompt.mode)
     ids: list[np.ndarray] = []
     start, row_q, row_c = [], [], []
     n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
     shared, letters = [], np.zeros(0, dtype=np.int64)
-    if prompt.mode == "letter" and len(examples):
+    if mode.has_letter_labels and len(examples):
         shared, letters = label_tokens(tokenizer, int(n_choices.max()), prompt.answer_format)
+
+    def encode(text: str, special: bool) -> list[int]:
+        return _encode(tokenizer, text, special)
+
     for q, ex in enumerate(examples):
         prefix_text, special = prompt_prefix(ex, tokenizer, prompt, fewshot_pool)
-        if prompt.mode == "letter":
-            text = _encode(tokenizer, prefix_text, special)
-            seq = (text + shared)[-prompt.max_length :]
-            ids.append(np.asarray(seq, dtype=np.int64))
-            start.append(len(seq))
-            row_q.append(q)
-            row_c.append(0)
-            continue
-        conts = per_choice_texts(ex)[1]
-        if prompt.chat_template:
-            # The choice is the assistant's reply: no " " delimiter before it, and the template's trailing
-            # whitespace (the newline after the generation prompt) starts every continuation, as lm-eval does.
-            n = len(prefix_text) - len(prefix_text.rstrip())
-            ws = prefix_text[len(prefix_text) - n:]
-            prefix_text, conts = prefix_text[: len(prefix_text) - n], [ws + c.lstrip() for c in conts]
-        prefix = _encode(tokenizer, prefix_text, special)
-        for c, cont_text in enumerate(conts):
-            cont = _encode(tokenizer, cont_text, False)[: prompt.max_length - 1]
-            keep = prefix[-(prompt.max_length - len(cont)) :]
-            ids.append(np.asarray(keep + cont, dtype=np.int64))
-            start.append(len(keep))
+        for c, (row, first) in enumerate(mode.token_rows(ex, prefix_text, special, encode, shared, prompt)):
+            ids.append(np.asarray(row, dtype=np.int64))
+            start.append(first)
             row_q.append(q)
             row_c.append(c)
     return Sequences(

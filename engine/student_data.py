@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from engine.prompts import letter_prompt
+from engine.modes import prompt_mode
 from engine.sequences import Sequences, build_sequences, label_tokens
 from engine.tasks import Example
 
@@ -44,7 +44,8 @@ class InputSpec:
 def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> Sequences:
     """Token rows of the questions in the student's own vocabulary (one per choice, or one per question).
 
-    Encoders read (question, choice) text pairs with segment ids, or the letter prompt; decoders read
+    Encoders read what the mode's `encoder_texts` gives: (question, choice) text pairs with segment ids,
+    or the letter prompt; decoders read
     what the teacher reads (`build_sequences`), so `start` marks each choice's first token and
     `letter_ids` the label tokens. Over-long inputs lose tokens from the left of the question.
     """
@@ -69,18 +70,12 @@ def encode_examples(examples: Sequence[Example], tokenizer, spec: InputSpec) -> 
 
     n_choices = np.asarray([len(ex.choices) for ex in examples], dtype=np.int64)
     answer = np.asarray([ex.answer for ex in examples], dtype=np.int64)
-    if spec.mode == "letter":
-        firsts = [first_text(ex) if spec.template else letter_prompt(ex, spec.answer_format) for ex in examples]
+    firsts, seconds, row_q, row_c = prompt_mode(spec.mode).encoder_texts(examples, first_text, spec)
+    if seconds is None:
         with _truncating_left(tokenizer):
             enc = tokenizer(firsts, truncation=True, max_length=spec.max_length) if firsts else {"input_ids": []}
-        row_q = np.arange(len(examples), dtype=np.int64)
-        row_c = np.zeros(len(examples), dtype=np.int64)
     else:
-        firsts = [text for ex in examples for text in [first_text(ex)] * len(ex.choices)]
-        seconds = [c.strip() for ex in examples for c in ex.choices]
         enc = _encode_pairs(tokenizer, firsts, seconds, spec.max_length) if firsts else {"input_ids": []}
-        row_q = np.repeat(np.arange(len(examples), dtype=np.int64), n_choices)
-        row_c = np.concatenate([np.arange(n, dtype=np.int64) for n in n_choices]) if len(examples) else row_q
     ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
     types = enc.get("token_type_ids")
     return Sequences(

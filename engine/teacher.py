@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.modes import prompt_mode
 from engine.sequences import Sequences
 
 
@@ -45,16 +46,17 @@ class _Unit:
 
 
 def pack_units(seqs: Sequences, rows: np.ndarray) -> list[_Unit]:
-    """Letter mode: one unit per row. Per-choice mode: the choices of a question share one prefix,
-    encoded once; each choice attends to the prefix and to itself only (positions restart after
-    the prefix), so the result equals scoring every choice on its own."""
+    """One unit per row, unless the mode's rows are a question's choices (`row_per_choice`): then the
+    choices of a question share one prefix, encoded once; each choice attends to the prefix and to
+    itself only (positions restart after the prefix), so the result equals scoring every choice on its own."""
+    packs = prompt_mode(seqs.mode).row_per_choice
     units: list[_Unit] = []
     i = 0
     while i < len(rows):
         r0 = int(rows[i])
         ids0, p = seqs.ids[r0], int(seqs.start[r0])
         group = [r0]
-        while seqs.mode == "per_choice" and i + len(group) < len(rows):
+        while packs and i + len(group) < len(rows):
             r = int(rows[i + len(group)])
             if seqs.row_question[r] != seqs.row_question[r0] or int(seqs.start[r]) != p or not np.array_equal(seqs.ids[r][:p], ids0[:p]):
                 break
@@ -93,21 +95,18 @@ def _batch(units: list[_Unit], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _targets(seqs: Sequences, units: list[_Unit]) -> tuple[list[int], list[int], list[int], list[int]]:
-    """For every scored token: batch index, predicting position, token id, and owning row slot."""
+    """For every scored position (the mode's `scored_positions`): batch index, predicting position, the
+    token ids scored there, and owning row slot."""
+    mode = prompt_mode(seqs.mode)
     bi, at, tok, owner = [], [], [], []
     slot = 0
     for b, u in enumerate(units):
         for (a, z) in u.spans:
-            if seqs.mode == "letter":
-                bi.append(b)
-                at.append(a - 1)
-                owner.append(slot)
-            else:
-                preds = [u.prefix_len - 1] + list(range(a, z - 1))
-                bi += [b] * len(preds)
-                at += preds
-                tok += u.tokens[a:z].tolist()
-                owner += [slot] * len(preds)
+            preds, scored = mode.scored_positions(u.tokens, u.prefix_len, a, z)
+            bi += [b] * len(preds)
+            at += preds
+            tok += scored
+            owner += [slot] * len(preds)
             slot += 1
     return bi, at, tok, owner
 
@@ -201,9 +200,10 @@ def forward_rows(
     where = {int(r): i for i, r in enumerate(rows)}
     units = pack_units(seqs, rows)
     states = np.zeros((len(rows), len(layers), model.config.hidden_size), dtype=np.float16)
+    mode = prompt_mode(seqs.mode)
     out_scores = None
     if scores:
-        out_scores = np.full((len(rows), seqs.score_width), -np.inf if seqs.mode == "letter" else 0.0, dtype=np.float32)
+        out_scores = np.full((len(rows), seqs.score_width), mode.score_fill, dtype=np.float32)
     mean_len = float(np.mean([len(seqs.ids[r]) for r in rows])) if len(rows) else 1.0
     for batch in length_batches(units, batch_size, mean_len):
         ids, pos, mask = (t.to(device) for t in _batch(batch, pad_id))
@@ -211,7 +211,7 @@ def forward_rows(
         spans = [(b, a, z) for b, u in enumerate(batch) for (a, z) in u.spans]
 
         def pick(h: torch.Tensor, spans=spans) -> torch.Tensor:
-            if pool == "mean" and seqs.mode == "per_choice":
+            if pool == "mean" and mode.row_per_choice:
                 return torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
             return h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
 
@@ -229,16 +229,7 @@ def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[in
     """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed."""
     bi, at, tok, owner = _targets(seqs, batch)
     logp = torch.log_softmax(lm_head(final[bi, at]).float(), -1).cpu()
-    if seqs.mode == "letter":
-        lp = logp[:, torch.tensor(seqs.letter_ids)].numpy()  # (a copy: arrays from Ray are read-only)
-        for j, slot in enumerate(slots):
-            k = int(seqs.n_choices[seqs.row_question[rows[slot]]])
-            out[slot, :k] = lp[j, :k]
-    else:
-        ll = logp.gather(1, torch.as_tensor(tok)[:, None])[:, 0].double()
-        sums = torch.zeros(len(slots), dtype=torch.float64).index_add_(0, torch.as_tensor(owner), ll)
-        out[slots, 0] = sums.numpy()
-        out[slots, 1] = np.bincount(owner, minlength=len(slots))
+    prompt_mode(seqs.mode).fill_scores(seqs, rows, slots, logp, tok, owner, out)
 
 
 def choice_chars(examples) -> np.ndarray:
@@ -257,17 +248,4 @@ def teacher_choice_logprobs(seqs: Sequences, scores: np.ndarray, *, normalise: s
 
     Per-choice `normalise`: 'none' (the log-likelihood, lm-eval's acc), 'tokens' (divided by the choice's
     token count), 'bytes' (divided by its text length `chars`, from `choice_chars`: lm-eval's acc_norm)."""
-    if seqs.mode == "letter":
-        return scores[:, : seqs.max_choices].astype(np.float64)
-    out = np.full((seqs.n_questions, seqs.max_choices), -np.inf)
-    ll = scores[:, 0].astype(np.float64)
-    if normalise == "tokens":
-        ll = ll / np.maximum(scores[:, 1], 1.0)
-    elif normalise == "bytes":
-        if chars is None:
-            raise ValueError("normalise='bytes' needs the choices' lengths (choice_chars)")
-        ll = ll / np.maximum(chars[seqs.row_question, seqs.row_choice], 1.0)
-    elif normalise != "none":
-        raise ValueError(f"normalise: must be 'none', 'tokens' or 'bytes', got {normalise!r}")
-    out[seqs.row_question, seqs.row_choice] = ll
-    return out
+    return prompt_mode(seqs.mode).choice_logprobs(seqs, scores, normalise, chars)

@@ -119,7 +119,8 @@ CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>\n{% endfor %}"
 
 
 def test_fewshot_draws_never_hold_the_question_and_are_seeded():
-    from engine.prompts import draw_shots, shots_text
+    from engine.prompts import draw_shots
+    from engine.sequences import shots_text
 
     me = POOL[3]
     for seed in range(20):
@@ -141,7 +142,8 @@ def test_fewshot_draws_never_hold_the_question_and_are_seeded():
 def test_fewshot_and_chat_template_in_the_teacher_rows(tiny_model, mode):
     from engine.config import ConfigError
     from engine.models import load_tokenizer
-    from engine.prompts import draw_shots, shots_text
+    from engine.prompts import draw_shots
+    from engine.sequences import shots_text
 
     tok = load_tokenizer(str(tiny_model))
     prompt = PromptConfig(mode=mode, fewshot=2, fewshot_seed=5)

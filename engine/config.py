@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.families import FAMILIES
+from engine.heads import HEADS
 from engine.identity import check_declared, decides, decides_nothing, identity, runtime, runtime_fields, section
 from engine.labels import SOURCES
 from engine.modes import MODES
@@ -330,7 +331,6 @@ class BaselineConfig:
 
 
 STUDENT_POOLINGS = ("auto", "mean", "first", "last")
-STUDENT_SCORINGS = ("head", "lm")
 STUDENT_FINETUNES = ("full", "head", "top")
 
 
@@ -430,11 +430,11 @@ class StudentConfig:
         _check(self.dtype in STUDENT_DTYPES, "student.dtype", f"must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
         _check(self.mode in MODES, "student.mode", f"must be one of {tuple(MODES)}, got {self.mode!r}")
         _check(self.pooling in STUDENT_POOLINGS, "student.pooling", f"must be one of {STUDENT_POOLINGS}, got {self.pooling!r}")
-        _check(self.scoring in STUDENT_SCORINGS, "student.scoring", f"must be one of {STUDENT_SCORINGS}, got {self.scoring!r}")
+        _check(self.scoring in HEADS, "student.scoring", f"must be one of {tuple(HEADS)}, got {self.scoring!r}")
         _check(self.finetune in STUDENT_FINETUNES, "student.finetune",
                f"must be one of {STUDENT_FINETUNES}, got {self.finetune!r}")
-        _check(self.scoring == "head" or self.finetune != "head", "student.finetune",
-               "'head' trains a fresh head on frozen features; with student.scoring='lm' use 'full' or 'top'")
+        _check(HEADS[self.scoring].fresh or self.finetune != "head", "student.finetune",
+               f"'head' trains a fresh head on frozen features; with student.scoring={self.scoring!r} use 'full' or 'top'")
         _check(self.top_blocks >= 1, "student.top_blocks", "must be >= 1")
         _check(self.temperature > 0, "student.temperature", "must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "student.alpha", "must be in [0, 1]")

@@ -11,7 +11,8 @@ The states of an input's tokens are pooled ('mean', 'first' or 'last' token) and
 scores them: `Linear(hidden, 1)` per choice in per-choice mode, `Linear(hidden, max_choices)` over the
 labels in letter mode. A decoder may instead keep its LM head (`scoring='lm'`): the choice's
 log-likelihood, or the label token's logit. The scores of a question's choices form a `(B, C)` logit
-matrix, `-inf` where a question has no such choice.
+matrix, `-inf` where a question has no such choice. What differs by scoring is its entry in
+`engine.heads.HEADS`, by prompt mode its entry in `engine.modes.MODES`.
 
 Three regimes (`student.finetune`): 'full' trains everything; 'top' the last `top_blocks` blocks and the
 head; 'head' only the head, on pooled features computed once by the frozen backbone (`pool_features`).
@@ -34,7 +35,9 @@ import torch
 from torch import nn
 
 from engine.config import StudentConfig
+from engine.heads import HEADS, ScoringHead, scoring_head
 from engine.models import ModelError, folder_or_hub_id
+from engine.modes import MODES, prompt_mode
 from engine.sequences import Sequences
 from engine.student_data import (  # noqa: F401 - re-exported: the student's inputs and batches
     Batch,
@@ -133,22 +136,30 @@ def _cut_layers(config, num_layers: Optional[int], path: str) -> None:
             setattr(config, key, type(value)(value[:num_layers]))
 
 
+def _check_kind(head: ScoringHead, config, path: str) -> None:
+    """ModelError unless the scoring head can score with this kind of model."""
+    kind = model_kind(config)
+    if kind not in head.kinds:
+        fits = " or ".join(repr(h.name) for h in HEADS.values() if kind in h.kinds)
+        raise ModelError(f"student.scoring: {head.name!r} {head.needs}, and {path} is an {kind}; use {fits}")
+
+
 def load_backbone(path: str, *, scoring: str = "head", num_layers: Optional[int] = None, config=None,
                   revision: Optional[str] = None, trust_remote_code: bool = False) -> nn.Module:
-    """The pretrained backbone in float32: `AutoModel` (no LM head), or `AutoModelForCausalLM` for
-    scoring='lm', cut to its first `num_layers` blocks. Weights come from safetensors only. Raises
-    `ModelError` if there are none, or if any kept weight is missing (it would start random)."""
+    """The pretrained backbone in float32, of the class the scoring head loads (`AutoModel`, no LM head,
+    or `AutoModelForCausalLM` for scoring='lm'), cut to its first `num_layers` blocks. Weights come from
+    safetensors only. Raises `ModelError` if there are none, or if any kept weight is missing (it would
+    start random)."""
     import transformers
-    from transformers import AutoModel, AutoModelForCausalLM
 
+    head = scoring_head(scoring)
     config = config if config is not None else load_config(path, revision=revision, trust_remote_code=trust_remote_code)
     _cut_layers(config, num_layers, path)
-    if scoring == "lm" and model_kind(config) != "decoder":
-        raise ModelError(f"student.scoring: 'lm' scores with a causal LM head, and {path} is an encoder; use 'head'")
+    _check_kind(head, config, path)
     if Path(path).is_dir() and not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"student.model: {path} has no *.safetensors weights; only safetensors are read. Save the "
                          "model with save_pretrained(safe_serialization=True)")
-    cls = AutoModelForCausalLM if scoring == "lm" else AutoModel
+    cls = getattr(transformers, head.loads)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # dropped blocks and the unused LM head are reported as "unexpected"
     try:
@@ -159,7 +170,7 @@ def load_backbone(path: str, *, scoring: str = "head", num_layers: Optional[int]
     finally:
         transformers.logging.set_verbosity(verbosity)
     missing = sorted(k for k in (info.get("missing_keys") or []) if not k.endswith("position_ids"))
-    if scoring == "lm" and getattr(config, "tie_word_embeddings", False):
+    if head.lm_head and getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if "lm_head" not in k]
     if missing:
         raise ModelError(f"student.model: {path} lacks pretrained weights for {missing[:5]} ({len(missing)} in all); "
@@ -177,8 +188,8 @@ class StudentModel(nn.Module):
     def __init__(self, backbone: nn.Module, *, mode: str, max_choices: int, pooling: str = "mean",
                  scoring: str = "head", letter_ids: Optional[np.ndarray] = None):
         super().__init__()
-        if mode not in ("letter", "per_choice"):
-            raise ValueError(f"student.mode: must be 'letter' or 'per_choice', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"student.mode: must be one of {tuple(MODES)}, got {mode!r}")
         if pooling not in ("mean", "first", "last"):
             raise ValueError(f"student.pooling: must be 'mean', 'first' or 'last', got {pooling!r}")
         if max_choices < 1:
@@ -186,17 +197,7 @@ class StudentModel(nn.Module):
         self.backbone = backbone
         self.mode, self.pooling, self.scoring = mode, pooling, scoring
         self.max_choices = int(max_choices)
-        if scoring == "lm":
-            if mode == "letter" and (letter_ids is None or len(letter_ids) < self.max_choices):
-                raise ValueError("letter mode with scoring='lm' needs a label token per choice")
-            ids = np.zeros(0, np.int64) if letter_ids is None else np.asarray(letter_ids, np.int64)
-            self.register_buffer("letter_ids", torch.from_numpy(ids), persistent=False)
-            self.head = None
-        else:
-            hidden = int(backbone.config.hidden_size)
-            self.head = nn.Linear(hidden, 1 if mode == "per_choice" else self.max_choices)
-            nn.init.normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        scoring_head(scoring).build(self, letter_ids)
 
     @property
     def num_layers(self) -> int:
@@ -219,34 +220,12 @@ class StudentModel(nn.Module):
         m = attention_mask.to(hidden.dtype)[..., None]
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def _lm_scores(self, input_ids, attention_mask, start, last_index) -> torch.Tensor:
-        logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        if self.mode == "letter":
-            last = logits[torch.arange(logits.shape[0], device=logits.device), last_index]
-            return torch.log_softmax(last.float(), -1)[:, self.letter_ids[: self.max_choices]]
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None, :]
-        scored = (pos >= start[:, None]) & (pos <= last_index[:, None])
-        return (logp * scored).sum(1)
-
     def forward(self, batch: Batch) -> torch.Tensor:
-        """A batch of `B` whole questions -> logits `(B, n_choices.max())`, -inf for absent choices."""
-        B, C = batch.n_choices.shape[0], int(batch.n_choices.max())
-        if self.scoring == "lm":
-            scores = self._lm_scores(batch.input_ids, batch.attention_mask, batch.start, batch.last_index)
-        else:
-            state = batch.features if batch.features is not None else self.pool(
-                batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.last_index)
-            scores = self.head(state)
-            if self.mode == "per_choice":
-                scores = scores.squeeze(-1)
-        if self.mode == "per_choice":
-            flat = torch.full((B * C,), float("-inf"), dtype=scores.dtype, device=scores.device)
-            logits = flat.index_put((batch.row_question * C + batch.row_choice,), scores).view(B, C)
-        else:
-            if C > self.max_choices:
-                raise ValueError(f"a question has {C} choices but the student's letter head has {self.max_choices}")
-            logits = scores[:, :C].new_zeros(B, C).index_copy(0, batch.row_question, scores[:, :C])
+        """A batch of `B` whole questions -> logits `(B, n_choices.max())`, -inf for absent choices: the
+        scoring head's row scores, laid out by the prompt mode."""
+        C = int(batch.n_choices.max())
+        scores = scoring_head(self.scoring).scores(self, batch)
+        logits = prompt_mode(self.mode).question_logits(scores, batch, C, self.max_choices)
         present = torch.arange(C, device=logits.device)[None, :] < batch.n_choices[:, None]
         return logits.masked_fill(~present, float("-inf"))
 
@@ -264,7 +243,7 @@ def build_student(path: str, student: StudentConfig, *, max_choices: int, answer
     backbone = load_backbone(path, scoring=student.scoring, num_layers=student.num_layers, config=config,
                              revision=student.revision, trust_remote_code=student.trust_remote_code)
     letter_ids = None
-    if student.scoring == "lm" and student.mode == "letter":
+    if scoring_head(student.scoring).lm_head and prompt_mode(student.mode).has_letter_labels:
         tokenizer = tokenizer or load_tokenizer(path, config, revision=student.revision,
                                                 trust_remote_code=student.trust_remote_code)
         letter_ids = letter_ids_for(tokenizer, max_choices, answer_format)
@@ -302,10 +281,9 @@ def set_trainable(model: StudentModel, finetune: str, top_blocks: int = 2) -> li
             for block in list(blocks)[-top_blocks:]:
                 for p in block.parameters():
                     p.requires_grad_(True)
-            if model.head is None:  # scoring='lm': the LM head trains with the top blocks
-                for p in model.backbone.get_output_embeddings().parameters():
-                    p.requires_grad_(True)
-        if model.head is not None:
+            for p in scoring_head(model.scoring).top_parameters(model):  # the head, or the LM head
+                p.requires_grad_(True)
+        elif model.head is not None:  # 'head': a fresh head alone, on the frozen backbone
             for p in model.head.parameters():
                 p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -542,8 +520,7 @@ def check_student(student: StudentConfig, path: str) -> None:
     blocks. Reads no weights."""
     config = load_config(path, revision=student.revision, trust_remote_code=student.trust_remote_code)
     load_tokenizer(path, config, revision=student.revision, trust_remote_code=student.trust_remote_code)
-    if student.scoring == "lm" and model_kind(config) != "decoder":
-        raise ModelError(f"student.scoring: 'lm' scores with a causal LM head, and {path} is an encoder; use 'head'")
+    _check_kind(scoring_head(student.scoring), config, path)
     if Path(path).is_dir() and not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"student.model: {path} has no *.safetensors weights; only safetensors are read. Save the "
                          "model with save_pretrained(safe_serialization=True)")

@@ -3,7 +3,7 @@
     config.json, model.safetensors   the backbone as a plain transformers model (`AutoModel`, or
                                      `AutoModelForCausalLM` when the student scores with its LM head)
     tokenizer files                  the student's own tokenizer
-    head.safetensors                 the trained head (scoring 'head')
+    head.safetensors                 the trained head (a `fresh` scoring head: 'head')
     student.json                     how it reads and scores questions, and where it came from
 
 `predict_examples` scores new questions with a loaded student. Weights are read from safetensors only.
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from engine.artifacts import link_tree
+from engine.heads import scoring_head
 from engine.models import ModelError
+from engine.modes import prompt_mode
 from engine.student import (
     InputSpec,
     StudentModel,
@@ -99,10 +101,11 @@ def read_student_info(path: str | Path) -> dict:
     info = json.loads((path / STUDENT_FILE).read_text())
     if info.get("format") != FORMAT:
         raise StudentError(f"{path / STUDENT_FILE}: format {info.get('format')!r}, this engine reads {FORMAT}")
-    if not list(path.glob("*.safetensors")) or (info["scoring"] == "head" and not [
+    fresh = scoring_head(info["scoring"]).fresh  # a fresh head is saved apart
+    if not list(path.glob("*.safetensors")) or (fresh and not [
             p for p in path.glob("*.safetensors") if p.name != HEAD_FILE]):
         raise StudentError(f"{path}: the student's weights are missing (no model*.safetensors); copy the whole folder")
-    if info["scoring"] == "head" and not (path / HEAD_FILE).is_file():
+    if fresh and not (path / HEAD_FILE).is_file():
         raise StudentError(f"{path}: the student's head is missing ({HEAD_FILE}); copy the whole folder")
     return info
 
@@ -136,7 +139,7 @@ def predict_examples(model: StudentModel, tokenizer, info: dict, examples: Seque
     dtype, by default the one it was trained and tested in (student.json `dtype`), so `predict`
     reproduces its reported test accuracy."""
     spec = InputSpec(**info["input"])
-    if spec.mode == "letter":
+    if prompt_mode(spec.mode).has_letter_labels:
         too_many = [ex.id for ex in examples if len(ex.choices) > model.max_choices]
         if too_many:
             raise StudentError(f"question {too_many[0]!r} has more choices than the student's letter head "

@@ -24,6 +24,7 @@ import ray
 
 from engine.config import BaselineConfig
 from engine.log import Progress, log, progress
+from engine.modes import prompt_mode
 from engine.sequences import Sequences
 
 Pair = tuple[list[int], list[int]]
@@ -150,7 +151,7 @@ def score_sequences(
     Starts a scorer actor (on GPU pass num_gpus=cfg.tensor_parallel_size) and kills it afterwards,
     unless `scorer` (from `start_scorer`) is given: that actor is used and left running.
     """
-    letter, own = seqs.mode == "letter", scorer is None
+    letter, own = prompt_mode(seqs.mode).has_letter_labels, scorer is None  # label tokens, or continuations
     try:
         if own:
             scorer = start_scorer(model_dir, cfg, model_len_for(seqs), num_cpus=num_cpus, num_gpus=num_gpus)

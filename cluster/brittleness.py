@@ -16,6 +16,7 @@ import ray
 from engine import metrics
 from engine.brittleness import Variant, permute, spread, variants
 from engine.config import Config
+from engine.modes import prompt_mode
 from engine.probes import best_result, choice_probs, fit_probe
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import Example
@@ -59,8 +60,8 @@ def _states(run, layer: int, seqs_list: list[Sequences]) -> list[np.ndarray]:
 def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[np.ndarray],
                 probe_meta: dict | None) -> dict:
     """Accuracies of every variant: the teacher's from `teacher_logp` ((Q, C_max) letter log-probs per
-    variant, from vLLM) and, in letter mode, the probe's: the best single-layer result on validation in
-    `probe_meta`, refitted on train and applied to each variant's states at its layer.
+    variant, from vLLM) and, in letter mode (`has_letter_labels`), the probe's: the best single-layer
+    result on validation in `probe_meta`, refitted on train and applied to each variant's states at its layer.
 
     Returns {"n_questions", "probe", "rows": [{variant, answer_format, permutation, teacher_acc,
     probe_acc}], "spread": {"teacher": {...}, "probe": {...} | None}}.
@@ -69,7 +70,7 @@ def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[
              "teacher_acc": metrics.accuracy(metrics.softmax_rows(lp), seqs.answer), "probe_acc": None}
             for (v, seqs), lp in zip(asked, teacher_logp)]
     probe_info: dict[str, Any] | None = None
-    if probe_meta is not None and run.cfg.prompt.mode == "letter" and asked:
+    if probe_meta is not None and prompt_mode(run.cfg.prompt.mode).has_letter_labels and asked:
         best = best_result(probe_meta["per_layer"])
         layer, family, C = int(best["layer"]), best.get("family", "logreg"), float(best["C"])
         probe = _probe_at(run, layer, family, C)

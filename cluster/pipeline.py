@@ -25,9 +25,10 @@ import numpy as np
 from engine import artifacts, hardware, labels, metrics, store
 from engine import student as st
 from engine.config import Config, ConfigError, config_hash, store_identity, to_dict
-from engine.identity import identity
+from engine.identity import identity, scores_probe
 from engine.log import LOGGER, log, progress
 from engine.models import load_tokenizer, resolve_model
+from engine.modes import prompt_mode
 from engine.report import brittleness_lines
 from engine.results import StudentRecord
 from engine.sequences import Sequences, build_sequences
@@ -208,7 +209,7 @@ def student_dir(cfg: Config, source: str) -> Path:
 
 def prerequisites(cfg: Config, command: str) -> list[str]:
     """The stages `command` reads the output of, in the order they run."""
-    letter_table = cfg.prompt.mode == "letter" and cfg.baseline.enabled and bool(cfg.baseline.formats)
+    letter_table = cfg.baseline.enabled and scores_probe(cfg)  # the brittleness table scores the probe
     return {"probe": ["extract"],
             "baseline": (["extract"] if cfg.extract.teacher_scores else []) + (["probe"] if letter_table else []),
             "train": ["extract", "probe"],
@@ -264,10 +265,7 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
                 bar.update(1)
     finally:
         ray.kill(scorer)
-    if test.mode == "letter":
-        vllm_logp = res.scores
-    else:
-        vllm_logp = teacher_choice_logprobs(sub, np.stack([res.scores, sub.lengths() - sub.start], 1))
+    vllm_logp = prompt_mode(test.mode).baseline_logprobs(sub, res.scores)
     meta = {
         "n_questions": int(len(qs)),
         "test_acc": metrics.accuracy(metrics.softmax_rows(vllm_logp), sub.answer),
@@ -494,7 +492,7 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[Student
         "machine": {"cpus": os.cpu_count(), "cpu_flags": hardware.matmul_flags()},
         "versions": versions(),
     }
-    if cfg.prompt.mode == "per_choice" and cfg.extract.teacher_scores:
+    if prompt_mode(cfg.prompt.mode).normalisable and cfg.extract.teacher_scores:
         for how, key in (("none", "test_acc_raw"), ("tokens", "test_acc_norm"), ("bytes", "test_acc_norm_bytes")):
             lp, _ = teacher_logp(run, "test", normalise=how)
             results["teacher_logit"][key] = metrics.accuracy(metrics.softmax_rows(lp), test_meta.answer)

@@ -3,7 +3,8 @@
 Letter mode: the state at the last prompt token ("Answer:"), and the log-probabilities of the choice
 labels' tokens there. Per-choice mode: the state at the choice's last token (or the mean over the
 choice's tokens), and the choice's log-likelihood (sum over its tokens) with its token count.
-The vocabulary projection runs only at the positions whose scores are needed.
+The vocabulary projection runs only at the positions whose scores are needed. What differs by mode
+(scored positions, the scores' layout, packing, pooling) is the mode's entry in `engine.modes`.
 
 Without the teacher's scores the forward stops at the deepest stored layer: the blocks above it never
 run. With them, the same forward goes on to the top; any separate scoring pass would cost more, since

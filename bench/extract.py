@@ -16,6 +16,11 @@ GEMM share: how close the engine's forward comes to the machine's matmul ceiling
     half the mean row length) x tokens run per second / the GEMM rate measured here (`matmul_gflops`,
     the teacher's MLP shape, same dtype and threads). Target: at least 0.6.
 `--dtype auto` (the default) is what `teacher.dtype: auto` picks here: bf16 with native bf16, else fp32.
+To time an AVX2-only machine's kernels on a newer CPU, set `engine.hardware.ISA_LIMITS` to AVX2 and pass
+`--dtype float32` (what auto picks there); the results record them (`kernel_isa`):
+
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        .venv/bin/python bench/extract.py --dtype float32 --out bench/results/extract_avx2_kernels.json
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 
 from engine import store
 from engine.config import DataConfig, PromptConfig, TeacherConfig
-from engine.hardware import forward_flops_per_token, matmul_flags, matmul_gflops, pick_dtype
+from engine.hardware import forward_flops_per_token, kernel_isa, matmul_flags, matmul_gflops, pick_dtype
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import load_split
@@ -173,7 +178,8 @@ def main() -> None:
     results = {
         "command": "python bench/extract.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
         "teacher": teacher.model, "dtype": args.dtype, "dtype_why": why, "gemm_gflops": round(gemm, 1),
-        "cpu_flags": matmul_flags(), "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "cpu_flags": matmul_flags(), "kernel_isa": kernel_isa(), "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "versions": {k: md.version(k) for k in ("torch", "transformers", "zarr")},
         "modes": [bench_mode(model, tok, "letter", args.letter_questions, gemm),
                   bench_mode(model, tok, "per_choice", args.per_choice_questions, gemm)],

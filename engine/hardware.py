@@ -79,6 +79,22 @@ def matmul_flags() -> list[str]:
     return sorted(f for f in MATMUL_FLAGS if f in cpu_flags())
 
 
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+"""Environment variables that make torch's own kernels, MKL (fp32 matmuls) and oneDNN (bf16 matmuls)
+use less than the CPU has, e.g. all three set to AVX2 to time an AVX2-only machine's kernels on a
+newer CPU (its clock and caches stay this one's)."""
+
+
+def kernel_isa() -> dict[str, str]:
+    """The instruction set torch's kernels use here (`torch`), and any `ISA_LIMITS` set: written down
+    beside `matmul_flags` with a timed figure, since the flags alone do not say what ran."""
+    import os
+
+    import torch
+
+    return {"torch": torch.backends.cpu.get_cpu_capability(), **{k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
+
+
 def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int = 1536, reps: int = 3,
                   trials: int = 5) -> float:
     """Measured GEMM rate (GFLOP/s) of one (m, k) x (k, n) matmul in `dtype` with torch's current threads:

@@ -228,3 +228,18 @@ def test_help_says_what_each_field_decides(capsys):
     assert decides_text("seed") == "decides: the probe and the baseline (and every artifact made from them)"
     assert "  student.lr (number, default 3e-05)" in shown
     assert shown.count("      decides: ") == len(field_docs())
+
+
+def test_kernel_isa_records_what_the_kernels_were_limited_to():
+    """A timed figure names the kernels' instruction set: torch's own choice, and any limit set in the
+    environment (here torch's kernels held to their portable default)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = "from engine.hardware import kernel_isa; print(kernel_isa())"
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")}
+    env["ATEN_CPU_CAPABILITY"] = "default"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(out) == {"torch": "DEFAULT", "ATEN_CPU_CAPABILITY": "default"}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +37,36 @@ SCORE_MIN_CHUNK = 512
 """No call gets fewer prompts than this (but the last): a smaller chunk loses batching to the call's tail."""
 
 
+NOISE = ("NUMA binding: Using MEMBIND policy",)
+"""Lines vLLM's start writes straight to the process's stderr (C++ warnings, which no logging level
+reaches) and the console does without unless --verbose."""
+
+
+@contextlib.contextmanager
+def stderr_without(noise: Sequence[str]):
+    """Hold back what this process writes to its stderr (file descriptor 2, so C++ writes too) while
+    the block runs, then write it out without the lines containing any of `noise`. A failing block gets
+    its whole stderr back, noise included."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = True
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(x for x in lines if failed or not any(n in x for n in noise))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 class VLLMScorer:
     """Holds one `vllm.LLM`; use as a Ray actor via `start_scorer` (vLLM is imported only in here)."""
 
@@ -49,19 +81,20 @@ class VLLMScorer:
             warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside vLLM's imports
             # Its import warns (Triton without a CPU backend) before it applies VLLM_LOGGING_LEVEL.
             logging.getLogger("vllm").setLevel(logging.ERROR)
-        from vllm import LLM
+        with stderr_without(NOISE if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" else ()):
+            from vllm import LLM
 
-        self.llm = LLM(
-            model=model_dir,
-            dtype=cfg.dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enforce_eager=True,
-            enable_prefix_caching=True,  # note: requests with prompt_logprobs skip cache reads
-            skip_tokenizer_init=True,
-            use_tqdm_on_load=os.environ["VLLM_LOGGING_LEVEL"] != "ERROR",  # its weight-loading bar: --verbose only
-        )
+            self.llm = LLM(
+                model=model_dir,
+                dtype=cfg.dtype,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_len=max_model_len,
+                enforce_eager=True,
+                enable_prefix_caching=True,  # note: requests with prompt_logprobs skip cache reads
+                skip_tokenizer_init=True,
+                use_tqdm_on_load=os.environ["VLLM_LOGGING_LEVEL"] != "ERROR",  # its weight-loading bar: --verbose only
+            )
         self.startup_s = time.perf_counter() - t0
 
     def ready(self) -> float:

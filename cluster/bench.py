@@ -84,14 +84,14 @@ def bench_dataset(cfg: Config, dataset: str) -> tuple[list[dict], dict, dict, di
     with progress("bench", len(grid), "cell") as bar:  # probed and planned; the students train after
         for finetune, sources, seed, fraction in grid:
             crun = run.variant(cell_config(dcfg, seed, fraction, finetune=finetune, sources=sources))
-            meta, arrays = pipeline.probe(crun)
+            probes = pipeline.probe(crun)
             if (seed, fraction) not in probed:
                 probed.add((seed, fraction))
-                best = meta["best"]
+                best = probes.best
                 refs["probe"].setdefault(fraction, []).append(best["test_acc"])
                 refs["probe_choice"].setdefault(fraction, []).append(
                     {k: best.get(k) for k in ("family", "combine", "layer", "layers", "C")} | {"seed": seed})
-            for plan in pipeline.student_plans(crun, arrays):
+            for plan in pipeline.student_plans(crun, probes):
                 if plan.where not in seen:  # a slice in the matrix's own regime is the matrix's cell
                     seen.add(plan.where)
                     plans.append(plan)

@@ -18,6 +18,7 @@ from engine.brittleness import Variant, permute, spread, variants
 from engine.config import Config
 from engine.modes import prompt_mode
 from engine.probes import best_result, choice_probs, fit_probe
+from engine.results import ProbeStage
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import Example
 
@@ -58,10 +59,10 @@ def _states(run, layer: int, seqs_list: list[Sequences]) -> list[np.ndarray]:
 
 
 def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[np.ndarray],
-                probe_meta: dict | None) -> dict:
+                probes: ProbeStage | None) -> dict:
     """Accuracies of every variant: the teacher's from `teacher_logp` ((Q, C_max) letter log-probs per
     variant, from vLLM) and, in letter mode (`has_letter_labels`), the probe's: the best single-layer
-    result on validation in `probe_meta`, refitted on train and applied to each variant's states at its layer.
+    result on validation in the probe stage's `per_layer`, refitted on train and applied to each variant's states at its layer.
 
     Returns {"n_questions", "probe", "rows": [{variant, answer_format, permutation, teacher_acc,
     probe_acc}], "spread": {"teacher": {...}, "probe": {...} | None}}.
@@ -70,8 +71,8 @@ def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[
              "teacher_acc": metrics.accuracy(metrics.softmax_rows(lp), seqs.answer), "probe_acc": None}
             for (v, seqs), lp in zip(asked, teacher_logp)]
     probe_info: dict[str, Any] | None = None
-    if probe_meta is not None and prompt_mode(run.cfg.prompt.mode).has_letter_labels and asked:
-        best = best_result(probe_meta["per_layer"])
+    if probes is not None and prompt_mode(run.cfg.prompt.mode).has_letter_labels and asked:
+        best = best_result(probes.per_layer)
         layer, family, C = int(best["layer"]), best.get("family", "logreg"), float(best["C"])
         probe = _probe_at(run, layer, family, C)
         for row, (_, seqs), X in zip(rows, asked, _states(run, layer, [s for _, s in asked])):

@@ -235,17 +235,17 @@ def _stages(command: str, run, lacking: list[str], tracker) -> dict | None:
         pipeline.extract(run)
     if command == "extract":
         return None
-    probe_meta = None
+    probes = None
     if command in ("probe", "run") or "probe" in pipeline.prerequisites(cfg, command):
-        probe_meta, probe_arrays = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
-        tracking.log_probe(tracker, probe_meta)
+        probes = pipeline.probe(run)  # the letter-mode brittleness table scores the probe
+        tracking.log_probe(tracker, probes)
     if command in ("baseline", "report", "run"):
-        base = pipeline.baseline(run, probe_meta)
+        base = pipeline.baseline(run, probes)
     if command in ("train", "report", "run"):
-        students = pipeline.train(run, probe_arrays)
+        students = pipeline.train(run, probes)
         tracking.log_students(tracker, students)
     if command in ("report", "run"):
-        results = pipeline.report(run, probe_meta, base, students)
+        results = pipeline.report(run, probes, base, students)
         tracking.log_report(tracker, results, cfg.out_dir)
         return results
     return None

@@ -30,7 +30,7 @@ from engine.log import LOGGER, log, progress
 from engine.models import load_tokenizer, resolve_model
 from engine.modes import prompt_mode
 from engine.report import brittleness_lines
-from engine.results import StudentRecord
+from engine.results import BaselineStage, ProbeStage, StudentRecord
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import ROLES, Example, load_role, load_split, stratified_subset
 from engine.teacher import choice_chars, teacher_choice_logprobs
@@ -172,7 +172,8 @@ def extract(run: Run, actor_cls: type | None = None) -> Path:
     return path
 
 
-def probe(run: Run) -> tuple[dict, dict]:
+def probe(run: Run) -> ProbeStage:
+    """The probe sweep's artifact (made now, or the one committed under this config), typed."""
     from cluster.probes import run_probe_sweep
 
     cfg = run.cfg
@@ -180,8 +181,9 @@ def probe(run: Run) -> tuple[dict, dict]:
     found = artifacts.load(where, identity(cfg, "probe"))
     if found:
         log("probe", f"reusing {where}")
-        run.timings["probes"] = found[0].get("stage_seconds")
-        return found
+        stage = ProbeStage.from_artifact(*found, artifact=where)
+        run.timings["probes"] = stage.stage_seconds
+        return stage
     t0 = time.perf_counter()
     store.open_store(run.store_path, store_identity(cfg))
     res = run_probe_sweep(
@@ -192,7 +194,7 @@ def probe(run: Run) -> tuple[dict, dict]:
     run.timed("probes", t0)
     meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stage_seconds": run.timings["probes"], **res}
     artifacts.save(where, identity(cfg, "probe"), meta, arrays)
-    return artifacts.load(where, identity(cfg, "probe"))
+    return ProbeStage.from_artifact(*artifacts.load(where, identity(cfg, "probe")), artifact=where)
 
 
 def probe_dir(cfg: Config) -> Path:
@@ -227,10 +229,10 @@ def missing(run: Run, stages: list[str]) -> list[str]:
     return [s for s in stages if not have[s]()]
 
 
-def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
+def baseline(run: Run, probes: ProbeStage | None = None) -> BaselineStage | None:
     """Score a test sample with the teacher in vLLM and compare with the extraction forward's scores.
     Then ask the same questions under `baseline.formats` and `baseline.permutations`: the brittleness
-    table (in letter mode `probe_meta`'s probe is scored there too)."""
+    table (in letter mode the probe stage's best probe is scored there too). None when disabled."""
     import ray
 
     from cluster.baseline import model_len_for, score_sequences, start_scorer
@@ -243,8 +245,9 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     found = artifacts.load(where, identity(cfg, "baseline"))
     if found:
         log("baseline", f"reusing {where}")
-        run.timings["baseline"] = found[0].get("stage_seconds")
-        return found[0]
+        stage = BaselineStage.from_meta(found[0], artifact=where)
+        run.timings["baseline"] = stage.stage_seconds
+        return stage
     t0 = time.perf_counter()
     test = run.seqs["test"]
     n = test.n_questions
@@ -280,13 +283,13 @@ def baseline(run: Run, probe_meta: dict | None = None) -> dict | None:
     log("baseline", f"vLLM teacher accuracy {meta['test_acc']:.3f} on {len(qs)} questions; "
                     f"max |vLLM - transformers| = {meta.get('max_abs_diff_vs_transformers', float('nan')):.2e}")
     if asked:
-        meta["brittleness"] = brittleness(run, asked, [r.scores for r in asked_res], probe_meta)
+        meta["brittleness"] = brittleness(run, asked, [r.scores for r in asked_res], probes)
         meta["brittleness"]["tokens_per_s"] = sum(r.n_tokens for r in asked_res) / max(sum(r.score_s for r in asked_res), 1e-9)
         LOGGER.info("\n".join(brittleness_lines(meta["brittleness"])))
     run.timed("baseline", t0)
     meta["stage_seconds"] = run.timings["baseline"]
     artifacts.save(where, identity(cfg, "baseline"), meta, {"questions": qs, "logp": vllm_logp})
-    return meta
+    return BaselineStage.from_meta(meta, artifact=where)
 
 
 def teacher_logp(run: Run, role: str, *, normalise: str | None = None) -> tuple[np.ndarray, Sequences]:
@@ -310,8 +313,9 @@ class StudentPlan:
     found: dict | None
 
 
-def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
-    """A plan per `student.label_sources` entry: its targets from gold, teacher scores or probe labels."""
+def student_plans(run: Run, probes: ProbeStage) -> list[StudentPlan]:
+    """A plan per `student.label_sources` entry: its targets from gold, teacher scores or the probe
+    stage's labels."""
     from cluster.train import StudentJob
 
     cfg, plans = run.cfg, []
@@ -327,11 +331,11 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
             continue
         questions, answers = tq, train_seqs.answer
         if labels.label_source(source).pseudo:  # gold on the labelled questions, the probe's or teacher's on the pool
-            pool = probe_arrays["pool_questions"]
+            pool = probes.pool_questions  # the config checks probe.label_pool is set
             questions = np.concatenate([tq, pool])
             seqs = run.seqs["train"].select(questions)
             pool_n = seqs.n_choices[len(tq):]
-            pool_probs = (probe_arrays["pool_probs"] if labels.base_source(source) == "probe" else
+            pool_probs = (probes.pool_probs if labels.base_source(source) == "probe" else
                           labels.logit_targets(train_logp[pool][:, : seqs.max_choices], pool_n))
             targets, answers = labels.pseudo_labelled(train_seqs.answer, train_seqs.n_choices, pool_probs, pool_n,
                                                       soft=cfg.student.soft)
@@ -340,7 +344,7 @@ def student_plans(run: Run, probe_arrays: dict) -> list[StudentPlan]:
             targets = labels.make_targets(
                 source, answer=train_seqs.answer, n_choices=train_seqs.n_choices,
                 teacher_logp=None if train_logp is None else train_logp[tq][:, :width],
-                probe_probs=probe_arrays["oof_probs"][:, :width], soft=cfg.student.soft,
+                probe_probs=probes.oof_probs[:, :width], soft=cfg.student.soft,
             )
             label_acc = labels.label_agreement(targets, train_seqs.answer)
         meta = {"config_hash": config_hash(cfg), "identity_hash": config_hash(ident), "dataset": cfg.data.dataset,
@@ -435,8 +439,8 @@ def _train_group(run: Run, group: list[StudentPlan]) -> None:
         p.found = meta
 
 
-def train(run: Run, probe_arrays: dict) -> list[StudentRecord]:
-    students = train_plans(run, student_plans(run, probe_arrays))
+def train(run: Run, probes: ProbeStage) -> list[StudentRecord]:
+    students = train_plans(run, student_plans(run, probes))
     for s in students:
         run.timings[f"student_{s.source}"] = s.stage_seconds
     return students
@@ -461,7 +465,7 @@ def student_summary(students: list[StudentRecord], answer: np.ndarray) -> tuple[
     return rows, pairs
 
 
-def report(run: Run, probe_meta: dict, base: dict | None, students: list[StudentRecord]) -> dict:
+def report(run: Run, probes: ProbeStage, base: BaselineStage | None, students: list[StudentRecord]) -> dict:
     from engine.report import write_report
 
     cfg = run.cfg
@@ -471,10 +475,8 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[Student
         teacher = {"test_acc": metrics.accuracy(metrics.softmax_rows(test_logp), test_meta.answer),
                    "source": "transformers (extraction forward)"}
     else:
-        teacher = {"test_acc": base["test_acc"], "source": f"vLLM on {base['n_questions']} test questions"}
+        teacher = {"test_acc": base.test_acc, "source": f"vLLM on {base.n_questions} test questions"}
     summary, pairs = student_summary(students, test_meta.answer)
-    keys = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "n_pool", "pool_acc",
-            "pool_ece")
     results = {
         "dataset": cfg.data.dataset, "mode": cfg.prompt.mode, "teacher": cfg.teacher.model,
         "n_layers": int(run.model_config.num_hidden_layers),
@@ -482,8 +484,8 @@ def report(run: Run, probe_meta: dict, base: dict | None, students: list[Student
         "splits": {r: len(run.examples[r]) for r in ROLES} | {"train_used": int(len(run.train_questions))},
         "chance": float(np.mean(1.0 / test_meta.n_choices)),
         "teacher_logit": teacher,
-        "vllm_baseline": base,
-        "probes": {k: probe_meta[k] for k in keys if k in probe_meta},
+        "vllm_baseline": None if base is None else base.to_report(),
+        "probes": probes.to_report(),
         "labels": {s.source: {"train_label_acc": s.train_label_acc} for s in students},
         "students": summary,
         "student_pairs": pairs,

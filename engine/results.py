@@ -198,10 +198,11 @@ PROBE_REPORT_KEYS = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ec
 """The probe artifact's keys the report's `probes` section holds, in this order (those present)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProbeStage:
     """The probe stage's result: its artifact (`<out>/probes-<id>/`) typed: the sweep's summary from its
-    meta.json and the label arrays the students train on. The artifact on disk is unchanged."""
+    meta.json and the label arrays the students train on. The artifact on disk is unchanged. (Compared
+    by identity: its arrays have no plain ==.)"""
 
     per_layer: list[dict] = field(metadata=NON_EMPTY)
     """Each layer's best candidate, single layers only: {family, combine, layer, layers, C, val_acc,

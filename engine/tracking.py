@@ -22,7 +22,7 @@ from typing import Any
 from engine.config import Config, ConfigError, config_hash, to_dict
 from engine.log import WARNING, log
 from engine.report import PLOT_PNG, REPORT_JSON, REPORT_MD
-from engine.results import StudentRecord
+from engine.results import ProbeStage, StudentRecord
 
 INSTALL = "pip install 'probe-kd[track]'"
 REPORT_FILES = (REPORT_JSON, REPORT_MD, PLOT_PNG)
@@ -178,14 +178,13 @@ def log_students(tracker: Tracker, students: list[StudentRecord]) -> None:
         tracker.log_metrics({f"{s.source}/{name}": getattr(s, k) for k, name in STUDENT_KEYS.items()})
 
 
-def log_probe(tracker: Tracker, probe_meta: dict | None) -> None:
+def log_probe(tracker: Tracker, probes: ProbeStage | None) -> None:
     """The probe sweep's best candidate and its out-of-fold label accuracy, under 'probe_sweep/' ('probe/'
     is the student trained on the probe's labels)."""
-    if probe_meta:
-        best = probe_meta.get("best", {})
+    if probes is not None:
+        best = probes.best
         tracker.log_metrics({"probe_sweep/val_acc": best.get("val_acc"), "probe_sweep/test_acc": best.get("test_acc"),
-                             "probe_sweep/oof_acc": probe_meta.get("oof_acc"),
-                             "probe_sweep/temperature": probe_meta.get("temperature")})
+                             "probe_sweep/oof_acc": probes.oof_acc, "probe_sweep/temperature": probes.temperature})
 
 
 def log_timings(tracker: Tracker, timings: dict) -> None:

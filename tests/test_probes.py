@@ -532,33 +532,33 @@ def test_pipeline_probe_combines_layers_and_labels_the_pool(tmp_path, capsys, lo
     run.__dict__["model_config"] = SimpleNamespace(num_hidden_layers=7)  # no teacher here: the store is synthetic
     tq = stratified_subset(seqs["train"].answer, 0.6, seed=0)
     run.__dict__["train_questions"] = tq
-    meta, arrays = pipeline.probe(run)
+    probes = pipeline.probe(run)
 
-    combined = [r for r in meta["sweep"] if r["combine"]]
+    combined = [r for r in probes.sweep if r["combine"]]
     assert sorted(r["combine"] for r in combined) == ["concat", "ensemble"]
-    single = [r for r in meta["sweep"] if not r["combine"]]
+    single = [r for r in probes.sweep if not r["combine"]]
     members = pr.combine_members(single, 2, pr.best_result(single)["family"], 0.1)
     assert all(r["layer"] is None and r["layers"] == members for r in combined)
-    assert [r["layer"] for r in meta["per_layer"]] == [2, 5, 7]
-    assert meta["best"]["val_acc"] == max(r["val_acc"] for r in meta["sweep"])
-    assert pr.layers_of(meta["best"]) == tuple(pr.best_result(meta["sweep"])["layers"])
+    assert [r["layer"] for r in probes.per_layer] == [2, 5, 7]
+    assert probes.best["val_acc"] == max(r["val_acc"] for r in probes.sweep)
+    assert pr.layers_of(probes.best) == tuple(pr.best_result(probes.sweep)["layers"])
 
     tr = seqs["train"]
-    pool = arrays["pool_questions"]
+    pool = probes.pool_questions
     np.testing.assert_array_equal(pool, np.setdiff1d(np.arange(tr.n_questions), tq))
-    assert meta["n_pool"] == len(pool) == tr.n_questions - len(tq)
+    assert probes.n_pool == len(pool) == tr.n_questions - len(tq)
     for key in ("pool_probs", "pool_probs_raw"):
-        assert arrays[key].shape == (len(pool), tr.max_choices)
-        check_prob_rows(arrays[key], tr.n_choices[pool])
-    np.testing.assert_allclose(arrays["pool_probs"], pr.apply_temperature(arrays["pool_probs_raw"], meta["temperature"]),
+        assert getattr(probes, key).shape == (len(pool), tr.max_choices)
+        check_prob_rows(getattr(probes, key), tr.n_choices[pool])
+    np.testing.assert_allclose(probes.pool_probs, pr.apply_temperature(probes.pool_probs_raw, probes.temperature),
                                atol=1e-6)
-    assert meta["pool_acc"] == pytest.approx(accuracy(arrays["pool_probs_raw"], tr.answer[pool]))  # the withheld gold
-    assert meta["pool_ece"] == pytest.approx(ece(arrays["pool_probs"], tr.answer[pool]), abs=1e-6)
-    assert meta["pool_acc"] > float(np.mean(1.0 / tr.n_choices[pool])) + 0.15
-    assert arrays["oof_probs"].shape[0] == len(tq)  # the student's labels cover the labelled questions only
+    assert probes.pool_acc == pytest.approx(accuracy(probes.pool_probs_raw, tr.answer[pool]))  # the withheld gold
+    assert probes.pool_ece == pytest.approx(ece(probes.pool_probs, tr.answer[pool]), abs=1e-6)
+    assert probes.pool_acc > float(np.mean(1.0 / tr.n_choices[pool])) + 0.15
+    assert probes.oof_probs.shape[0] == len(tq)  # the student's labels cover the labelled questions only
 
-    again, _ = pipeline.probe(run)
-    assert "reusing" in capsys.readouterr().out and again["pool_acc"] == meta["pool_acc"]
+    again = pipeline.probe(run)
+    assert "reusing" in capsys.readouterr().out and again.pool_acc == probes.pool_acc
 
 
 def test_probe_identity_covers_combine_and_pool():
@@ -692,3 +692,46 @@ def test_calibrated_labels_keep_the_answers_and_lower_ece():
     assert (out["oof_probs"].argmax(1) == pred).all() and np.allclose(out["oof_probs"].sum(1), 1.0, atol=1e-5)
     assert out["oof_acc"] == pytest.approx(right.mean())
     assert out["test_ece_calibrated"] < out["test_ece_raw"]
+
+
+def test_probe_stage_is_its_artifact_typed(tmp_path, local_ray):
+    """pipeline.probe hands on a ProbeStage made from the committed artifact's (meta, arrays): every typed
+    field is the meta's value or the array as saved, and its report section is, byte for byte, the keys
+    the report took from meta.json before (and passes the report's check)."""
+    import json
+    from types import SimpleNamespace
+
+    from cluster import pipeline
+    from engine import artifacts
+    from engine.config import from_dict, store_identity
+    from engine.identity import identity
+    from engine.results import PROBE_REPORT_KEYS, ProbesSection, ProbeStage, check
+
+    cfg = from_dict({"out_dir": str(tmp_path / "run"), "data": {"train_fraction": 0.6},
+                     "extract": {"layers": [2, 5], "chunk_rows": 64},
+                     "probe": {"cs": [0.1], "folds": 3, "max_iter": 200, "label_pool": True}})
+    seqs = build_store(str(tmp_path / "run" / "activations.zarr"), "per_choice", [2, 5], 5,
+                       {"train": 60, "validation": 30, "test": 30}, identity=store_identity(cfg))
+    run = pipeline.Run(cfg)
+    run.__dict__["model_config"] = SimpleNamespace(num_hidden_layers=5)
+    run.__dict__["train_questions"] = stratified_subset(seqs["train"].answer, 0.6, seed=0)
+    stage = pipeline.probe(run)
+    meta, arrays = artifacts.load(pipeline.probe_dir(cfg), identity(cfg, "probe"))
+    assert isinstance(stage, ProbeStage) and stage.artifact == str(pipeline.probe_dir(cfg))
+    built = ProbeStage.from_artifact(meta, arrays, artifact=pipeline.probe_dir(cfg))
+    assert built.to_report() == stage.to_report() and built.keys == stage.keys
+    for f in ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "test_ece_raw",
+              "test_ece_calibrated", "n_pool", "pool_acc", "pool_ece", "pool_ece_raw", "stage_seconds", "config_hash",
+              "seconds"):
+        assert getattr(stage, f) == meta[f], f
+    assert set(arrays) == {"oof_probs", "oof_probs_raw", "test_probs", "test_probs_calibrated", "train_questions",
+                           "pool_questions", "pool_probs", "pool_probs_raw"}
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(getattr(stage, name), arr)
+    assert stage.keys == tuple(meta) and {"config", "identity", "identity_hash", "files"} <= set(stage.extra)
+
+    before = {k: meta[k] for k in PROBE_REPORT_KEYS if k in meta}  # what pipeline.report put in report.json
+    assert json.dumps(stage.to_report(), indent=2) == json.dumps(before, indent=2)
+    check(ProbesSection, stage.to_report(), "probes")
+    again = pipeline.probe(run)  # reused: the same
+    assert json.dumps(again.to_report()) == json.dumps(before)

@@ -293,8 +293,8 @@ def baseline(run: Run, probes: ProbeStage | None = None) -> BaselineStage | None
 
 
 def teacher_logp(run: Run, role: str, *, normalise: str | None = None) -> tuple[np.ndarray, Sequences]:
-    """(Q, C_max) teacher log-scores of a role's questions under `normalise` (None: `prompt.normalise`)."""
-    """(Q, C) teacher log-scores per choice from the store's scores, and the split's row metadata."""
+    """(Q, C_max) teacher log-scores of a role's questions under `normalise` (None: `prompt.normalise`),
+    from the store's scores, and the split's row metadata."""
     view = store.read_split(store.open_store(run.store_path, store_identity(run.cfg)), role, run.cfg.prompt.mode)
     how = run.cfg.prompt.normalise if normalise is None else normalise
     chars = choice_chars(run.examples[role]) if how == "bytes" else None

@@ -175,22 +175,11 @@ class StudentRecord:
 
 def _from_artifact(cls: type, meta: Mapping, arrays: Mapping, label: str, **known: Any) -> Any:
     """`cls` from an artifact's meta.json and arrays (one namespace: the array names are not meta keys),
-    checked with `check`; keys it does not know (config, identity, files, ...) go to its `extra`, and
-    `keys` keeps the meta's keys in order, so its report section is the meta's, key for key."""
+    checked with `check`; `meta` keeps the meta.json as read, which the report's sections are cut from."""
     data = {**meta, **arrays}
     check(cls, data, label=label)
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "keys", *known}
-    extra = {k: v for k, v in meta.items() if k not in names}
-    return cls(**{k: v for k, v in data.items() if k in names}, **known, extra=extra, keys=tuple(meta))
-
-
-def _meta_keys(obj: Any) -> tuple:
-    """The meta keys `obj` was made from, in order; made in memory: its set fields (not None), in field order."""
-    if obj.keys:
-        return obj.keys
-    skip = {"artifact", "extra", "keys"}
-    return tuple(f.name for f in dataclasses.fields(obj)
-                 if f.name not in skip and getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), np.ndarray))
+    names = {f.name for f in dataclasses.fields(cls)} - {"meta", *known}
+    return cls(**{k: v for k, v in data.items() if k in names}, **known, meta=dict(meta))
 
 
 PROBE_REPORT_KEYS = ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "n_pool",
@@ -244,10 +233,8 @@ class ProbeStage:
     pool_probs_raw: Optional[np.ndarray] = None
     artifact: Optional[str] = None
     """The artifact's folder."""
-    extra: dict = field(default_factory=dict, repr=False)
-    """The meta.json keys not typed here (config, identity, identity_hash, files), as read."""
-    keys: tuple = field(default=(), repr=False)
-    """The meta.json's keys in order (not its arrays')."""
+    meta: dict = field(default_factory=dict, repr=False)
+    """The artifact's meta.json as read (with what is not typed here: config, identity, files)."""
 
     @classmethod
     def from_artifact(cls, meta: Mapping, arrays: Mapping, artifact: Any = None) -> ProbeStage:
@@ -258,8 +245,7 @@ class ProbeStage:
 
     def to_report(self) -> dict:
         """The report's `probes` section: exactly what the artifact's meta.json has under those keys."""
-        have = _meta_keys(self)
-        return {k: getattr(self, k) for k in PROBE_REPORT_KEYS if k in have}
+        return {k: self.meta[k] for k in PROBE_REPORT_KEYS if k in self.meta}
 
 
 @dataclass(frozen=True)
@@ -281,10 +267,8 @@ class BaselineStage:
     """With `baseline.formats`/`baseline.permutations`: the table (`cluster.brittleness.brittleness`)."""
     stage_seconds: Optional[float] = None
     artifact: Optional[str] = None
-    extra: dict = field(default_factory=dict, repr=False)
-    """The meta.json keys not typed here (identity, identity_hash, files when read back), as read."""
-    keys: tuple = field(default=(), repr=False)
-    """The meta's keys in order."""
+    meta: dict = field(default_factory=dict, repr=False)
+    """The meta as the stage wrote it, or as read back (then with identity, identity_hash, files)."""
 
     @classmethod
     def from_meta(cls, meta: Mapping, artifact: Any = None) -> BaselineStage:
@@ -294,6 +278,5 @@ class BaselineStage:
         return _from_artifact(cls, meta, {}, where, artifact=None if artifact is None else str(artifact))
 
     def to_report(self) -> dict:
-        """The report's `vllm_baseline` section: the meta it was made from, keys in the same order."""
-        keys = _meta_keys(self) + tuple(k for k in self.extra if k not in self.keys)
-        return {k: self.extra[k] if k in self.extra else getattr(self, k) for k in keys}
+        """The report's `vllm_baseline` section: the meta it was made from."""
+        return dict(self.meta)

@@ -719,7 +719,7 @@ def test_probe_stage_is_its_artifact_typed(tmp_path, local_ray):
     meta, arrays = artifacts.load(pipeline.probe_dir(cfg), identity(cfg, "probe"))
     assert isinstance(stage, ProbeStage) and stage.artifact == str(pipeline.probe_dir(cfg))
     built = ProbeStage.from_artifact(meta, arrays, artifact=pipeline.probe_dir(cfg))
-    assert built.to_report() == stage.to_report() and built.keys == stage.keys
+    assert built.to_report() == stage.to_report() and list(built.meta) == list(stage.meta)
     for f in ("per_layer", "sweep", "best", "oof_acc", "temperature", "ece_raw", "ece_calibrated", "test_ece_raw",
               "test_ece_calibrated", "n_pool", "pool_acc", "pool_ece", "pool_ece_raw", "stage_seconds", "config_hash",
               "seconds"):
@@ -728,7 +728,7 @@ def test_probe_stage_is_its_artifact_typed(tmp_path, local_ray):
                            "pool_questions", "pool_probs", "pool_probs_raw"}
     for name, arr in arrays.items():
         np.testing.assert_array_equal(getattr(stage, name), arr)
-    assert stage.keys == tuple(meta) and {"config", "identity", "identity_hash", "files"} <= set(stage.extra)
+    assert list(stage.meta) == list(meta) and {"config", "identity", "identity_hash", "files"} <= set(stage.meta)
 
     before = {k: meta[k] for k in PROBE_REPORT_KEYS if k in meta}  # what pipeline.report put in report.json
     assert json.dumps(stage.to_report(), indent=2) == json.dumps(before, indent=2)

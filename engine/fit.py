@@ -150,7 +150,11 @@ def load_optimizer(optimizer, saved: tuple[dict, dict]) -> None:
         s = {k: tensors[f"{pid}.{k}"] for k in entry["tensors"]}
         s.update(entry["values"])
         state[int(pid)] = s
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # How the update runs (fused kernel, foreach loop) is this optimizer's own, not part of the saved state.
+    impl = ("fused", "foreach", "capturable", "differentiable")
+    groups = [{**saved_g, **{k: g[k] for k in impl if k in g}}
+              for saved_g, g in zip(meta["param_groups"], optimizer.param_groups, strict=True)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def write_checkpoint(d: Path, *, current: dict, best: dict | None, optimizer: tuple[dict, dict], schedule_step: int,

@@ -352,12 +352,20 @@ def student_loss(
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no decay on biases and norm weights (1-D parameters)."""
+    """AdamW; no decay on biases and norm weights (1-D parameters).
+
+    torch's fused AdamW where every parameter is a float on CPU or CUDA: one kernel over each parameter
+    instead of a dozen elementwise ops. On CPU torch otherwise runs the per-parameter loop, and for the
+    default student (22.7M parameters) that loop took 73 ms a step against 14 ms fused, and a bf16 epoch
+    7.45 s against 5.71 s (2-core Xeon with AMX, `bench/results/student_optimizer.json`). The update is
+    the same AdamW: on the same gradients the weights agree to 3e-8."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        fused=fused or None,
     )
 
 

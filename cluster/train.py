@@ -113,11 +113,17 @@ def _student_config(d: dict) -> StudentConfig:
     return StudentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
-TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
 """A Ray Train worker runs the loop in a thread of its own, which sets its own thread count
 (`student.cpus_per_worker`). With Ray's default (the worker's CPUs) the worker's main thread may keep a
 second OpenMP pool, and libgomp, seeing more threads than cores, stops spinning between parallel
-regions; with one thread for the main thread the loop's pool is the only one (`bench/omp_threads.py`)."""
+regions; with one thread for the main thread the loop's pool is the only one (`bench/omp_threads.py`).
+
+`MALLOC_ARENA_MAX=1`: glibc gives a second thread its own malloc arena, made of 64 MB heaps that it
+trims back to the OS eagerly, so the loop's activation buffers kept being unmapped and faulted back in
+(zeroed pages): the worker ran at 1.5-1.8 of its 2 cores and its first epoch took 21-28 s against 14-15 s
+plain. With the one (main) arena, as the plain loop in a main thread has, its epochs took 12-15 s
+(`bench/results/student.json`)."""
 
 
 def _train_loop(config: dict) -> None:

@@ -20,6 +20,13 @@ medians are compared, three ways:
   whole call: the whole fit() against the whole plain run: adds the per-run start-up (worker process,
               imports, process group), paid once per run and shared by every student of a stage.
 Ray's own start-up (`ray.init`) is timed apart.
+
+The plain loop runs in a new process each repeat (`--plain-in fresh`, the default; spawned, its
+start-up and imports not timed), as a Ray Train worker does every `fit()` and as a user's own script
+would. `--plain-in driver` runs it in this process instead, as this bench did before: there the Ray
+side's epochs scattered widely after the plain run (on a 2-core Xeon VM, 13.4-28 s against 12.3-12.8 s
+when the plain run had its own process), so the ratio read anywhere from 0.81 to 1.72 on the same code
+(`bench/results/student_xeon/`).
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help=">= 2: the last epoch's checkpoint hold is not recorded")
     ap.add_argument("--test-questions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plain-in", choices=("fresh", "driver"), default="fresh",
+                    help="run the plain loop in this process (driver) or in a new one per repeat (fresh)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cfg = load(args.config, [f"student.epochs={args.epochs}", "student.num_workers=1", "student.label_sources=[gold]"])
@@ -113,7 +122,14 @@ def main() -> None:
         for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
             storage = tempfile.mkdtemp(prefix="bench-student-")
             try:
-                plains.append(plain(cfg, model_path, splits, spec, job, tok.pad_token_id, storage))
+                plain_args = (cfg, model_path, splits, spec, job, tok.pad_token_id, storage)
+                if args.plain_in == "fresh":
+                    import multiprocessing as mp
+
+                    with mp.get_context("spawn").Pool(1) as pool:
+                        plains.append(pool.apply(plain, plain_args))
+                else:
+                    plains.append(plain(*plain_args))
                 r = train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
                                   pad_id=tok.pad_token_id, storage_dir=storage)
             finally:
@@ -146,7 +162,7 @@ def main() -> None:
         "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,
                     "dtype": pick_dtype(cfg.student.dtype, gpu=False)[0],
                     "epochs": args.epochs, "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.student.mode},
-        "plain": p, "ray_train": ray,
+        "plain_in": args.plain_in, "plain": p, "ray_train": ray,
         "ratio_epoch": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
         "ratio_train_only": round(ray["train_seconds"] / p["train_seconds"], 3),
         "ratio_whole_call": round(ray["wall_seconds"] / p["wall_seconds"], 3),

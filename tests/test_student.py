@@ -185,6 +185,46 @@ def test_schedule_warms_up_then_decays():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * f(40)) and sched.last_epoch == 40
 
 
+def test_optimizer_checkpoint_leaves_out_unused_embedding_rows_and_resumes_bit_for_bit(tmp_path):
+    """The engine's (fused) AdamW, checkpointed through safetensors: an embedding's moments are written
+    as the rows its tokens used, and training on from the restored optimizer gives the same weights."""
+    from engine import fit
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Linear(16, 4))
+        return m, st.make_optimizer(m, 1e-2, 0.01)
+
+    def step(m, opt, k):
+        ids = torch.arange(40).reshape(8, 5) + 10 * (k % 3)  # tokens 0..59: most of the vocabulary unseen
+        opt.zero_grad(set_to_none=True)
+        m(ids).sum(1).logsumexp(-1).sum().backward()
+        opt.step()
+
+    m, opt = model_and_optimizer()
+    assert opt.param_groups[0]["fused"]  # CPU float parameters: the fused kernel
+    for k in range(3):
+        step(m, opt, k)
+    tensors, meta = fit.optimizer_state(opt)
+    emb_moments = [k for k in meta["state"]["0"]["rows"]]
+    assert sorted(emb_moments) == ["exp_avg", "exp_avg_sq"] and meta["state"]["0"]["rows"]["exp_avg"] == [1000, 16]
+    assert tensors["0.exp_avg"].shape == (60, 16) and tensors["0.exp_avg.rows"].tolist() == list(range(60))
+    assert not meta["state"]["1"]["rows"]  # the linear layer's 4 x 16 is kept whole
+    fit.write_checkpoint(tmp_path, current={k: v.detach().clone() for k, v in m.state_dict().items()}, best=None,
+                         optimizer=(tensors, meta), schedule_step=3, state={})
+    back = fit.read_checkpoint(tmp_path, best=False)
+    m2, opt2 = model_and_optimizer()
+    m2.load_state_dict(back.current)
+    fit.load_optimizer(opt2, back.optimizer)
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert opt2.param_groups[0]["fused"]
+    for k in range(3, 6):
+        step(m, opt, k)
+        step(m2, opt2, k)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters(), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Model, inputs and batches
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from engine.identity import deciding_fields
 from engine.labels import SOURCES
 from engine.metrics import accuracy, nll
 from engine.sequences import Sequences
+
+if TYPE_CHECKING:
+    import torch
 
 CKPT_MODEL = "trainable.safetensors"
 CKPT_BEST = "best.safetensors"
@@ -124,7 +127,7 @@ def load_trainable(model, tensors: dict, names: list[str]) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def _used_rows(t) -> Optional[object]:
+def _used_rows(t) -> Optional[torch.Tensor]:
     """Indices of the rows of a 2-D-or-more state tensor that are not all zero, when at most half of its
     rows are used (else None). An embedding's Adam moments stay exactly zero on the rows of tokens the
     training never saw, most of a vocabulary: those rows need not be written."""
@@ -138,8 +141,7 @@ def optimizer_state(optimizer) -> tuple[dict, dict]:
     """(tensors, the JSON-able rest) of an optimizer's state. A state tensor whose rows are mostly
     exactly zero (`_used_rows`) is stored as its used rows and their indices (`<key>.rows`), and its
     shape under the entry's "rows"; `load_optimizer` puts the zeros back, so the state is restored bit
-    for bit. For the default student that leaves out most of the word embedding's two moments (about a
-    third of the optimizer's bytes)."""
+    for bit. For the default student that leaves out most of the word embedding's two moments."""
     import torch
 
     sd = optimizer.state_dict()

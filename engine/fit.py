@@ -192,12 +192,12 @@ def write_checkpoint(d: Path, *, current: dict, best: dict | None, optimizer: tu
                      state: dict) -> None:
     """The trainable weights (and the best epoch's, unless they are the current ones), the optimizer
     (`optimizer_state`'s pair) and `state` (JSON: where the run stands) into folder `d`."""
-    from safetensors.torch import save_file
+    from engine.tensorfile import write_safetensors  # past the page cache: the loop waits on these writes
 
-    save_file(current, str(d / CKPT_MODEL))
+    write_safetensors(current, d / CKPT_MODEL)
     if best is not None:
-        save_file(best, str(d / CKPT_BEST))
-    save_file(optimizer[0], str(d / CKPT_OPTIM))
+        write_safetensors(best, d / CKPT_BEST)
+    write_safetensors(optimizer[0], d / CKPT_OPTIM)
     (d / CKPT_STATE).write_text(json.dumps(dict(state, optimizer=optimizer[1], schedule_step=schedule_step)))
 
 

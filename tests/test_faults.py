@@ -237,3 +237,28 @@ def test_a_local_ray_runs_no_preemption_watcher(monkeypatch, tmp_path):
     runtime._init(RayConfig(address="ray://example:10001"))
     assert seen[0]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in seen[1]
+
+
+_NICE = """
+import os, sys
+from cluster import runtime
+from engine.config import RayConfig
+import ray
+runtime.init(RayConfig(num_cpus=1, temp_dir=sys.argv[1]))
+print("DRIVER", os.nice(0), "WORKER", ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)
+runtime.shutdown()
+"""
+
+
+def test_a_local_rays_workers_run_at_the_drivers_priority(tmp_path):
+    """Ray starts workers at nice 15, below its own daemons; on a few cores the students' worker then
+    loses its core whenever one of them wakes. A local Ray starts them at the driver's priority."""
+    temp = Path("/tmp") / f"rk-nice-{os.getpid()}"
+    try:
+        res = subprocess.run([sys.executable, "-c", _NICE, str(temp)], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    found = re.search(r"DRIVER (-?\d+) WORKER (-?\d+)", res.stdout)
+    assert found, res.stdout[-2000:] + res.stderr[-2000:]
+    assert found.group(1) == found.group(2)

@@ -20,6 +20,7 @@ raises its own error for them.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -29,30 +30,38 @@ from pathlib import Path
 ALIGN = 4096
 """Offsets and lengths of `O_DIRECT` writes are multiples of this (the largest usual logical block)."""
 BUFFER_BYTES = 8 << 20
-ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
-"""The order `save_file` (safetensors 0.8) lays dtypes out in, ties broken by name; others go to it."""
 
 _buffer: mmap.mmap | None = None
 
 
-def _dtype_names() -> dict:
+@functools.cache
+def _dtype_order() -> dict:
+    """torch dtype -> (its place in `save_file`'s layout, its safetensors name), read from safetensors
+    itself: one one-element tensor per dtype it knows, laid out by `save_file`, in the order of their
+    offsets. A dtype torch cannot make here is left out (its tensors go to `save_file`)."""
     import torch
     from safetensors import torch as st
 
-    names = {v: k for k, v in getattr(st, "_TYPES", {}).items()} or {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-        torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-    return {d: n for d, n in names.items() if n in ORDER}
+    probe = {}
+    for name, dtype in getattr(st, "_TYPES", {}).items():
+        try:
+            probe[name] = torch.zeros(1, dtype=dtype)
+        except (RuntimeError, TypeError):
+            continue
+    raw = st.save(probe)
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    laid = sorted(probe, key=lambda name: header[name]["data_offsets"][0])
+    return {probe[name].dtype: (i, name) for i, name in enumerate(laid)}
 
 
 def _layout(tensors: dict) -> tuple[bytes, list, int] | None:
-    """safetensors' own layout: tensors in the order `save_file` writes them (`ORDER`, then by name), the
-    JSON header padded with spaces to 8 bytes. None if `save_file` must decide (an unknown
-    dtype, a tensor sharing memory with another)."""
-    names, seen = _dtype_names(), set()
+    """safetensors' own layout: tensors in the order `save_file` writes them (by dtype, `_dtype_order`,
+    then by name), the JSON header padded with spaces to 8 bytes. None if `save_file` must decide (a
+    dtype it has no name for, a tensor sharing memory with another)."""
+    order, seen = _dtype_order(), set()
     items = []
     for k, t in tensors.items():
-        if t.dtype not in names:
+        if t.dtype not in order:
             return None
         if t.numel():
             ptr = t.untyped_storage().data_ptr()
@@ -60,11 +69,11 @@ def _layout(tensors: dict) -> tuple[bytes, list, int] | None:
                 return None
             seen.add(ptr)
         items.append((k, t))
-    items.sort(key=lambda kv: (ORDER.index(names[kv[1].dtype]), kv[0]))
+    items.sort(key=lambda kv: (order[kv[1].dtype][0], kv[0]))
     header, off = {}, 0
     for k, t in items:
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        header[k] = {"dtype": order[t.dtype][1], "shape": list(t.shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -88,7 +97,7 @@ def _direct_write(path: Path, head: bytes, items: list, total: int) -> None:
                 buf[fill:fill + k] = data[:k]
                 fill, data = fill + k, data[k:]
                 if fill == len(buf):
-                    os.write(fd, buf)
+                    _write_all(fd, buf)
                     fill = 0
 
         put(memoryview(head))
@@ -98,10 +107,17 @@ def _direct_write(path: Path, head: bytes, items: list, total: int) -> None:
         if fill:
             pad = -fill % ALIGN
             buf[fill:fill + pad] = bytes(pad)
-            os.write(fd, buf[:fill + pad])
+            _write_all(fd, buf[:fill + pad])
         os.ftruncate(fd, total)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, block: memoryview) -> None:
+    """One aligned block; a short write (no room left, say) is an error, never a silently torn file."""
+    n = os.write(fd, block)
+    if n != len(block):
+        raise OSError(errno.EIO, f"wrote {n} of {len(block)} bytes")
 
 
 def write_safetensors(tensors: dict, path: str | Path) -> None:
@@ -118,7 +134,8 @@ def write_safetensors(tensors: dict, path: str | Path) -> None:
             _direct_write(path, head, items, len(head) + n)
             return
         except OSError as err:
+            path.unlink(missing_ok=True)  # no part-written file is left behind
             if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
-            path.unlink(missing_ok=True)  # refused by the filesystem: write it the usual way
+            # refused by the filesystem: written the usual way below
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

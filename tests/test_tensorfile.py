@@ -63,9 +63,11 @@ def test_a_refused_write_midway_leaves_a_whole_file_not_a_torn_one(tmp_path, mon
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
+    monkeypatch.setattr(tensorfile.os, "O_DIRECT", 0, raising=False)  # the streaming path on any filesystem
     monkeypatch.setattr(tensorfile.os, "write", refusing_second_write)
     ts = mixed_tensors()
     tensorfile.write_safetensors(ts, tmp_path / "ours.safetensors")
+    assert len(calls) == 2  # the streaming path ran and was refused midway
     back = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(back[k], ts[k]) for k in ts)
 
@@ -76,3 +78,13 @@ def test_other_errors_and_shared_tensors_are_not_swallowed(tmp_path):
     w = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match="share memory"):  # safetensors' own refusal, as before
         tensorfile.write_safetensors({"a": w, "b": w}, tmp_path / "shared.safetensors")
+
+
+def test_a_short_write_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """A write that stops short (a full disk) raises, and the part-written file is removed."""
+    real_write = os.write
+    monkeypatch.setattr(tensorfile.os, "O_DIRECT", 0, raising=False)  # the streaming path on any filesystem
+    monkeypatch.setattr(tensorfile.os, "write", lambda fd, data: real_write(fd, data[: len(data) - 4096]))
+    with pytest.raises(OSError, match="wrote"):
+        tensorfile.write_safetensors(mixed_tensors(), tmp_path / "ours.safetensors")
+    assert not (tmp_path / "ours.safetensors").exists()

@@ -3,10 +3,12 @@
 A student's checkpoint (its weights and optimizer state, a few hundred MB for the default) is written
 every epoch while the training loop waits. Written the usual way, each byte first goes into fresh
 page-cache pages, and the kernel's cost of finding those pages, not the disk, decides how long the loop
-waits. On a 2-core VM that hands memory the guest freed back to its host, the default student's 178 MB
-checkpoint took 0.29 s through `safetensors.torch.save_file` and 0.13 s through this writer
-(`bench/tensorfile.py`), and inside a training run, where the loop's own memory churns too, the epoch's
-checkpoint hold fell from 0.5-2.8 s to 0.12-0.15 s (`bench/student.py`). The file is byte for byte what
+waits. On a 2-core VM that hands memory the guest freed back to its host, that cost swings with the
+machine's state: alone, the default student's 178 MB checkpoint took 0.06-0.41 s through
+`safetensors.torch.save_file` and a steady 0.12-0.17 s through this writer (`bench/tensorfile.py`, two
+runs); inside training, where the loop's own memory churns, the checkpoint held the loop 0.45-0.90 s an
+epoch through `save_file` and 0.10-0.14 s through this writer, in alternating runs of `bench/student.py`
+(`bench/results/student_xeon/checkpoint_writer_ab.json`). The file is byte for byte what
 `save_file` writes (the same header, the same order), so `safetensors.torch.load_file` reads it as ever.
 
 How: the header and the tensors' bytes are copied through one page-aligned buffer kept for the process

@@ -19,7 +19,9 @@ medians are compared, three ways:
   train only: the training part of the epochs alone (Ray) against a whole plain epoch.
   whole call: the whole fit() against the whole plain run: adds the per-run start-up (worker process,
               imports, process group), paid once per run and shared by every student of a stage.
-Ray's own start-up (`ray.init`) is timed apart.
+Ray's own start-up (`ray.init`) is timed apart. For each side it also records where the training's
+wall time went, per epoch: the process's CPU seconds in user and kernel mode and its page faults
+(`engine.fit.cpu_spent`), and compares the user CPU (the work itself) apart from the wall time.
 
 The plain loop runs in a new process each repeat (`--plain-in fresh`, the default; spawned, its
 start-up and imports not timed), as a Ray Train worker does every `fit()` and as a user's own script
@@ -85,8 +87,22 @@ def plain(cfg, model_path: str, splits: dict, spec, job, pad_id: int, out_dir: s
     epochs = [h["seconds"] + h["val_seconds"] for h in progress.history]
     timed = epochs[:-1] or epochs  # the epochs compared with Ray's (all but the last)
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "epoch_seconds": round(float(np.mean(timed)), 2),
-            "epochs": [round(e, 2) for e in epochs], "train_loss": progress.history[-1]["train_loss"],
+            "epochs": [round(e, 2) for e in epochs], "cpu": cpu_columns(progress.history),
+            "train_loss": progress.history[-1]["train_loss"],
             "best_epoch": done.best_epoch, "test_acc": done.metrics(splits)["test_acc"]}
+
+
+CPU_KEYS = ("seconds", "cpu_user_seconds", "cpu_system_seconds", "page_faults")
+
+
+def cpu_columns(history: list[dict]) -> dict:
+    """Per epoch, the training part's wall seconds, CPU seconds (user, kernel) and page faults."""
+    return {k: [h[k] for h in history] for k in CPU_KEYS}
+
+
+def cpu_summary(runs: list[dict], timed: int) -> dict:
+    """Medians over the repeats of the timed epochs' means: where an epoch's wall time went."""
+    return {k: float(np.median([np.mean(r["cpu"][k][:timed]) for r in runs])) for k in CPU_KEYS}
 
 
 def main() -> None:
@@ -142,7 +158,8 @@ def main() -> None:
                          "epoch_seconds": round(float(np.mean(train_s) + np.mean(val_s) + np.mean(held or [0.0])), 2),
                          "train_seconds": round(float(np.mean(train_s) + np.mean(val_s)), 2),
                          "checkpoint_hold_seconds": [round(x, 2) for x in held],
-                         "epochs": [round(h["seconds"], 2) for h in r["history"]], "test_acc": r["test_accuracy"]})
+                         "epochs": [round(h["seconds"], 2) for h in r["history"]], "cpu": cpu_columns(r["history"]),
+                         "test_acc": r["test_accuracy"]})
             print(f"[{i + 1}/{args.repeats}] plain {plains[-1]['wall_seconds']} s (epoch {plains[-1]['epoch_seconds']} s), "
                   f"ray {rays[-1]['wall_seconds']} s (epoch {rays[-1]['epoch_seconds']} s)", flush=True)
     finally:
@@ -170,6 +187,12 @@ def main() -> None:
         # speed drifted between runs; their median is a second reading of the same overhead.
         "ratio_epoch_pairs": [round(r["epoch_seconds"] / q["epoch_seconds"], 3) for r, q in zip(rays, plains, strict=True)],
         "target_ratio_epoch": 1.15,
+        # The training part of the timed epochs on each side (medians over repeats of their means): wall,
+        # CPU seconds in user and kernel mode and page faults of the process that trained (Ray's worker
+        # process includes Ray's own threads). User CPU is the work; kernel seconds that follow the page
+        # faults are first-touched memory, which a VM's host may back slowly.
+        "training_cpu": {"plain": cpu_summary(plains, max(1, args.epochs - 1)),
+                         "ray_train": cpu_summary(rays, max(1, args.epochs - 1))},
         "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": matmul_flags()},
         "versions": {k: md.version(k) for k in ("torch", "transformers", "ray")},
@@ -179,9 +202,15 @@ def main() -> None:
           f"(epoch {ray['epoch_seconds']} s with its checkpoint, {ray['train_seconds']} s training); "
           f"ray.init {ray['ray_init_seconds']} s")
     results["ratio_epoch_pair_median"] = round(float(np.median(results["ratio_epoch_pairs"])), 3)
+    tc = results["training_cpu"]
+    results["ratio_cpu_user"] = round(tc["ray_train"]["cpu_user_seconds"] / tc["plain"]["cpu_user_seconds"], 3)
+    for side, c in tc.items():
+        print(f"{side} training (timed epochs): {c['seconds']:.2f} s wall, {c['cpu_user_seconds']:.2f} s user, "
+              f"{c['cpu_system_seconds']:.2f} s system, {c['page_faults']:.0f} page faults")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"Ray Train / plain: epoch {results['ratio_epoch']} (target <= 1.15), training alone "
-          f"{results['ratio_train_only']}, whole call {results['ratio_whole_call']}; per repeat "
+          f"{results['ratio_train_only']}, whole call {results['ratio_whole_call']}, user CPU "
+          f"{results['ratio_cpu_user']}; per repeat "
           f"{results['ratio_epoch_pairs']} (median {results['ratio_epoch_pair_median']}); wrote {args.out}")
 
 

@@ -153,7 +153,8 @@ class StudentRecord:
     epochs: Optional[int] = None
     train_seconds: Optional[float] = None
     history: list = field(default_factory=list)
-    """Per epoch: epoch, train_loss, seconds, val_acc, val_loss, val_seconds."""
+    """Per epoch: epoch, train_loss, seconds, cpu_user_seconds, cpu_system_seconds, page_faults (the
+    training's, in its worker's process), val_acc, val_loss, val_seconds."""
     finetune: Optional[str] = None
     stage_seconds: Optional[float] = None
     """Its share of its Ray Train run's wall time."""

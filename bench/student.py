@@ -105,6 +105,11 @@ def cpu_summary(runs: list[dict], timed: int) -> dict:
     return {k: float(np.median([np.mean(r["cpu"][k][:timed]) for r in runs])) for k in CPU_KEYS}
 
 
+def ray_first(order: str, repeat: int) -> bool:
+    """Whether Ray Train runs first in repeat `repeat` (0-based)."""
+    return order == "ray-first" or (order == "alternate" and repeat % 2 == 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -112,6 +117,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help=">= 2: the last epoch's checkpoint hold is not recorded")
     ap.add_argument("--test-questions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--order", choices=("alternate", "plain-first", "ray-first"), default="alternate",
+                    help="which side runs first in each repeat (alternate: plain first in odd repeats)")
     ap.add_argument("--plain-in", choices=("fresh", "driver"), default="fresh",
                     help="run the plain loop in this process (driver) or in a new one per repeat (fresh)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -139,15 +146,25 @@ def main() -> None:
             storage = tempfile.mkdtemp(prefix="bench-student-")
             try:
                 plain_args = (cfg, model_path, splits, spec, job, tok.pad_token_id, storage)
-                if args.plain_in == "fresh":
-                    import multiprocessing as mp
 
-                    with mp.get_context("spawn").Pool(1) as pool:
-                        plains.append(pool.apply(plain, plain_args))
+                def run_plain(plain_args=plain_args):
+                    if args.plain_in == "fresh":
+                        import multiprocessing as mp
+
+                        with mp.get_context("spawn").Pool(1) as pool:
+                            return pool.apply(plain, plain_args)
+                    return plain(*plain_args)
+
+                def run_ray(storage=storage):
+                    return train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
+                                         pad_id=tok.pad_token_id, storage_dir=storage)
+
+                if ray_first(args.order, i):
+                    r = run_ray()
+                    plains.append(run_plain())
                 else:
-                    plains.append(plain(*plain_args))
-                r = train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
-                                  pad_id=tok.pad_token_id, storage_dir=storage)
+                    plains.append(run_plain())
+                    r = run_ray()
             finally:
                 shutil.rmtree(storage, ignore_errors=True)
             timed = max(1, args.epochs - 1)
@@ -179,7 +196,8 @@ def main() -> None:
         "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,
                     "dtype": pick_dtype(cfg.student.dtype, gpu=False)[0],
                     "epochs": args.epochs, "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.student.mode},
-        "plain_in": args.plain_in, "plain": p, "ray_train": ray,
+        "plain_in": args.plain_in, "order": args.order,
+        "ray_first": [ray_first(args.order, i) for i in range(args.repeats)], "plain": p, "ray_train": ray,
         "ratio_epoch": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
         "ratio_train_only": round(ray["train_seconds"] / p["train_seconds"], 3),
         "ratio_whole_call": round(ray["wall_seconds"] / p["wall_seconds"], 3),

@@ -16,7 +16,7 @@ import ray
 from engine import metrics
 from engine.brittleness import Variant, permute, spread, variants
 from engine.config import Config
-from engine.modes import prompt_mode
+from engine.identity import scores_probe
 from engine.probes import best_result, choice_probs, fit_probe
 from engine.results import ProbeStage
 from engine.sequences import Sequences, build_sequences
@@ -61,8 +61,11 @@ def _states(run, layer: int, seqs_list: list[Sequences]) -> list[np.ndarray]:
 def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[np.ndarray],
                 probes: ProbeStage | None) -> dict:
     """Accuracies of every variant: the teacher's from `teacher_logp` ((Q, C_max) letter log-probs per
-    variant, from vLLM) and, in letter mode (`has_letter_labels`), the probe's: the best single-layer
-    result on validation in the probe stage's `per_layer`, refitted on train and applied to each variant's states at its layer.
+    variant, from vLLM) and, where the baseline's identity holds the probe's (`engine.identity.scores_probe`:
+    letter mode with `baseline.formats`), the probe's: the best single-layer result on validation in the
+    probe stage's `per_layer`, refitted on train and applied to each variant's states at its layer. A table
+    of choice orders alone has no probe column, whichever command made it and whether `probes` is given, so
+    a reused baseline never shows a probe its identity does not name.
 
     Returns {"n_questions", "probe", "rows": [{variant, answer_format, permutation, teacher_acc,
     probe_acc}], "spread": {"teacher": {...}, "probe": {...} | None}}.
@@ -71,7 +74,7 @@ def brittleness(run, asked: list[tuple[Variant, Sequences]], teacher_logp: list[
              "teacher_acc": metrics.accuracy(metrics.softmax_rows(lp), seqs.answer), "probe_acc": None}
             for (v, seqs), lp in zip(asked, teacher_logp)]
     probe_info: dict[str, Any] | None = None
-    if probes is not None and prompt_mode(run.cfg.prompt.mode).has_letter_labels and asked:
+    if probes is not None and scores_probe(run.cfg) and asked:
         best = best_result(probes.per_layer)
         layer, family, C = int(best["layer"]), best.get("family", "logreg"), float(best["C"])
         probe = _probe_at(run, layer, family, C)

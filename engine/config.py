@@ -315,7 +315,8 @@ class BaselineConfig:
     """Fraction of GPU memory vLLM may take on a GPU."""
     formats: tuple[str, ...] = field(default=(" {letter}", "{letter}", "({letter})", "{number}."), metadata=decides("baseline"))
     """Brittleness table: answer formats the same test questions are asked in (letter prompts), each
-    scored by the teacher's letter logits and, in letter mode, by the chosen probe. Empty: no table."""
+    scored by the teacher's letter logits and, in letter mode, by the chosen probe. Empty: the table
+    has the choice orders only, scored by the teacher alone; with permutations 0 too, no table."""
     permutations: int = field(default=3, metadata=decides("baseline"))
     """Brittleness table: random choice orders (seeded), asked under prompt.answer_format."""
 

@@ -41,6 +41,32 @@ def test_spread():
     assert spread([None, None]) is None
 
 
+def test_a_table_of_choice_orders_alone_has_no_probe_column():
+    """Letter mode, `baseline.formats: []`, permutations 2: the baseline's identity does not name the probe
+    (`scores_probe`), so its table scores the teacher only, even when `distill run` hands it the probe
+    stage; with formats it would score the probe (never reached here: `probes` is a sentinel)."""
+    from types import SimpleNamespace
+
+    from cluster.brittleness import brittleness
+    from engine.config import load
+    from engine.identity import identity, scores_probe
+    from engine.sequences import Sequences
+
+    cfg = load("configs/tiny.yaml", ["prompt.mode=letter", "probe.families=[logreg]", "baseline.formats=[]",
+                                     "baseline.permutations=2"])
+    assert not scores_probe(cfg) and "probe" not in identity(cfg, "baseline")
+    seqs = Sequences(mode="letter", ids=[np.arange(3)] * 2, start=np.zeros(2, dtype=np.int64),
+                     row_question=np.arange(2), row_choice=np.zeros(2, dtype=np.int64),
+                     n_choices=np.array([2, 2]), answer=np.array([0, 1]), letter_ids=np.array([5, 6]))
+    asked = [(v, seqs) for v in variants((), " {letter}", 2)]
+    logp = [np.log(np.array([[0.9, 0.1], [0.2, 0.8]]))] * 2
+    out = brittleness(SimpleNamespace(cfg=cfg), asked, logp, probes=object())
+    assert out["probe"] is None and [r["probe_acc"] for r in out["rows"]] == [None, None]
+    assert [r["teacher_acc"] for r in out["rows"]] == [1.0, 1.0] and out["spread"]["probe"] is None
+    with_formats = load("configs/tiny.yaml", ["prompt.mode=letter", "probe.families=[logreg]"])
+    assert scores_probe(with_formats) and "probe" in identity(with_formats, "baseline")
+
+
 @pytest.mark.slow
 def test_letter_mode_table_end_to_end(tmp_path, tiny_model):
     """`distill baseline` in letter mode prints the table; the data's own format and order reproduce

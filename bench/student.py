@@ -23,6 +23,14 @@ Ray's own start-up (`ray.init`) is timed apart. For each side it also records wh
 wall time went, per epoch: the process's CPU seconds in user and kernel mode and its page faults
 (`engine.fit.cpu_spent`), and compares the user CPU (the work itself) apart from the wall time.
 
+On a VM guest that hands freed memory back to its host (free page reporting: `bench/memory_state.py`),
+a new process's memory costs 0.2 s per GiB where a process freed it a second earlier and 3-7 s where it
+has been free for a few seconds, so the first epoch of each side depends on what ran before it and
+when. Run back to back, the side that ran second could start on memory the first had just freed.
+`--settle` (10 s by default) waits before each side, so that neither does; `--settle 0` is the earlier
+protocol. The machine's reporting state is recorded with the figures, and `ratio_train_by_epoch` gives
+the training's ratio epoch by epoch (the first carries each process's first touch of its memory).
+
 The plain loop runs in a new process each repeat (`--plain-in fresh`, the default; spawned, its
 start-up and imports not timed), as a Ray Train worker does every `fit()` and as a user's own script
 would. `--plain-in driver` runs it in this process instead, as this bench did before: there the Ray
@@ -53,7 +61,7 @@ from engine import fit, labels  # noqa: E402
 from engine import student as st  # noqa: E402
 from engine import student_folder as sf  # noqa: E402
 from engine.config import load  # noqa: E402
-from engine.hardware import matmul_flags, pick_dtype  # noqa: E402
+from engine.hardware import free_page_reporting, matmul_flags, pick_dtype  # noqa: E402
 from engine.models import resolve_model  # noqa: E402
 from engine.tasks import load_role  # noqa: E402
 
@@ -92,11 +100,12 @@ def plain(cfg, model_path: str, splits: dict, spec, job, pad_id: int, out_dir: s
             "best_epoch": done.best_epoch, "test_acc": done.metrics(splits)["test_acc"]}
 
 
-CPU_KEYS = ("seconds", "cpu_user_seconds", "cpu_system_seconds", "page_faults")
+CPU_KEYS = ("seconds", "cpu_user_seconds", "cpu_system_seconds", "page_faults", "peak_rss_mib")
 
 
 def cpu_columns(history: list[dict]) -> dict:
-    """Per epoch, the training part's wall seconds, CPU seconds (user, kernel) and page faults."""
+    """Per epoch, the training part's wall seconds, CPU seconds (user, kernel), page faults and the
+    process's peak resident memory so far."""
     return {k: [h[k] for h in history] for k in CPU_KEYS}
 
 
@@ -121,6 +130,8 @@ def main() -> None:
                     help="which side runs first in each repeat (alternate: plain first in odd repeats)")
     ap.add_argument("--plain-in", choices=("fresh", "driver"), default="fresh",
                     help="run the plain loop in this process (driver) or in a new one per repeat (fresh)")
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="seconds to wait before each side, so that both start from the same memory state (0: none)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cfg = load(args.config, [f"student.epochs={args.epochs}", "student.num_workers=1", "student.label_sources=[gold]"])
@@ -148,6 +159,7 @@ def main() -> None:
                 plain_args = (cfg, model_path, splits, spec, job, tok.pad_token_id, storage)
 
                 def run_plain(plain_args=plain_args):
+                    time.sleep(args.settle)
                     if args.plain_in == "fresh":
                         import multiprocessing as mp
 
@@ -156,6 +168,7 @@ def main() -> None:
                     return plain(*plain_args)
 
                 def run_ray(storage=storage):
+                    time.sleep(args.settle)
                     return train_student(cfg.student, job, model_path=model_path, splits=splits, spec=spec,
                                          pad_id=tok.pad_token_id, storage_dir=storage)
 
@@ -196,7 +209,7 @@ def main() -> None:
         "student": {"model": cfg.student.model, "finetune": cfg.student.finetune, "batch_size": cfg.student.batch_size,
                     "dtype": pick_dtype(cfg.student.dtype, gpu=False)[0],
                     "epochs": args.epochs, "cpus_per_worker": cfg.student.cpus_per_worker, "mode": cfg.student.mode},
-        "plain_in": args.plain_in, "order": args.order,
+        "plain_in": args.plain_in, "order": args.order, "settle_seconds": args.settle,
         "ray_first": [ray_first(args.order, i) for i in range(args.repeats)], "plain": p, "ray_train": ray,
         "ratio_epoch": round(ray["epoch_seconds"] / p["epoch_seconds"], 3),
         "ratio_train_only": round(ray["train_seconds"] / p["train_seconds"], 3),
@@ -212,7 +225,8 @@ def main() -> None:
         "training_cpu": {"plain": cpu_summary(plains, max(1, args.epochs - 1)),
                          "ray_train": cpu_summary(rays, max(1, args.epochs - 1))},
         "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": matmul_flags()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": matmul_flags(),
+                    "free_page_reporting": free_page_reporting()},
         "versions": {k: md.version(k) for k in ("torch", "transformers", "ray")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,16 +234,23 @@ def main() -> None:
           f"(epoch {ray['epoch_seconds']} s with its checkpoint, {ray['train_seconds']} s training); "
           f"ray.init {ray['ray_init_seconds']} s")
     results["ratio_epoch_pair_median"] = round(float(np.median(results["ratio_epoch_pairs"])), 3)
+    # Epoch by epoch, the training part's ratio (median over repeats): the first epoch carries each
+    # process's first touch of its memory, the later ones the steady state.
+    results["ratio_train_by_epoch"] = [
+        round(float(np.median([r["cpu"]["seconds"][e] / q["cpu"]["seconds"][e] for r, q in zip(rays, plains, strict=True)])), 3)
+        for e in range(args.epochs)]
     tc = results["training_cpu"]
     results["ratio_cpu_user"] = round(tc["ray_train"]["cpu_user_seconds"] / tc["plain"]["cpu_user_seconds"], 3)
     for side, c in tc.items():
         print(f"{side} training (timed epochs): {c['seconds']:.2f} s wall, {c['cpu_user_seconds']:.2f} s user, "
-              f"{c['cpu_system_seconds']:.2f} s system, {c['page_faults']:.0f} page faults")
+              f"{c['cpu_system_seconds']:.2f} s system, {c['page_faults']:.0f} page faults, "
+              f"peak resident {c['peak_rss_mib']:.0f} MiB")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"Ray Train / plain: epoch {results['ratio_epoch']} (target <= 1.15), training alone "
           f"{results['ratio_train_only']}, whole call {results['ratio_whole_call']}, user CPU "
           f"{results['ratio_cpu_user']}; per repeat "
-          f"{results['ratio_epoch_pairs']} (median {results['ratio_epoch_pair_median']}); wrote {args.out}")
+          f"{results['ratio_epoch_pairs']} (median {results['ratio_epoch_pair_median']}); training by epoch "
+          f"{results['ratio_train_by_epoch']}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -291,12 +291,23 @@ def cpu_now() -> tuple[float, float, int]:
 
 
 def cpu_spent(since: tuple[float, float, int]) -> dict:
-    """The epoch's entries for CPU time and page faults since `cpu_now()` gave `since`. Wall time an
-    epoch spends beyond its CPU seconds per thread is waiting; kernel seconds that swing with page
-    faults are the machine's memory (on a VM, host memory backing first-touched pages)."""
+    """The epoch's entries for CPU time and page faults since `cpu_now()` gave `since`, and the peak
+    resident memory so far. Wall time an epoch spends beyond its CPU seconds per thread is waiting;
+    kernel seconds that swing with page faults are the machine's memory (on a VM, host memory backing
+    first-touched pages)."""
     u, s_, f = cpu_now()
     return {"cpu_user_seconds": round(u - since[0], 3), "cpu_system_seconds": round(s_ - since[1], 3),
-            "page_faults": int(f - since[2])}
+            "page_faults": int(f - since[2]), "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """The most memory this process has held resident so far, in MiB (0 where `resource` is missing):
+    with `page_faults`, how much memory an epoch touched for the first time."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def steps_per_epoch(n_questions: int, world: int, batch_size: int) -> int:

@@ -95,6 +95,23 @@ def kernel_isa() -> dict[str, str]:
     return {"torch": torch.backends.cpu.get_cpu_capability(), **{k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
 
 
+def free_page_reporting(sys_root: str = "/sys") -> dict:
+    """Whether this machine is a VM guest that hands freed memory back to its host (Linux free page
+    reporting, through virtio-balloon): there, memory that has stayed free for a couple of seconds is
+    returned, and the first write to it afterwards waits on the host (measured on a 2-core Xeon guest:
+    3-7 s of kernel time per GiB, against 0.2 s for memory freed a second earlier;
+    `bench/memory_state.py`). Written down with a timed figure, since it decides how much a new
+    process's memory costs. `reporting`: whether a balloon device reports free pages; `order`: the smallest
+    block it reports (2**order pages of 4 KiB), None where nothing is reported."""
+    from pathlib import Path
+
+    order = Path(sys_root, "module/page_reporting/parameters/page_reporting_order")
+    # A virtio device's `features` is a string of bits; VIRTIO_BALLOON_F_REPORTING is bit 5.
+    balloons = sorted(Path(sys_root, "bus/virtio/drivers/virtio_balloon").glob("virtio*/features"))
+    on = any(len(bits := f.read_text().strip()) > 5 and bits[5] == "1" for f in balloons)
+    return {"reporting": on, "order": int(order.read_text()) if on and order.exists() else None}
+
+
 def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int = 1536, reps: int = 3,
                   trials: int = 5) -> float:
     """Measured GEMM rate (GFLOP/s) of one (m, k) x (k, n) matmul in `dtype` with torch's current threads:

@@ -154,7 +154,8 @@ class StudentRecord:
     train_seconds: Optional[float] = None
     history: list = field(default_factory=list)
     """Per epoch: epoch, train_loss, seconds, cpu_user_seconds, cpu_system_seconds, page_faults (the
-    training's, in its worker's process), val_acc, val_loss, val_seconds."""
+    training's, in its worker's process), peak_rss_mib (that process's, so far), val_acc, val_loss,
+    val_seconds."""
     finetune: Optional[str] = None
     stage_seconds: Optional[float] = None
     """Its share of its Ray Train run's wall time."""

@@ -108,6 +108,24 @@ def test_seeds_share_a_store_the_sample_seed_does_not():
     assert a != store_identity(load("configs/default.yaml", ["data.sample_seed=7"]))
 
 
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    """The machine fact written beside timed figures: a virtio balloon reports free pages when bit 5 of
+    its features (VIRTIO_BALLOON_F_REPORTING) is set; the order is read only then."""
+    from engine.hardware import free_page_reporting
+
+    assert free_page_reporting(str(tmp_path)) == {"reporting": False, "order": None}  # bare metal: no balloon
+    order = tmp_path / "module/page_reporting/parameters/page_reporting_order"
+    order.parent.mkdir(parents=True)
+    order.write_text("9\n")
+    dev = tmp_path / "bus/virtio/drivers/virtio_balloon/virtio0"
+    dev.mkdir(parents=True)
+    (dev / "features").write_text("0110000" + "0" * 25 + "1" + "0" * 31 + "\n")  # stats, deflate-on-OOM; no reporting
+    assert free_page_reporting(str(tmp_path)) == {"reporting": False, "order": None}
+    (dev / "features").write_text("0110010" + "0" * 25 + "1" + "0" * 31 + "\n")
+    assert free_page_reporting(str(tmp_path)) == {"reporting": True, "order": 9}
+    assert set(free_page_reporting()) == {"reporting", "order"}  # this machine's, whatever it is
+
+
 def test_dtype_auto_is_decided_by_a_checkable_fact():
     from engine.config import from_dict, store_identity
     from engine.hardware import pick_dtype, resolve

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import zlib
@@ -108,6 +109,13 @@ def build_tiny_bert(out: Path, *, layers: int = 2, hidden: int = 64, vocab: int 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def ctrl_c_reaches_the_child() -> None:
+    """`preexec_fn` for a child the test stops with SIGINT: a shell starts background jobs (`cmd &`,
+    nohup) with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt
+    handler, so the Ctrl-C would never arrive. A foreground run (CI) is unaffected."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 EXTRACT_CHUNK_ROWS = 8  # many chunks on the tiny config: room to kill a run between two of them

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_same_store, distill, extract_args
+from conftest import REPO, assert_same_store, ctrl_c_reaches_the_child, distill, extract_args
 
 from engine import store
 
@@ -29,7 +29,7 @@ def _one_line(stderr: str, pattern: str) -> str:
 
 def _start(args: list[str], err: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=open(err, "w"), text=True)
+                            stderr=open(err, "w"), text=True, preexec_fn=ctrl_c_reaches_the_child)
 
 
 def _read_until(proc: subprocess.Popen, needle: str, times: int = 1) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import ctrl_c_reaches_the_child
 from test_store import IDENTITY, _fill, _seqs
 
 from cluster import failures
@@ -197,7 +198,8 @@ def test_sigterm_and_sigint_leave_the_lock_free(tmp_path):
             print("HELD", flush=True)
             time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_the_child)
     assert proc.stdout.readline().strip() == "HELD"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

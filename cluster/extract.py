@@ -23,6 +23,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.runtime import KEEP_MEMORY_ENV
 from engine import store
 from engine.config import Config, ConfigError, ExtractConfig, config_hash, store_identity, to_dict
 from engine.log import WARNING, Progress, log, progress
@@ -53,7 +54,8 @@ class TeacherActor:
         self.forward_lock = threading.Lock()
         ctx = ray.get_runtime_context()
         self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
-                      "gpus": [str(g) for g in ray.get_gpu_ids()]}
+                      "gpus": [str(g) for g in ray.get_gpu_ids()],
+                      "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
 
     def info(self) -> dict:
         return self.where
@@ -83,6 +85,17 @@ def teacher_devices(gpus_per_replica: float, cuda: bool) -> tuple[str | None, st
     if not cuda or gpus_per_replica <= 0:
         return None, None
     return ("auto", None) if gpus_per_replica > 1 else (None, "cuda")
+
+
+REPLICA_ENV = {"MALLOC_ARENA_MAX": "1"}
+"""A replica runs its forwards in the actor's own threads (`max_concurrency`), to which glibc gives
+arenas of their own, trimmed back to the OS eagerly; with one arena they share the main heap."""
+
+
+def replica_env(gpus_per_replica: float) -> dict[str, str]:
+    """The environment a teacher replica's process starts with (read by glibc at start-up): one malloc
+    arena, and on CPU the freed memory kept (`cluster.runtime.KEEP_MEMORY_ENV`)."""
+    return dict(REPLICA_ENV) if gpus_per_replica else {**REPLICA_ENV, **KEEP_MEMORY_ENV}
 
 
 def replica_bundles(e: ExtractConfig) -> list[dict[str, float]]:
@@ -132,7 +145,7 @@ class ReplicaPool:
         return (
             ray.remote(self.actor_cls)
             .options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica, max_restarts=0,
-                     max_concurrency=PIPELINE_DEPTH,
+                     max_concurrency=PIPELINE_DEPTH, runtime_env={"env_vars": replica_env(e.gpus_per_replica)},
                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
             .remote(*self.args, i)
         )

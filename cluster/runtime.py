@@ -21,6 +21,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weight
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(64 << 20)}
+"""glibc settings for a worker process that computes on CPU (a Ray Train worker, a teacher replica):
+keep the memory it frees. No `mmap` for large blocks and no trimming of the heap, which grows 64 MB at a
+time; each step's activations are then carved from pages the process already has, instead of fresh
+zeroed pages the kernel must fault in (and a VM's host back) every step. The process holds its peak
+until it exits. Not for GPU workers, whose host memory is only a passage."""
+
+
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker gets: the repo on the path and quiet, bounded threading."""
     keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH", "TOKENIZERS_PARALLELISM",

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import runtime
 from engine import fit
 from engine.config import StudentConfig, config_hash, to_dict
 from engine.fit import StudentJob
@@ -125,7 +126,7 @@ trims back to the OS eagerly, so the loop's activation buffers kept being unmapp
 plain. With the one (main) arena, as the plain loop in a main thread has, its epochs took 12-15 s
 (`bench/results/student.json`)."""
 
-CPU_WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(64 << 20)}
+CPU_WORKER_ENV = runtime.KEEP_MEMORY_ENV
 """Workers that train on CPU also keep the memory glibc hands back: no `mmap` for large blocks and no
 trimming of the heap, which grows 64 MB at a time. An epoch's activations and gradients are then carved
 from pages the process already has, instead of fresh zeroed pages the kernel must fault in (and a VM's host

@@ -93,7 +93,7 @@ def test_sigkill_then_resume_gives_the_same_store(tmp_path, tiny_model, extract_
 @pytest.mark.slow
 def test_replica_dying_mid_chunk_costs_no_rows(tmp_path, tiny_model, extract_reference):
     from cluster import pipeline, runtime
-    from cluster.extract import TeacherActor
+    from cluster.extract import TeacherActor, replica_env
     from engine.config import load
 
     marker = tmp_path / "died-once"
@@ -130,3 +130,5 @@ def test_replica_dying_mid_chunk_costs_no_rows(tmp_path, tiny_model, extract_ref
     assert len(done) == len(set(done))  # every chunk marked done exactly once
     assert ["validation", 2] in [[n, c] for n, c, _, tries in log["chunks"] if tries >= 1]
     assert sorted({r["replica"] for r in log["replicas"]}) == [0, 1]
+    # Replicas on CPU keep the memory they free and share one malloc arena (recorded per replica).
+    assert all(r["malloc"] == replica_env(0) for r in log["replicas"])

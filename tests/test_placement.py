@@ -9,6 +9,7 @@ import zarr
 from conftest import REPO, assert_same_store, extract_args
 
 from cluster import pipeline, runtime  # before ray loads: runtime sets Ray's environment (127.0.0.1 binding)
+from cluster.extract import replica_env
 
 
 @pytest.mark.slow
@@ -44,6 +45,7 @@ def test_replicas_land_where_the_config_says(tmp_path, tiny_model, extract_refer
     replicas = log["replicas"]
     assert len(nodes) == 2 and {r["node"] for r in replicas} <= nodes
     assert sorted(Counter(r["node"] for r in replicas).values()) == per_node
+    assert all(r["malloc"] == replica_env(1) == {"MALLOC_ARENA_MAX": "1"} for r in replicas)  # GPU: no kept memory
     for node in {r["node"] for r in replicas}:  # one logical GPU each, none shared on a node
         gpus = [g for r in replicas if r["node"] == node for g in r["gpus"]]
         assert all(len(r["gpus"]) == 1 for r in replicas) and len(gpus) == len(set(gpus))

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from cluster.baseline import build_pairs, model_len_for, score_sequences, start_scorer
+from cluster.runtime import KEEP_MEMORY_ENV
 from engine.config import BaselineConfig, PromptConfig
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import Example
@@ -83,8 +84,10 @@ def test_scores_match_transformers(local_ray, tiny_model, seqs):
     actor = start_scorer(str(tiny_model), CFG, model_len_for(*seqs.values()), num_cpus=2)
     try:
         res = {k: score_sequences(str(tiny_model), v, CFG, num_cpus=2, scorer=actor) for k, v in seqs.items()}
+        malloc = ray.get(actor.malloc.remote())
     finally:
         ray.kill(actor)
+    assert malloc == KEEP_MEMORY_ENV  # on CPU the scorer keeps the memory it frees
     wait_cpus_free()
 
     assert res["per_choice"].scores.shape == (per.n_rows,)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster.runtime import KEEP_MEMORY_ENV
+from cluster import runtime
 from engine.config import BaselineConfig
 from engine.log import Progress, log, progress
 from engine.modes import prompt_mode
@@ -103,7 +103,7 @@ class VLLMScorer:
 
     def malloc(self) -> dict[str, str]:
         """The glibc settings this actor (and the engine process it starts) runs with."""
-        return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+        return runtime.malloc_settings()
 
     def letters(self, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int]) -> np.ndarray:
         """(Q, len(letter_ids)) float64: log p(label token | prompt) from one generated token."""
@@ -170,10 +170,8 @@ def start_scorer(
     model_dir: str, cfg: BaselineConfig, max_model_len: int, *, num_cpus: int, num_gpus: float = 0
 ) -> Any:
     """Start a `VLLMScorer` actor with these resources and wait until its engine is up. On CPU it keeps
-    the memory it frees (`cluster.runtime.KEEP_MEMORY_ENV`): on the default, seven alternating runs of
-    `distill baseline` scored the cross-check at 1603-1928 tok/s (4 runs) against 1421-1506 (3) without
-    it, the same scores (2-core Xeon, bf16; `bench/results/baseline_keep_memory_ab.json`)."""
-    env = {} if num_gpus else dict(KEEP_MEMORY_ENV)
+    the memory it frees (`cluster.runtime.KEEP_MEMORY_ENV`)."""
+    env = runtime.compute_env(bool(num_gpus), one_arena=False)  # measured without it
     actor = ray.remote(VLLMScorer).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env})
     actor = actor.remote(str(model_dir), cfg, max_model_len)
     try:

@@ -23,7 +23,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.runtime import KEEP_MEMORY_ENV
+from cluster import runtime
 from engine import store
 from engine.config import Config, ConfigError, ExtractConfig, config_hash, store_identity, to_dict
 from engine.log import WARNING, Progress, log, progress
@@ -55,7 +55,7 @@ class TeacherActor:
         ctx = ray.get_runtime_context()
         self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
                       "gpus": [str(g) for g in ray.get_gpu_ids()],
-                      "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
+                      "malloc": runtime.malloc_settings()}
 
     def info(self) -> dict:
         return self.where
@@ -87,15 +87,11 @@ def teacher_devices(gpus_per_replica: float, cuda: bool) -> tuple[str | None, st
     return ("auto", None) if gpus_per_replica > 1 else (None, "cuda")
 
 
-REPLICA_ENV = {"MALLOC_ARENA_MAX": "1"}
-"""A replica runs its forwards in the actor's own threads (`max_concurrency`), to which glibc gives
-arenas of their own, trimmed back to the OS eagerly; with one arena they share the main heap."""
-
-
 def replica_env(gpus_per_replica: float) -> dict[str, str]:
-    """The environment a teacher replica's process starts with (read by glibc at start-up): one malloc
-    arena, and on CPU the freed memory kept (`cluster.runtime.KEEP_MEMORY_ENV`)."""
-    return dict(REPLICA_ENV) if gpus_per_replica else {**REPLICA_ENV, **KEEP_MEMORY_ENV}
+    """The environment a teacher replica's process starts with: it runs its forwards in the actor's own
+    threads (`max_concurrency`), so one malloc arena, and on CPU the freed memory kept
+    (`cluster.runtime.compute_env`)."""
+    return runtime.compute_env(bool(gpus_per_replica))
 
 
 def replica_bundles(e: ExtractConfig) -> list[dict[str, float]]:

@@ -21,12 +21,35 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weight
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
+"""glibc settings for a worker process that computes in a thread other than its main one (Ray Train's
+loop, a threaded actor's methods): glibc gives such a thread a malloc arena of its own, made of 64 MB
+heaps that it trims back to the OS eagerly, so each step's buffers were unmapped and faulted back in
+(zeroed pages). In a Ray Train worker that ran at 1.5-1.8 of its 2 cores, its first epoch 21-28 s against
+14-15 s plain; with the one (main) arena, as a plain loop in a main thread has, 12-15 s
+(`bench/results/student.json` of that time)."""
+
 KEEP_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(64 << 20)}
-"""glibc settings for a worker process that computes on CPU (a Ray Train worker, a teacher replica):
-keep the memory it frees. No `mmap` for large blocks and no trimming of the heap, which grows 64 MB at a
-time; each step's activations are then carved from pages the process already has, instead of fresh
-zeroed pages the kernel must fault in (and a VM's host back) every step. The process holds its peak
-until it exits. Not for GPU workers, whose host memory is only a passage."""
+"""glibc settings for a worker process that computes on CPU: keep the memory it frees. No `mmap` for
+large blocks and no trimming of the heap, which grows 64 MB at a time; each step's activations are then
+carved from pages the process already has, instead of fresh zeroed pages the kernel must fault in (and a
+VM's host back) every step. The process holds its peak until it exits. Measured in alternating runs:
+Ray Train's worker, second epochs 11.8-12.4 s against 12.2-12.9 s, third 11.0-11.2 s against 11.5-12.0 s
+(`bench/results/student_xeon/keep_memory_ab.json`); a teacher replica, 1811-1955 tok/s against 1710-1812
+(`bench/results/extract_keep_memory_ab.json`); the vLLM scorer, 1603-1928 tok/s against 1421-1506
+(`bench/results/baseline_keep_memory_ab.json`). Not for GPU workers, whose host memory is only a
+passage (a model loaded there would stay held after it moved to the GPU)."""
+
+
+def compute_env(gpu: bool, *, one_arena: bool = True) -> dict[str, str]:
+    """glibc settings a compute worker starts with (read at start-up): `ONE_ARENA_ENV` where it works in
+    a thread of its own, and on CPU `KEEP_MEMORY_ENV`."""
+    return {**(ONE_ARENA_ENV if one_arena else {}), **({} if gpu else KEEP_MEMORY_ENV)}
+
+
+def malloc_settings() -> dict[str, str]:
+    """The glibc malloc settings this process runs with (recorded by workers that got `compute_env`)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
 
 
 def worker_env() -> dict[str, str]:

@@ -114,33 +114,18 @@ def _student_config(d: dict) -> StudentConfig:
     return StudentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
-TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+TRAIN_WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 """A Ray Train worker runs the loop in a thread of its own, which sets its own thread count
 (`student.cpus_per_worker`). With Ray's default (the worker's CPUs) the worker's main thread may keep a
 second OpenMP pool, and libgomp, seeing more threads than cores, stops spinning between parallel
 regions; with one thread for the main thread the loop's pool is the only one (`bench/omp_threads.py`).
-
-`MALLOC_ARENA_MAX=1`: glibc gives a second thread its own malloc arena, made of 64 MB heaps that it
-trims back to the OS eagerly, so the loop's activation buffers kept being unmapped and faulted back in
-(zeroed pages): the worker ran at 1.5-1.8 of its 2 cores and its first epoch took 21-28 s against 14-15 s
-plain. With the one (main) arena, as the plain loop in a main thread has, its epochs took 12-15 s
-(`bench/results/student.json`)."""
-
-CPU_WORKER_ENV = runtime.KEEP_MEMORY_ENV
-"""Workers that train on CPU also keep the memory glibc hands back: no `mmap` for large blocks and no
-trimming of the heap, which grows 64 MB at a time. An epoch's activations and gradients are then carved
-from pages the process already has, instead of fresh zeroed pages the kernel must fault in (and a VM's host
-back) every step; the process holds its peak (the training's working set, which the model in host memory
-needs anyway) until it exits. Alternating runs of `bench/student.py` (`bench/results/student_xeon/
-keep_memory_ab.json`): the worker's second epochs 11.8-12.4 s against 12.2-12.9 s, third 11.0-11.2 s
-against 11.5-12.0 s, page faults of a third epoch at most 14 thousand against 71-128 thousand. Not on
-GPU workers, whose host memory is only a passage (a model loaded there would stay held after it moved
-to the GPU)."""
+For the same reason, the loop's thread, the worker gets one malloc arena, and on CPU keeps the memory it
+frees (`cluster.runtime.compute_env`)."""
 
 
 def train_worker_env(use_gpu: bool) -> dict[str, str]:
     """The environment a Ray Train worker process starts with (read by glibc and libgomp at start-up)."""
-    return dict(TRAIN_WORKER_ENV) if use_gpu else {**TRAIN_WORKER_ENV, **CPU_WORKER_ENV}
+    return {**TRAIN_WORKER_ENV, **runtime.compute_env(use_gpu)}
 
 
 def _train_loop(config: dict) -> None:

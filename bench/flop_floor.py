@@ -40,12 +40,12 @@ ROLES = ("train", "validation", "test")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", default=str(REPO / "configs" / "default.yaml"))
+    ap.add_argument("config", nargs="?", default="configs/default.yaml")
     ap.add_argument("--gflops", type=float, nargs="+", default=[72.4],
                     help="GEMM rates (GFLOP/s) to divide by; 72.4: the AVX2-only machine (bench/results/cpu_budget.json)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    cfg = load(args.config)
+    cfg = load(args.config if Path(args.config).exists() else REPO / args.config)
     if cfg.student.finetune != "full":
         raise SystemExit(f"student.finetune: {cfg.student.finetune!r}; this count is for 'full' fine-tuning")
     examples = {role: load_role(cfg.data, role) for role in ROLES}

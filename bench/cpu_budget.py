@@ -1,6 +1,7 @@
 """Why the default is sized as it is: matmul speed by dtype, teacher forward speed, packed token counts.
 
     .venv/bin/python bench/cpu_budget.py            # prints and writes bench/results/cpu_budget.json
+    .venv/bin/python bench/cpu_budget.py --out F    # elsewhere (e.g. with engine.hardware.ISA_LIMITS set)
 
 Figures: fp32 vs bf16 matmul GFLOP/s (the teacher's MLP shape), the packaged teacher's forward in
 tokens/s with all hidden states (fp32 and bf16, per-choice packed rows), and ARC-Easy token counts
@@ -9,9 +10,11 @@ per split for per-choice rows unpacked vs packed (shared question prefix encoded
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, PromptConfig, TeacherConfig
-from engine.hardware import matmul_flags, matmul_gflops
+from engine.hardware import kernel_isa, matmul_flags, matmul_gflops
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.sequences import build_sequences
 from engine.tasks import load_split
@@ -38,9 +41,14 @@ def forward_tokens_per_s(path: str, dtype: str, seqs, rows: np.ndarray, pad_id: 
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    res: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__}}
+    res: dict = {"command": " ".join(["python", "bench/cpu_budget.py", *sys.argv[1:]]),
+                 "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__}}
     res["machine"]["isa"] = matmul_flags()
+    res["machine"]["kernel_isa"] = kernel_isa()
     res["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("float32", "bfloat16")}
     print("matmul GFLOP/s:", res["matmul_gflops"], flush=True)
 
@@ -65,9 +73,9 @@ def main() -> None:
     }
     print("teacher forward tokens/s (30 hidden states, packed per-choice, 40 questions):",
           res["teacher_forward_tokens_per_s"], flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

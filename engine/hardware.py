@@ -103,8 +103,6 @@ def free_page_reporting(sys_root: str = "/sys") -> dict:
     `bench/memory_state.py`). Written down with a timed figure, since it decides how much a new
     process's memory costs. `reporting`: whether a balloon device reports free pages; `order`: the smallest
     block it reports (2**order pages of 4 KiB), None where nothing is reported."""
-    from pathlib import Path
-
     order = Path(sys_root, "module/page_reporting/parameters/page_reporting_order")
     # A virtio device's `features` is a string of bits; VIRTIO_BALLOON_F_REPORTING is bit 5.
     balloons = sorted(Path(sys_root, "bus/virtio/drivers/virtio_balloon").glob("virtio*/features"))

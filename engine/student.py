@@ -266,11 +266,22 @@ def block_list(model: nn.Module) -> nn.ModuleList:
     raise ModelError(f"student.finetune: cannot find the {n} blocks of {type(model).__name__}; use 'full' or 'head'")
 
 
+def unused_parameters(model: StudentModel) -> list[nn.Parameter]:
+    """Backbone parameters outside the path from the tokens to the pooled state or the LM head: the
+    pooler of a BERT-family `AutoModel` (`last_hidden_state` is what the student pools)."""
+    pooler = getattr(model.backbone, "pooler", None)
+    return list(pooler.parameters()) if isinstance(pooler, nn.Module) else []
+
+
 def set_trainable(model: StudentModel, finetune: str, top_blocks: int = 2) -> list[str]:
-    """Freeze what the regime keeps fixed; returns the names of the parameters that train."""
+    """Freeze what the regime keeps fixed; returns the names of the parameters that train. Parameters the
+    student's forward never uses stay frozen in every regime (a BERT's pooler: the student pools the token
+    states itself): DDP refuses a trainable parameter that gets no gradient."""
     if finetune == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        for p in unused_parameters(model):
+            p.requires_grad_(False)
     else:
         for p in model.backbone.parameters():
             p.requires_grad_(False)

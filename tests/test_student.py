@@ -402,6 +402,22 @@ def test_student_with_its_own_vocabulary_learns(tiny_bert, finetune):
     assert accuracy(probs, test.answer) >= 0.9, accuracy(probs, test.answer)
 
 
+@pytest.mark.parametrize("finetune", ["full", "top"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_every_trainable_parameter_gets_a_gradient(tiny_bert, tiny_model, kind, finetune):
+    """DDP (more than one Ray Train worker) fails on a trainable parameter that gets no gradient: a BERT's
+    pooler, which the student never uses, must stay frozen."""
+    path = tiny_bert if kind == "encoder" else tiny_model
+    splits, _, pad = make_splits(path, kind=kind)
+    m = st.build_student(str(path), student_cfg(path, finetune=finetune, top_blocks=1), max_choices=4)
+    names = st.set_trainable(m, finetune, 1)
+    if kind == "encoder":
+        assert not any("pooler" in n for n in names)
+    [b] = st.make_batches(splits["train"], st.one_hot(splits["train"].answer, 4), np.arange(4), 4, pad)
+    st.student_loss(m(b), b.targets, b.gold, soft=True, temperature=1.0, alpha=1.0).backward()
+    assert [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_best_epoch_is_chosen_on_validation_only():
     hist = [{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.9},
             {"epoch": 2, "val_acc": 0.6, "val_loss": 1.2, "test_acc": 0.1},

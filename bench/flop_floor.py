@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/flop_floor.py                       # configs/default.yaml, prints and writes
     .venv/bin/python bench/flop_floor.py --gflops 72.4 213      # the GEMM rates to divide by
+    .venv/bin/python bench/flop_floor.py configs/default.yaml student.finetune=full   # key=value overrides
 
 Counts, on the config's own sampled splits (`engine.tasks.load_role`):
   - the teacher's packed tokens (`engine.teacher.pack_units`: a question's shared prefix once), each
@@ -9,6 +10,8 @@ Counts, on the config's own sampled splits (`engine.tasks.load_role`):
   - the student's tokens (`engine.student_data.encode_examples`, its own tokenizer), each costing 2 per
     weight of its transformer blocks plus attention in a forward, 3 times that to train (forward and
     backward); per student: `student.epochs` epochs of training and of validation, then one test pass.
+    Under `student.finetune: top` the frozen blocks below the `top_blocks` run once per split for all
+    students (their token states are cached), and training, validation and test run the top blocks only.
 Embeddings, the vocabulary projection, the vLLM baseline and the probes are left out, so the figure is
 a floor: the time this work takes at 100% of each GEMM rate given. Nothing is timed here.
 """
@@ -41,13 +44,14 @@ ROLES = ("train", "validation", "test")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="configs/default.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.finetune=full")
     ap.add_argument("--gflops", type=float, nargs="+", default=[72.4],
                     help="GEMM rates (GFLOP/s) to divide by; 72.4: the AVX2-only machine (bench/results/cpu_budget.json)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    cfg = load(args.config if Path(args.config).exists() else REPO / args.config)
-    if cfg.student.finetune != "full":
-        raise SystemExit(f"student.finetune: {cfg.student.finetune!r}; this count is for 'full' fine-tuning")
+    cfg = load(args.config if Path(args.config).exists() else REPO / args.config, args.overrides)
+    if cfg.student.finetune not in ("full", "top"):
+        raise SystemExit(f"student.finetune: {cfg.student.finetune!r}; this count is for 'full' or 'top'")
     examples = {role: load_role(cfg.data, role) for role in ROLES}
 
     teacher_path = resolve_model(cfg.teacher)
@@ -75,17 +79,21 @@ def main() -> None:
         attn = 4.0 * float((lengths ** 2).sum()) * smodel.config.hidden_size * smodel.config.num_hidden_layers
         s_fwd[role] = 2.0 * block_weights * s_tokens[role] + attn
     n_students, epochs = len(cfg.student.label_sources), cfg.student.epochs
+    top = cfg.student.top_blocks / smodel.config.num_hidden_layers if cfg.student.finetune == "top" else 1.0
     parts = {
         "teacher_extraction": t_flops,
-        "students_train": n_students * epochs * 3.0 * s_fwd["train"],
-        "students_validation": n_students * epochs * s_fwd["validation"],
-        "students_test": n_students * s_fwd["test"],
+        "students_train": n_students * epochs * 3.0 * top * s_fwd["train"],
+        "students_validation": n_students * epochs * top * s_fwd["validation"],
+        "students_test": n_students * top * s_fwd["test"],
     }
+    if top < 1.0:  # the frozen bottom, once per split for every student
+        parts["students_frozen_bottom_once"] = (1.0 - top) * sum(s_fwd.values())
     total = sum(parts.values())
     floors = {str(g): round(total / (g * 1e9) / 60.0, 2) for g in args.gflops}
     result = {
         "command": " ".join(["python", "bench/flop_floor.py", *sys.argv[1:]]),
-        "config": args.config, "questions": {r: len(e) for r, e in examples.items()},
+        "config": args.config, "overrides": args.overrides, "finetune": cfg.student.finetune,
+        "top_blocks": cfg.student.top_blocks if top < 1.0 else None, "questions": {r: len(e) for r, e in examples.items()},
         "teacher_packed_tokens": t_tokens, "student_tokens": s_tokens,
         "student_block_weights": block_weights, "students": n_students, "epochs": epochs,
         "tflop": {k: round(v / 1e12, 2) for k, v in parts.items()} | {"total": round(total / 1e12, 2)},

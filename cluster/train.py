@@ -12,6 +12,8 @@ the worker group's start-up once rather than once per student. `train_student` i
 
 With `student.finetune='head'` the frozen backbone's pooled features of each split are computed once,
 by a Ray task, and cached under `features_dir` keyed by their identity; the workers train heads on them.
+With 'top' the same holds for the token states of the frozen blocks below the trained ones: the workers
+run only the top blocks (`engine.student.skip_bottom`), for every epoch, split and student.
 
 Checkpoints hold no pickles: trainable weights (the current and the best epoch's) and optimizer tensors
 are safetensors, everything else JSON/NPY. Full and top-block students checkpoint every epoch, heads at
@@ -44,7 +46,7 @@ from engine.config import StudentConfig, config_hash, to_dict
 from engine.fit import StudentJob
 from engine.hardware import pick_dtype
 from engine.labels import loss_alpha
-from engine.log import progress, verbose
+from engine.log import log, progress, verbose
 from engine.sequences import Sequences
 
 KEEP_CHECKPOINTS = 2
@@ -149,6 +151,8 @@ def _train_loop(config: dict) -> None:
     roles = ROLES if worker.rank == 0 else ("train",)
     splits = {r: unpack_sequences(ray.get(config["split_refs"][r])) for r in roles}
     feats = {r: ray.get(config["feature_refs"][r]) for r in roles} if config["feature_refs"] else {}
+    if feats and scfg.finetune == "top":  # the frozen bottom blocks' token states
+        feats = {r: st.TokenStates.of(splits[r], a) for r, a in feats.items()}
     tokenizer = None
     if worker.rank == 0:
         kw = dict(revision=scfg.revision, trust_remote_code=scfg.trust_remote_code)
@@ -232,6 +236,8 @@ def _train_job(config: dict, scfg: StudentConfig, j: int, splits: dict, feats: d
     model = st.build_student(config["model_path"], scfg, max_choices=int(config["max_choices"]),
                              answer_format=config["spec"]["answer_format"], tokenizer=tokenizer)
     names = st.set_trainable(model, scfg.finetune, scfg.top_blocks)
+    if feats and scfg.finetune == "top":
+        st.skip_bottom(model, scfg.top_blocks)  # batches bring the frozen bottom's states
     backbone_dir = _backbone_dir(config, scfg, model, worker.rank)
     progress = fit.JobProgress()
     if resume is not None:
@@ -353,7 +359,8 @@ def _report(rank, metrics, state, saved, dir_name) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Head regime: the frozen backbone's pooled features, computed once per split and cached
+# The frozen part of a student (head: the pooled features; top: the bottom blocks' token states), computed
+# once per split and cached
 
 
 class _CheckpointWatch:
@@ -398,6 +405,8 @@ class _CheckpointWatch:
 
 
 def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choices: int, pad_id: int) -> np.ndarray:
+    """What the frozen part computes once for a split: pooled features ('head') or the bottom blocks'
+    token states ('top')."""
     import torch
 
     from engine import student as st
@@ -407,20 +416,37 @@ def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choi
     device = "cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu"
     model = st.build_student(model_path, scfg, max_choices=max_choices, answer_format=spec["answer_format"]).to(device)
     dtype, _ = pick_dtype(scfg.dtype, gpu=device == "cuda")
-    return st.pool_features(model, unpack_sequences(packed), batch_size=4 * scfg.train_batch_size, pad_id=pad_id,
-                            device=device, dtype=dtype)
+    kw = dict(batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device, dtype=dtype)
+    if scfg.finetune == "top":
+        return st.bottom_states(model, unpack_sequences(packed), top_blocks=scfg.top_blocks, **kw)
+    return st.pool_features(model, unpack_sequences(packed), **{**kw, "batch_size": 4 * scfg.train_batch_size})
+
+
+def frozen_bottom(student: StudentConfig, model_path: str) -> int:
+    """How many blocks stay frozen below the trained ones under finetune='top' (0 in other regimes)."""
+    if student.finetune != "top":
+        return 0
+    from engine import student as st
+
+    config = st.load_config(model_path, revision=student.revision, trust_remote_code=student.trust_remote_code)
+    depth = int(student.num_layers or config.num_hidden_layers)
+    return max(0, depth - student.top_blocks)
 
 
 def cached_features(student: StudentConfig, model_path: str, spec: dict, packed: dict[str, dict], max_choices: int,
                     pad_id: int, features_dir: str) -> dict[str, np.ndarray]:
-    """Pooled features of each split from the frozen backbone: read from `features_dir` when a file of
-    the same identity (weights, blocks, pooling, the split's tokens) is there, else computed by one Ray
-    task per split and written atomically."""
+    """What the frozen part of the student computes, per split: the pooled features of the frozen
+    backbone ('head'), or the token states of the frozen bottom blocks ('top'). Read from `features_dir`
+    when a file of the same identity (weights, blocks, pooling or trained blocks, the split's tokens) is
+    there, else computed by one Ray task per split and written atomically."""
     import ray
 
     ident = {"model": model_path, "weights": _weights_stamp(model_path), "revision": student.revision,
              "num_layers": student.num_layers, "pooling": student.pooling, "spec": spec,
              "dtype": pick_dtype(student.dtype, gpu=student.use_gpu)[0]}
+    if student.finetune == "top":  # the token states below the trained blocks (the head's identity is as it was)
+        ident = {**ident, "bottom_of": "top", "top_blocks": student.top_blocks, "scoring": student.scoring}
+        del ident["pooling"]
     out, todo = {}, {}
     Path(features_dir).mkdir(parents=True, exist_ok=True)
     for role, p in packed.items():
@@ -430,12 +456,19 @@ def cached_features(student: StudentConfig, model_path: str, spec: dict, packed:
             continue
         task = ray.remote(_features).options(num_cpus=student.cpus_per_worker, num_gpus=1 if student.use_gpu else 0)
         todo[role] = (path, task.remote(model_path, to_dict(student), spec, p, max_choices, pad_id))
+    what = "the frozen bottom blocks' token states" if student.finetune == "top" else "the frozen backbone's pooled features"
+    t0 = time.perf_counter()
     for role, (path, ref) in todo.items():
         arr = ray.get(ref)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
         np.save(tmp, arr, allow_pickle=False)
         os.replace(tmp, path)
         out[role] = arr
+    if todo:
+        log("train", f"{what} of {', '.join(todo)} computed once ({sum(len(out[r]) for r in todo)} vectors) in "
+                     f"{time.perf_counter() - t0:.1f} s, cached in {features_dir}")
+    if len(todo) < len(packed):
+        log("train", f"{what} of {', '.join(r for r in packed if r not in todo)} read from {features_dir}")
     return out
 
 
@@ -508,9 +541,10 @@ def _loop_config(student: StudentConfig, jobs: list[StudentJob], model_path: str
     spec_d = spec.to_dict()
     prints = [fit.fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
     feature_refs = {}
-    if student.finetune == "head":
+    if student.finetune == "head" or frozen_bottom(student, model_path):
         if features_dir is None:
-            raise ValueError("features_dir: student.finetune='head' caches the backbone's features there; pass a folder")
+            raise ValueError(f"features_dir: student.finetune={student.finetune!r} caches what the frozen part of the "
+                             "student computes there; pass a folder")
         feats = cached_features(student, model_path, spec_d, packed, max_choices, pad_id, features_dir)
         feature_refs = {r: ray.put(a) for r, a in feats.items()}
     students_dir = Path(storage_dir).absolute() / f"{name}-students"

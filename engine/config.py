@@ -362,8 +362,10 @@ class StudentConfig:
     finetune: str = field(default="full", metadata=decides("student"))
     """Training regime. 'full': the whole model. 'head': the backbone is frozen, its pooled features are
     computed once per split and cached (keyed by their identity), and only the head trains, in seconds
-    ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train. `distill bench`
-    uses `bench.finetune` and `bench.slice_finetune` instead."""
+    ('head_lr', 'head_epochs'). 'top': only the top `top_blocks` blocks and the head train; the frozen
+    blocks below them run once per split (in eval mode), and their token states are cached like the head's
+    features, so every epoch, split and student runs only the top blocks. `distill bench` uses
+    `bench.finetune` and `bench.slice_finetune` instead."""
     top_blocks: int = field(default=2, metadata=decides("student"))
     """With finetune='top': how many of the last blocks train (the rest and the embeddings stay frozen)."""
     label_sources: tuple[str, ...] = field(default=("gold", "logit", "probe"),

@@ -15,7 +15,9 @@ matrix, `-inf` where a question has no such choice. What differs by scoring is i
 `engine.heads.HEADS`, by prompt mode its entry in `engine.modes.MODES`.
 
 Three regimes (`student.finetune`): 'full' trains everything; 'top' the last `top_blocks` blocks and the
-head; 'head' only the head, on pooled features computed once by the frozen backbone (`pool_features`).
+head, starting from the frozen bottom blocks' token states, computed once per split (`bottom_states`,
+`skip_bottom`); 'head' only the head, on pooled features computed once by the frozen backbone
+(`pool_features`).
 Every epoch is scored on validation and the best epoch is the student (`best_epoch`).
 
 A trained student is a folder (`engine.student_folder`). Weights are read from safetensors only, and
@@ -42,6 +44,7 @@ from engine.sequences import Sequences
 from engine.student_data import (  # noqa: F401 - re-exported: the student's inputs and batches
     Batch,
     InputSpec,
+    TokenStates,
     collate,
     encode_examples,
     letter_ids_for,
@@ -197,20 +200,25 @@ class StudentModel(nn.Module):
         self.backbone = backbone
         self.mode, self.pooling, self.scoring = mode, pooling, scoring
         self.max_choices = int(max_choices)
+        self._bottom_states: Optional[torch.Tensor] = None  # the batch's cached bottom states, during forward
         scoring_head(scoring).build(self, letter_ids)
 
     @property
     def num_layers(self) -> int:
         return int(self.backbone.config.num_hidden_layers)
 
-    def pool(self, input_ids, attention_mask, token_type_ids=None, last_index=None) -> torch.Tensor:
-        """(R, L) rows -> (R, H) pooled final states (after the backbone's final norm)."""
+    def backbone_inputs(self, input_ids, attention_mask, token_type_ids=None) -> dict:
+        """The keyword arguments the backbone is called with."""
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
         if model_kind(self.backbone.config) == "decoder":
             kw["use_cache"] = False
-        hidden = self.backbone(**kw).last_hidden_state
+        return kw
+
+    def pool(self, input_ids, attention_mask, token_type_ids=None, last_index=None) -> torch.Tensor:
+        """(R, L) rows -> (R, H) pooled final states (after the backbone's final norm)."""
+        hidden = self.backbone(**self.backbone_inputs(input_ids, attention_mask, token_type_ids)).last_hidden_state
         if self.pooling == "first":
             return hidden[:, 0]
         if self.pooling == "last":
@@ -224,7 +232,11 @@ class StudentModel(nn.Module):
         """A batch of `B` whole questions -> logits `(B, n_choices.max())`, -inf for absent choices: the
         scoring head's row scores, laid out by the prompt mode."""
         C = int(batch.n_choices.max())
-        scores = scoring_head(self.scoring).scores(self, batch)
+        self._bottom_states = batch.states  # read by the skipped bottom blocks (`skip_bottom`)
+        try:
+            scores = scoring_head(self.scoring).scores(self, batch)
+        finally:
+            self._bottom_states = None
         logits = prompt_mode(self.mode).question_logits(scores, batch, C, self.max_choices)
         present = torch.arange(C, device=logits.device)[None, :] < batch.n_choices[:, None]
         return logits.masked_fill(~present, float("-inf"))
@@ -298,6 +310,102 @@ def set_trainable(model: StudentModel, finetune: str, top_blocks: int = 2) -> li
             for p in model.head.parameters():
                 p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-block regime: the frozen bottom runs once per split
+
+
+class _EarlyExit(Exception):
+    """Raised by a hook on the last block needed: the blocks above it never run."""
+
+
+def bottom_blocks(model: StudentModel, top_blocks: int) -> int:
+    """How many frozen blocks sit below the `top_blocks` that train under finetune='top'."""
+    n = len(block_list(model.backbone))
+    if top_blocks > n:
+        raise ModelError(f"student.top_blocks: {top_blocks} > the student's {n} blocks")
+    return n - top_blocks
+
+
+def _run_to(model: StudentModel, block: nn.Module, kw: dict):
+    """The output of `block` (its hidden states) when the backbone runs on `kw`; nothing above it runs."""
+    got = []
+
+    def hook(_mod, _args, out):
+        got.append(out)
+        raise _EarlyExit
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model.backbone(**kw)
+    except _EarlyExit:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ModelError(f"{type(model.backbone).__name__}: its blocks did not run in order; use finetune 'full' or 'head'")
+    return got[0]
+
+
+@torch.no_grad()
+def bottom_states(model: StudentModel, seqs: Sequences, *, top_blocks: int, batch_size: int, pad_id: int,
+                  device: torch.device | str = "cpu", dtype: str = "float32") -> np.ndarray:
+    """(T, H) float32: the state entering the first block that trains under finetune='top' (the output
+    of the frozen blocks below it), at every real token of every row of `seqs`, rows in order and
+    concatenated (`TokenStates.of(seqs, ...)` indexes it). The frozen part runs in eval mode, once per
+    split, instead of once per batch, epoch and student; the blocks above it never run here."""
+    model = unwrap(model)
+    n = bottom_blocks(model, top_blocks)
+    if n < 1:
+        raise ValueError("bottom_states: every block trains (top_blocks = the student's blocks); nothing to cache")
+    block = block_list(model.backbone)[n - 1]
+    lengths = seqs.lengths()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = np.zeros((int(offsets[-1]), int(model.backbone.config.hidden_size)), dtype=np.float32)
+    rows_of = question_rows(seqs)
+    was = model.training
+    model.eval()
+    try:
+        for batch in make_batches(seqs, None, np.arange(seqs.n_questions), batch_size, pad_id):
+            rows = np.concatenate([rows_of[q] for q in batch.questions])
+            b = batch.to(device)
+            with autocast(device, dtype):
+                h = _run_to(model, block, model.backbone_inputs(b.input_ids, b.attention_mask, b.token_type_ids))
+            h = (h[0] if isinstance(h, tuple) else h).float().cpu().numpy()
+            for i, r in enumerate(rows):
+                out[offsets[r] : offsets[r + 1]] = h[i, : lengths[r]]
+    finally:
+        model.train(was)
+    return out
+
+
+def skip_bottom(model: StudentModel, top_blocks: int) -> int:
+    """Let a batch that brings the bottom blocks' output (`Batch.states`, from `bottom_states`) skip
+    them: the first frozen block hands on those states and the others pass their input through, so only
+    the `top_blocks` above run (the embeddings still run; they cost almost nothing). A batch without
+    states runs every block as before, so the model, its weights and its saved folder are unchanged.
+    Returns the number of blocks skipped."""
+    blocks = block_list(model.backbone)
+    n = bottom_blocks(model, top_blocks)
+    if n < 1:
+        return 0
+    probe = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        as_tuple = isinstance(_run_to(model, blocks[0], model.backbone_inputs(probe, torch.ones_like(probe))), tuple)
+
+    def skipping(forward, first: bool):
+        def skip(*args, **kwargs):
+            states = model._bottom_states
+            if states is None:
+                return forward(*args, **kwargs)
+            h = states if first else (args[0] if args else kwargs["hidden_states"])
+            return (h,) if as_tuple else h
+        return skip
+
+    for i in range(n):
+        blocks[i].forward = skipping(blocks[i].forward, i == 0)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------

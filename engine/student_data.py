@@ -3,7 +3,8 @@
 `encode_examples` tokenizes questions with the student's own tokenizer (`InputSpec`: encoder or decoder,
 per-choice or letter, the length cap): an encoder reads (question, choice) text pairs with segment ids,
 a decoder what the teacher reads. `make_batches` groups whole questions (all rows of a question
-together), right-padded, or, for the head regime, their rows' cached pooled features.
+together), right-padded, or, for the head regime, their rows' cached pooled features (and, for the
+top-block regime, the cached states of the frozen bottom blocks beside the tokens: `TokenStates`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class Batch:
     """(B,) the questions' indices in the Sequences."""
     features: Optional[torch.Tensor] = None
     """(R, H) pooled states from the frozen backbone (finetune='head'), instead of tokens."""
+    states: Optional[torch.Tensor] = None
+    """(R, L, H) what the frozen bottom blocks output at each token (finetune='top'), beside the tokens:
+    the blocks that train start from them (`engine.student.skip_bottom`)."""
 
     @property
     def size(self) -> int:
@@ -161,6 +165,33 @@ class Batch:
         return Batch(**moved)
 
 
+@dataclass
+class TokenStates:
+    """Per-token states of every row of a split, rows in `Sequences` order and concatenated: row r's
+    tokens are `flat[offsets[r]:offsets[r + 1]]`. Under finetune='top' these are the frozen bottom
+    blocks' output (`engine.student.bottom_states`), computed once per split."""
+
+    flat: np.ndarray
+    """(T, H) float32, T = the split's real tokens."""
+    offsets: np.ndarray
+    """(R + 1,) where each row's tokens start, then T."""
+
+    @classmethod
+    def of(cls, seqs: Sequences, flat: np.ndarray) -> TokenStates:
+        offsets = np.concatenate([[0], np.cumsum(seqs.lengths())]).astype(np.int64)
+        if flat.ndim != 2 or flat.shape[0] != offsets[-1]:
+            raise ValueError(f"token states of shape {flat.shape} do not fit a split of {offsets[-1]} tokens")
+        return cls(flat, offsets)
+
+    def padded(self, rows: np.ndarray, width: int) -> torch.Tensor:
+        """(len(rows), width, H) float32, right-padded with zeros like the rows' tokens."""
+        out = np.zeros((len(rows), width, self.flat.shape[1]), dtype=np.float32)
+        for i, r in enumerate(rows):
+            a, z = self.offsets[r], self.offsets[r + 1]
+            out[i, : z - a] = self.flat[a:z]
+        return torch.from_numpy(out)
+
+
 def question_rows(seqs: Sequences) -> list[np.ndarray]:
     """Row indices of each question, in choice order."""
     order = np.lexsort((seqs.row_choice, seqs.row_question))
@@ -169,16 +200,17 @@ def question_rows(seqs: Sequences) -> list[np.ndarray]:
 
 
 def collate(seqs: Sequences, questions: Sequence[int], *, rows_of: list[np.ndarray], targets: Optional[np.ndarray],
-            pad_id: int, gold: Optional[np.ndarray] = None, features: Optional[np.ndarray] = None) -> Batch:
-    """One batch of whole questions, right-padded (or, with `features`, their rows' pooled states)."""
+            pad_id: int, gold: Optional[np.ndarray] = None, features: Optional[np.ndarray | TokenStates] = None) -> Batch:
+    """One batch of whole questions, right-padded (or, with pooled `features`, their rows' pooled states;
+    with `TokenStates`, the tokens and the bottom blocks' states at each)."""
     questions = np.asarray(questions, dtype=np.int64)
     rows = np.concatenate([rows_of[q] for q in questions])
     local_q = np.concatenate([np.full(len(rows_of[q]), i, dtype=np.int64) for i, q in enumerate(questions)])
     lengths = np.asarray([len(seqs.ids[r]) for r in rows], dtype=np.int64)
     if (lengths == 0).any():
         raise ValueError("a row has no tokens")
-    ids = mask = types = feats = None
-    if features is not None:
+    ids = mask = types = feats = states = None
+    if features is not None and not isinstance(features, TokenStates):
         feats = torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))
     else:
         L = int(lengths.max())
@@ -193,6 +225,8 @@ def collate(seqs: Sequences, questions: Sequence[int], *, rows_of: list[np.ndarr
                 types_np[i, :n] = seqs.type_ids[r]
         ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
         types = None if types_np is None else torch.from_numpy(types_np)
+        if features is not None:
+            states = features.padded(rows, L)
     n_choices = seqs.n_choices[questions].astype(np.int64)
     C = int(n_choices.max())
     tgt = np.zeros((len(questions), C), dtype=np.float32)
@@ -212,17 +246,18 @@ def collate(seqs: Sequences, questions: Sequence[int], *, rows_of: list[np.ndarr
         gold=torch.from_numpy(np.asarray(answer)[questions].astype(np.int64)),
         questions=questions,
         features=feats,
+        states=states,
     )
 
 
 def make_batches(seqs: Sequences, targets: Optional[np.ndarray], questions: np.ndarray, batch_size: int, pad_id: int,
                  *, rng: Optional[np.random.Generator] = None, bucket: int = 50, gold: Optional[np.ndarray] = None,
-                 features: Optional[np.ndarray] = None) -> list[Batch]:
+                 features: Optional[np.ndarray | TokenStates] = None) -> list[Batch]:
     """Batches of `batch_size` whole questions, drawn from `questions`.
 
     With `rng`: shuffle, then sort by length within windows of `bucket` batches (so padding stays
     small), then shuffle the batch order. Without: sorted by length (for prediction). `targets` and
-    `gold` cover every question of `seqs`; `features` every row.
+    `gold` cover every question of `seqs`; `features` (pooled, or `TokenStates`) every row.
     """
     questions = np.asarray(questions, dtype=np.int64)
     if targets is not None and targets.shape[0] != seqs.n_questions:

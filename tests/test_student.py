@@ -391,6 +391,13 @@ def test_student_with_its_own_vocabulary_learns(tiny_bert, finetune):
         rows = np.concatenate(st.question_rows(test)[:2])
         m.eval()
         assert np.allclose(feats["test"][rows], m.pool(b.input_ids, b.attention_mask, b.token_type_ids).detach(), atol=1e-5)
+    elif finetune == "top":  # the frozen bottom runs once per split; the blocks above start from its states
+        feats = {r: st.TokenStates.of(s, st.bottom_states(m, s, top_blocks=1, batch_size=4, pad_id=btok.pad_token_id))
+                 for r, s in (("train", train), ("test", test))}
+        plain = st.predict(m, test, batch_size=8, pad_id=btok.pad_token_id)
+        assert st.skip_bottom(m, 1) == 1
+        assert np.allclose(st.predict(m, test, batch_size=8, pad_id=btok.pad_token_id, features=feats["test"]), plain, atol=1e-5)
+        assert np.allclose(st.predict(m, test, batch_size=8, pad_id=btok.pad_token_id), plain, atol=1e-6)  # no states: all blocks
     lr, epochs = (3e-2, 30) if finetune == "head" else (3e-3, 6)
     opt = st.make_optimizer(m, lr, 0.0)
     targets = st.one_hot(train.answer, 4)
@@ -623,6 +630,33 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
     # The frozen backbone is stored once and hard-linked into each head's folder.
     assert (Path(b["student_dir"]) / "model.safetensors").stat().st_ino == (
         Path(c["student_dir"]) / "model.safetensors").stat().st_ino
+
+
+def test_top_regime_runs_the_frozen_bottom_once(local_ray, tiny_bert, tmp_path):
+    """finetune='top': the frozen bottom blocks' token states are computed once per split and cached; the
+    workers run only the top blocks, and the student's folder (every block) reproduces its test scores."""
+    from cluster.train import StudentJob, train_students
+
+    splits, spec, pad = make_splits(tiny_bert, kind="encoder")
+    train = splits["train"]
+    cfg = from_dict({"student": {"model": str(tiny_bert), "finetune": "top", "top_blocks": 1, "epochs": 2,
+                                 "lr": 3e-3, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1}}).student
+    feats = tmp_path / "features"
+    gold = StudentJob("gold", 0, np.arange(train.n_questions), st.one_hot(train.answer, 4), train.answer)
+    kw = dict(model_path=str(tiny_bert), splits=splits, spec=spec, pad_id=pad, storage_dir=str(tmp_path / "rt"),
+              features_dir=str(feats))
+    [a] = train_students(cfg, [gold], name="a", **kw)
+    files = {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")}
+    assert len(files) == 3  # one per split
+    for role, seqs in splits.items():
+        [f] = [p for p in feats.glob(f"{role}-*.npy")]
+        assert np.load(f).shape[0] == int(seqs.lengths().sum())  # a state per real token
+    [b] = train_students(cfg, [gold], name="b", **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")} == files  # read, not recomputed
+    assert np.allclose(a["test_probs"], b["test_probs"], atol=1e-6)
+    m, tok, info = sf.load_student(a["student_dir"])
+    again = st.predict(m, splits["test"], batch_size=32, pad_id=tok.pad_token_id, dtype=info["dtype"])
+    assert np.allclose(again, a["test_probs"], atol=1e-5)
 
 
 def test_resume_fingerprint_ignores_epochs_and_resources(shared_data, tokenizer):

@@ -98,261 +98,261 @@ def identity_hashes(cfg) -> dict[str, str]:
 
 GOLDEN = {  # case -> 'artifact=hash ...' (the student ones per label source)
     "arc_challenge.yaml:plain": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:fewshot": (
-        "store=f0e2f741d2047984 probe=c85907693c960045 baseline=3d93434d1943a465 student:gold=58cc526d18adfa3b"),
+        "store=f0e2f741d2047984 probe=c85907693c960045 baseline=3d93434d1943a465 student:gold=8a74ba91fc4fd9d0"),
     "arc_challenge.yaml:fewshot_from": (
-        "store=e85ed72e8f7b07d1 probe=4ed0822d17df00da baseline=d33f54564fe4f9e4 student:gold=8531fa7d1b255ba6"),
+        "store=e85ed72e8f7b07d1 probe=4ed0822d17df00da baseline=d33f54564fe4f9e4 student:gold=3e2f94452f92d554"),
     "arc_challenge.yaml:fewshot_from_unused": (
-        "store=65bfe23be625fe84 probe=c190859fe6b1e8b1 baseline=baa2cf110d6899c9 student:gold=4188c4e0bcc87cfe"),
+        "store=65bfe23be625fe84 probe=c190859fe6b1e8b1 baseline=baa2cf110d6899c9 student:gold=2e2c4a3bf449ce3d"),
     "arc_challenge.yaml:prompt_template": (
-        "store=feb9708b4f46a93a probe=34f5b1ea577361f0 baseline=764e275b0d2b7803 student:gold=4e76d5f8508bdcbf"),
+        "store=feb9708b4f46a93a probe=34f5b1ea577361f0 baseline=764e275b0d2b7803 student:gold=37e8584991c22521"),
     "arc_challenge.yaml:chat": (
-        "store=72e52b50c31c1259 probe=fc5c3e69bea9c571 baseline=e10a2b4641eb37cf student:gold=11a38634aed3bc93"),
+        "store=72e52b50c31c1259 probe=fc5c3e69bea9c571 baseline=e10a2b4641eb37cf student:gold=dd9823a415e8b9c4"),
     "arc_challenge.yaml:task": (
-        "store=95dd712bb761650e probe=a77e29e28c29222f baseline=0048d0d79597be53 student:gold=7cee797b576d27bc"),
+        "store=95dd712bb761650e probe=a77e29e28c29222f baseline=0048d0d79597be53 student:gold=e89378560610c61b"),
     "arc_challenge.yaml:task_empty": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:tokens": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=f56bc54eedcbdaea"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=9fb134a0c707daf9"),
     "arc_challenge.yaml:bytes": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=8430e9179ac5bfd2"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=224c82cac000d5ea"),
     "arc_challenge.yaml:letter": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge.yaml:letter_no_formats": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=fcb96872ed1902cf student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=fcb96872ed1902cf student:gold=3eb730bb0d56d83a"),
     "arc_challenge.yaml:letter_no_baseline": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=ad714663236cb44d student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=ad714663236cb44d student:gold=3eb730bb0d56d83a"),
     "arc_challenge.yaml:student_template": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=d50cd102aa35dc46"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=056c525fd650ce17"),
     "arc_challenge.yaml:max_failures": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:workers": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:fraction": (
-        "store=bd0dab34fe211418 probe=9184b42f694a614a baseline=7a4b5524f061ae4b student:gold=de6bd44c4c5e50fe"),
+        "store=bd0dab34fe211418 probe=9184b42f694a614a baseline=7a4b5524f061ae4b student:gold=9aaebab6d96609f2"),
     "arc_challenge.yaml:pool": (
-        "store=bd0dab34fe211418 probe=dd79ed306398ad8d baseline=7a4b5524f061ae4b student:gold=311c845216e5e0c0 "
-        "student:probe_pseudo=18a8479d3a40a4f3"),
+        "store=bd0dab34fe211418 probe=dd79ed306398ad8d baseline=7a4b5524f061ae4b student:gold=75efa4ec4dc09130 "
+        "student:probe_pseudo=d8be651cb98f05c2"),
     "arc_challenge.yaml:seed": (
-        "store=bd0dab34fe211418 probe=b470874c432c4150 baseline=fc774be90aaa8e12 student:gold=a5d2740f34d4395d"),
+        "store=bd0dab34fe211418 probe=b470874c432c4150 baseline=fc774be90aaa8e12 student:gold=1a8a272b1c8842b6"),
     "arc_challenge.yaml:runtime": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=2dd04ed269714490 student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=2dd04ed269714490 student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:splits": (
-        "store=0eec4cd4b250eae0 probe=cf35219e0804e3cf baseline=0e1caee711a455e6 student:gold=9d9cf5688f899675"),
+        "store=0eec4cd4b250eae0 probe=cf35219e0804e3cf baseline=0e1caee711a455e6 student:gold=27525c2bd37aea49"),
     "arc_challenge.yaml:head": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=e1f11f2f9b619a89"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=333c74ce0c0d6d90"),
     "arc_challenge.yaml:bf16": (
-        "store=062429fae24b6c64 probe=07c9bea16888d9f3 baseline=13d3b27be85ae7f2 student:gold=de8e092fcbc068bf"),
+        "store=062429fae24b6c64 probe=07c9bea16888d9f3 baseline=13d3b27be85ae7f2 student:gold=a33e26f01f1b4718"),
     "arc_challenge.yaml:gpu_auto": (
-        "store=062429fae24b6c64 probe=07c9bea16888d9f3 baseline=13d3b27be85ae7f2 student:gold=de8e092fcbc068bf"),
+        "store=062429fae24b6c64 probe=07c9bea16888d9f3 baseline=13d3b27be85ae7f2 student:gold=a33e26f01f1b4718"),
     "arc_challenge.yaml:baseline_fields": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=f3ef61fb1460eb8f student:gold=31f7c5bd10e404db"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=f3ef61fb1460eb8f student:gold=cb24f9c8030b6219"),
     "arc_challenge.yaml:limit": (
-        "store=956031c769b80cad probe=a0b78aadee139de2 baseline=f862b1d8c9768699 student:gold=e10b0a7811b6a1b9"),
+        "store=956031c769b80cad probe=a0b78aadee139de2 baseline=f862b1d8c9768699 student:gold=fabe38aa71102d0f"),
     "arc_challenge.yaml:probe_fields": (
-        "store=bd0dab34fe211418 probe=7dc30a31007741dc baseline=7a4b5524f061ae4b student:gold=55295b31cf6ccbc5"),
+        "store=bd0dab34fe211418 probe=7dc30a31007741dc baseline=7a4b5524f061ae4b student:gold=a5059eafc79ca5cb"),
     "arc_challenge.yaml:student_fields": (
-        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=4af24b443fdd6785"),
+        "store=bd0dab34fe211418 probe=11193fb01813bcfb baseline=7a4b5524f061ae4b student:gold=e28bc31f8bc2103d"),
     "arc_challenge.yaml:teacher_misc": (
-        "store=42fbed2f70d22e7e probe=74e22eca6b3caf18 baseline=be0d8131e67866e1 student:gold=ddfb44a53e98e009"),
+        "store=42fbed2f70d22e7e probe=74e22eca6b3caf18 baseline=be0d8131e67866e1 student:gold=b9ef488fea599bd4"),
     "arc_challenge_letter.yaml:plain": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:fewshot": (
-        "store=5a8bccf35b69e9c9 probe=1dea39cb6c81a47c baseline=b8f09cc6efa91bc6 student:gold=630f0610d3e3c5fd"),
+        "store=5a8bccf35b69e9c9 probe=1dea39cb6c81a47c baseline=b8f09cc6efa91bc6 student:gold=90407a7b76051e79"),
     "arc_challenge_letter.yaml:fewshot_from": (
-        "store=16b2734a500291bd probe=d205075ccd9bb613 baseline=2d9f46bae7b1d289 student:gold=4cc9b3786460684f"),
+        "store=16b2734a500291bd probe=d205075ccd9bb613 baseline=2d9f46bae7b1d289 student:gold=b82dff99138077f3"),
     "arc_challenge_letter.yaml:fewshot_from_unused": (
-        "store=b35e4cb0db9d7a50 probe=a69eb938bae35421 baseline=56f4083c23d9caea student:gold=f4f201af9f7f18bb"),
+        "store=b35e4cb0db9d7a50 probe=a69eb938bae35421 baseline=56f4083c23d9caea student:gold=90695fc071050d0c"),
     "arc_challenge_letter.yaml:prompt_template": (
-        "store=71cf9831dd73d3ad probe=b8f6cec29bbaaad3 baseline=731e33e4402b32cd student:gold=235875afb21cd8ce"),
+        "store=71cf9831dd73d3ad probe=b8f6cec29bbaaad3 baseline=731e33e4402b32cd student:gold=d38f9fcf3b0dd8d9"),
     "arc_challenge_letter.yaml:chat": (
-        "store=45b7298adbd662a7 probe=8cc8a92ff7a26267 baseline=58ba0a22ae1b8a11 student:gold=23c841279f95ae36"),
+        "store=45b7298adbd662a7 probe=8cc8a92ff7a26267 baseline=58ba0a22ae1b8a11 student:gold=b1faef479a18bc5c"),
     "arc_challenge_letter.yaml:task": (
-        "store=b2eb5c93dfea6eb5 probe=729c4717dedaf755 baseline=9479d50232a168b3 student:gold=433714d1ffd4fcef"),
+        "store=b2eb5c93dfea6eb5 probe=729c4717dedaf755 baseline=9479d50232a168b3 student:gold=3cd8c25dbb357e97"),
     "arc_challenge_letter.yaml:task_empty": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:letter": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:letter_no_formats": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=fcb96872ed1902cf student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=fcb96872ed1902cf student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:letter_no_baseline": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=ad714663236cb44d student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=ad714663236cb44d student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:student_template": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=c5f0b94d5ba1f940"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=8ba9f7d98de77f03"),
     "arc_challenge_letter.yaml:max_failures": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:workers": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:fraction": (
-        "store=cdb34cd515006c7a probe=1cf1566fc57ed0c7 baseline=7f8f665574b04970 student:gold=862e677572d8ef60"),
+        "store=cdb34cd515006c7a probe=1cf1566fc57ed0c7 baseline=7f8f665574b04970 student:gold=3df1d475084c8224"),
     "arc_challenge_letter.yaml:pool": (
-        "store=cdb34cd515006c7a probe=a0eff45e5076b496 baseline=3dfae9dc85d48158 student:gold=b4368512835bbd54 "
-        "student:probe_pseudo=7d37b1ee01cfd7e2"),
+        "store=cdb34cd515006c7a probe=a0eff45e5076b496 baseline=3dfae9dc85d48158 student:gold=5ef730df5c0b7b5b "
+        "student:probe_pseudo=49cf16dc05ddc6ad"),
     "arc_challenge_letter.yaml:seed": (
-        "store=cdb34cd515006c7a probe=f9903a07102c1395 baseline=2bb5ebc9f6e800f7 student:gold=e35468515d1e6ef1"),
+        "store=cdb34cd515006c7a probe=f9903a07102c1395 baseline=2bb5ebc9f6e800f7 student:gold=5babae6ab015630c"),
     "arc_challenge_letter.yaml:runtime": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=f408bc68fbee2b6d student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=f408bc68fbee2b6d student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:splits": (
-        "store=dc54d8415608795a probe=42649594ea1404b3 baseline=ca03b7b75b1893d2 student:gold=75920f85553fbfa4"),
+        "store=dc54d8415608795a probe=42649594ea1404b3 baseline=ca03b7b75b1893d2 student:gold=24b8be54e938d7f6"),
     "arc_challenge_letter.yaml:head": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=0a49720e95e111ec"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=a6431a25a64acef5"),
     "arc_challenge_letter.yaml:bf16": (
-        "store=5ba18e7a958562f1 probe=83d0bc6e94be5687 baseline=1878fc386f054321 student:gold=975e4bbedd7f31f7"),
+        "store=5ba18e7a958562f1 probe=83d0bc6e94be5687 baseline=1878fc386f054321 student:gold=1275906969cb93ce"),
     "arc_challenge_letter.yaml:gpu_auto": (
-        "store=5ba18e7a958562f1 probe=83d0bc6e94be5687 baseline=1878fc386f054321 student:gold=975e4bbedd7f31f7"),
+        "store=5ba18e7a958562f1 probe=83d0bc6e94be5687 baseline=1878fc386f054321 student:gold=1275906969cb93ce"),
     "arc_challenge_letter.yaml:baseline_fields": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=1cf44f6b829f6877 student:gold=42ac3e8eed7cb1e7"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=1cf44f6b829f6877 student:gold=3eb730bb0d56d83a"),
     "arc_challenge_letter.yaml:limit": (
-        "store=a9099f8ddac5b2a3 probe=86a3a86bb09601c4 baseline=4522ea3cffb9ce5c student:gold=5c6cc0ae89df46fd"),
+        "store=a9099f8ddac5b2a3 probe=86a3a86bb09601c4 baseline=4522ea3cffb9ce5c student:gold=665cf7c88c259cb2"),
     "arc_challenge_letter.yaml:probe_fields": (
-        "store=cdb34cd515006c7a probe=93e4cdb479cea497 baseline=41fe6c3f43a98360 student:gold=a1287380d05a5e34"),
+        "store=cdb34cd515006c7a probe=93e4cdb479cea497 baseline=41fe6c3f43a98360 student:gold=75dc3a2637cea2f9"),
     "arc_challenge_letter.yaml:student_fields": (
-        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=50fca50a428ff391"),
+        "store=cdb34cd515006c7a probe=89d9951d7cac01f3 baseline=41e2d289d6204a42 student:gold=61c9b8725e47d292"),
     "arc_challenge_letter.yaml:teacher_misc": (
-        "store=2619a4d19374d1da probe=30ab9c5ad5b80a18 baseline=0e9a7ce3f1410e0d student:gold=d0d02074b32904a0"),
+        "store=2619a4d19374d1da probe=30ab9c5ad5b80a18 baseline=0e9a7ce3f1410e0d student:gold=64411e2c5db8267c"),
     "arc_easy_full.yaml:plain": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:fewshot": (
-        "store=cdfa43dce14414de probe=75b890954de40100 baseline=0b1231096e946a23 student:gold=d6a0a76b4659a546 "
-        "student:logit=bc33db43b8c61e5f student:probe=7c3d2c35a9d1dc9b"),
+        "store=cdfa43dce14414de probe=75b890954de40100 baseline=0b1231096e946a23 student:gold=371a56803e12b963 "
+        "student:logit=0569895662c55f89 student:probe=0516cce1885f8dd4"),
     "arc_easy_full.yaml:fewshot_from": (
-        "store=5eb40330bfc4ba47 probe=f715d6948d5f8a21 baseline=eae61a0288a277f4 student:gold=5bce3a00534580ab "
-        "student:logit=6f61e94fe07724e7 student:probe=22082a4fae86de6c"),
+        "store=5eb40330bfc4ba47 probe=f715d6948d5f8a21 baseline=eae61a0288a277f4 student:gold=36e6294290a0ccaf "
+        "student:logit=a6366ba9a17abba3 student:probe=b8f35623eb2ed240"),
     "arc_easy_full.yaml:fewshot_from_unused": (
-        "store=24773989b0d7bd95 probe=34261649895efa24 baseline=7476b25dbbb8f69a student:gold=a32de7d432995294 "
-        "student:logit=f4648fa5b2c4a5e9 student:probe=bb6bf92def7cb615"),
+        "store=24773989b0d7bd95 probe=34261649895efa24 baseline=7476b25dbbb8f69a student:gold=3ef5692ee0ec5579 "
+        "student:logit=1445e9dd47ad415d student:probe=9311c2ba827cbdff"),
     "arc_easy_full.yaml:prompt_template": (
-        "store=328444daf410d1a5 probe=5e71bcbab6415528 baseline=866f560f742feeea student:gold=4d0bfd1523868791 "
-        "student:logit=f3265eb78ff499f8 student:probe=45234f5055b86fd7"),
+        "store=328444daf410d1a5 probe=5e71bcbab6415528 baseline=866f560f742feeea student:gold=da14bb999b9ea36b "
+        "student:logit=82dfb37293dd0773 student:probe=2d0fe7a88292cb6b"),
     "arc_easy_full.yaml:chat": (
-        "store=e6150d46310c6637 probe=c6a725787253e3bd baseline=fda938dfd892aa75 student:gold=7faa4e877f06a309 "
-        "student:logit=30a077fc1743246f student:probe=fa7fbbe412395660"),
+        "store=e6150d46310c6637 probe=c6a725787253e3bd baseline=fda938dfd892aa75 student:gold=3e7100653b0a1568 "
+        "student:logit=a94b6e8e1c98e40b student:probe=3a734a582fb2e70f"),
     "arc_easy_full.yaml:task": (
-        "store=5df30e64d9e4804f probe=545f60228419de0c baseline=501a160b050b769f student:gold=ca0aa67a6bd62323 "
-        "student:logit=8f1bcb051f14d3cb student:probe=6e8dec6e25d19590"),
+        "store=5df30e64d9e4804f probe=545f60228419de0c baseline=501a160b050b769f student:gold=fe31e977b871b09d "
+        "student:logit=7e7b718a1cdd25f0 student:probe=39926bc799e71005"),
     "arc_easy_full.yaml:task_empty": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:tokens": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=3638b9aa2d7968d7 "
-        "student:logit=20a568374fd7f515 student:probe=1ddc644ce3ba1ec7"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=07df3704a0181e4a "
+        "student:logit=cec134947c8166cd student:probe=561febbbdc1d5cf3"),
     "arc_easy_full.yaml:bytes": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=87e116dabc7fe238 "
-        "student:logit=3f69be9f252fdcb6 student:probe=406f486c77a30476"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=1aae727d2f1b90cc "
+        "student:logit=e15936cfe7c3c465 student:probe=21f0081a69e89480"),
     "arc_easy_full.yaml:letter": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=56c6942d31feb71c student:gold=6d61abc7ba2da155 "
-        "student:logit=3a053ab6fa447a88 student:probe=876e278136afa925"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=56c6942d31feb71c student:gold=3157c9c1066303d1 "
+        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
     "arc_easy_full.yaml:letter_no_formats": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=75e83840dc2efbbe student:gold=6d61abc7ba2da155 "
-        "student:logit=3a053ab6fa447a88 student:probe=876e278136afa925"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=75e83840dc2efbbe student:gold=3157c9c1066303d1 "
+        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
     "arc_easy_full.yaml:letter_no_baseline": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=c70c87bfce6b158f student:gold=6d61abc7ba2da155 "
-        "student:logit=3a053ab6fa447a88 student:probe=876e278136afa925"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=c70c87bfce6b158f student:gold=3157c9c1066303d1 "
+        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
     "arc_easy_full.yaml:student_template": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=b14a1a36209cb1a2 "
-        "student:logit=77f5d4c2016df6a3 student:probe=f87dcc19b12045f0"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=f1df46e71e8660fb "
+        "student:logit=c88beb3f10b9e861 student:probe=dbe46a118fc1226c"),
     "arc_easy_full.yaml:max_failures": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:workers": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:fraction": (
-        "store=e21e9cf1199d813b probe=8542f310c02098c2 baseline=2f8f9494ed46d8f5 student:gold=5f27a08048a5f358 "
-        "student:logit=c0b9d58bcbe5b0b7 student:probe=81561573b8f4a262"),
+        "store=e21e9cf1199d813b probe=8542f310c02098c2 baseline=2f8f9494ed46d8f5 student:gold=7d3483784c8eaebd "
+        "student:logit=b9f011fb381c08c5 student:probe=58864ff1c2ac0aa1"),
     "arc_easy_full.yaml:pool": (
-        "store=e21e9cf1199d813b probe=da77ae274b7b273c baseline=2f8f9494ed46d8f5 student:gold=67bdc2afd150d80c "
-        "student:probe_pseudo=1fa84abe0ef2cb6c"),
+        "store=e21e9cf1199d813b probe=da77ae274b7b273c baseline=2f8f9494ed46d8f5 student:gold=0fc2199db71378c4 "
+        "student:probe_pseudo=3aab71df9a95f105"),
     "arc_easy_full.yaml:seed": (
-        "store=e21e9cf1199d813b probe=096e908aa242ee13 baseline=eb5b7ec1f60ba89c student:gold=22f14d062fd08aea "
-        "student:logit=42a757942038d98d student:probe=5eaa3f929a2a8993"),
+        "store=e21e9cf1199d813b probe=096e908aa242ee13 baseline=eb5b7ec1f60ba89c student:gold=24e00701c5913163 "
+        "student:logit=26c5100ef2154c91 student:probe=f0b3e1fcdc664897"),
     "arc_easy_full.yaml:runtime": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=660c966fbe667f7e student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=660c966fbe667f7e student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:splits": (
-        "store=1b0a8241b188a82e probe=97c3481aeed5d550 baseline=aa1a622968ca7627 student:gold=368fdf307a59de3a "
-        "student:logit=afb7a02aa72dcbeb student:probe=4fa24d237729e9f3"),
+        "store=1b0a8241b188a82e probe=97c3481aeed5d550 baseline=aa1a622968ca7627 student:gold=94691dc7d297a4a9 "
+        "student:logit=e95c4a500c0f5493 student:probe=dda765eba1274c1f"),
     "arc_easy_full.yaml:head": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=12ce50f3d749ef0f "
-        "student:logit=0d4ac8c03e37ca98 student:probe=82cbaa5f84eecdbc"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=9530fd789bcd7c42 "
+        "student:logit=8756b39cf70e242b student:probe=9b520c398703bc0e"),
     "arc_easy_full.yaml:bf16": (
-        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=d8c8d85dfd511518 "
-        "student:logit=60139013c23ec0a2 student:probe=4f377893edaab56f"),
+        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=82613ca92cdbabf8 "
+        "student:logit=1e88a6c995872b36 student:probe=d9a1f3275f30dcf7"),
     "arc_easy_full.yaml:gpu_auto": (
-        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=d8c8d85dfd511518 "
-        "student:logit=60139013c23ec0a2 student:probe=4f377893edaab56f"),
+        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=82613ca92cdbabf8 "
+        "student:logit=1e88a6c995872b36 student:probe=d9a1f3275f30dcf7"),
     "arc_easy_full.yaml:baseline_fields": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=1f276fcfcb628ee9 student:gold=40fb6115f766f135 "
-        "student:logit=2f16f60d75e1ddf2 student:probe=ad09ba91c704399a"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=1f276fcfcb628ee9 student:gold=c825d4fde6399453 "
+        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
     "arc_easy_full.yaml:limit": (
-        "store=a49f1f6a469a27a7 probe=48e9d8ae5d1d0e40 baseline=00631c33403887e8 student:gold=6983662e6221a181 "
-        "student:logit=28a3ea5089850d3a student:probe=b48ada08ea3e964d"),
+        "store=a49f1f6a469a27a7 probe=48e9d8ae5d1d0e40 baseline=00631c33403887e8 student:gold=c3316b86ca746d24 "
+        "student:logit=5d5110c2a4f66511 student:probe=f954e1a824e18808"),
     "arc_easy_full.yaml:probe_fields": (
-        "store=e21e9cf1199d813b probe=d82572eb52fa18a1 baseline=2f8f9494ed46d8f5 student:gold=ee9ec0e82574b716 "
-        "student:logit=aac8b12c077e9028 student:probe=f38d741e631dc443"),
+        "store=e21e9cf1199d813b probe=d82572eb52fa18a1 baseline=2f8f9494ed46d8f5 student:gold=e7158cd0e3a1a3b2 "
+        "student:logit=ba1009ece5ac7fd0 student:probe=24175dfdaa904399"),
     "arc_easy_full.yaml:student_fields": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=b72a71217c96cad4 "
-        "student:logit=f43a6ff1b16bcc9f student:probe=c3d867d909048ba5"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=e7cd7b4d174c5e43 "
+        "student:logit=353a924f49e2f353 student:probe=42c25f9cf7cc619d"),
     "arc_easy_full.yaml:teacher_misc": (
-        "store=a1690d8db1524f97 probe=a85706c281932e2f baseline=cc84f17a7d85ecbf student:gold=94f142579addce2a "
-        "student:logit=b927c1fd21b18361 student:probe=b7f6f99e2c97730a"),
+        "store=a1690d8db1524f97 probe=a85706c281932e2f baseline=cc84f17a7d85ecbf student:gold=5c56265944554c3c "
+        "student:logit=51261bbbbf0de621 student:probe=dfc0c14ee571fe54"),
     "arc_easy_letter.yaml:plain": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:fewshot": (
-        "store=a88ac750a8022bba probe=5a391661353306a1 baseline=b44727f9815d5dcb student:gold=8741508c355cdb7e"),
+        "store=a88ac750a8022bba probe=5a391661353306a1 baseline=b44727f9815d5dcb student:gold=628d4f04d3ad3511"),
     "arc_easy_letter.yaml:fewshot_from": (
-        "store=f28185dca328318e probe=bf7d645f91e9a1f8 baseline=e5cb334f90122e91 student:gold=e681851ad744ae16"),
+        "store=f28185dca328318e probe=bf7d645f91e9a1f8 baseline=e5cb334f90122e91 student:gold=2d387e2b95e65a00"),
     "arc_easy_letter.yaml:fewshot_from_unused": (
-        "store=d20cbff3565b974d probe=363b34d2cf043440 baseline=fdbcda91d7d8be44 student:gold=1de5f54db5c97ca0"),
+        "store=d20cbff3565b974d probe=363b34d2cf043440 baseline=fdbcda91d7d8be44 student:gold=22ac618daf9e43d0"),
     "arc_easy_letter.yaml:prompt_template": (
-        "store=4bca3953d3ba3290 probe=f608d68401fe00f8 baseline=b120102220dba4b5 student:gold=b04d151c739c954b"),
+        "store=4bca3953d3ba3290 probe=f608d68401fe00f8 baseline=b120102220dba4b5 student:gold=78fde99b52420ef4"),
     "arc_easy_letter.yaml:chat": (
-        "store=7aa884a246bb1ed4 probe=f89985f9dd4888fd baseline=e2e8f722a975b855 student:gold=9e3ea8f36a6bc36d"),
+        "store=7aa884a246bb1ed4 probe=f89985f9dd4888fd baseline=e2e8f722a975b855 student:gold=7c445137ab72a8ae"),
     "arc_easy_letter.yaml:task": (
-        "store=a03d3e06067d850a probe=e3c618c91efc8c39 baseline=bc7e5637b8bc9b08 student:gold=1e4b0f0d075dc648"),
+        "store=a03d3e06067d850a probe=e3c618c91efc8c39 baseline=bc7e5637b8bc9b08 student:gold=cdf5923c3901e7b2"),
     "arc_easy_letter.yaml:task_empty": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:letter": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:letter_no_formats": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=b12a767f3386e2f5 student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=b12a767f3386e2f5 student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:letter_no_baseline": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=6c757fae96f9a757 student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=6c757fae96f9a757 student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:student_template": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=aea3f7f464d9b198"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=e3cc8109b384369f"),
     "arc_easy_letter.yaml:max_failures": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:workers": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:fraction": (
-        "store=b1d2e6a0d75c632d probe=6a4e443ca1bc5e77 baseline=3ce742a1d0d20eab student:gold=5cd4a20f354184d9"),
+        "store=b1d2e6a0d75c632d probe=6a4e443ca1bc5e77 baseline=3ce742a1d0d20eab student:gold=7631669db003e2b5"),
     "arc_easy_letter.yaml:pool": (
-        "store=b1d2e6a0d75c632d probe=f76dd25bf63bf382 baseline=d90078a2116d55c6 student:gold=543422fc9f5e1241 "
-        "student:probe_pseudo=b86f866be79bea25"),
+        "store=b1d2e6a0d75c632d probe=f76dd25bf63bf382 baseline=d90078a2116d55c6 student:gold=67f7b625ef53350d "
+        "student:probe_pseudo=1924aa7cf5a89010"),
     "arc_easy_letter.yaml:seed": (
-        "store=b1d2e6a0d75c632d probe=4de98d691908b6c4 baseline=480c7a5573b75f76 student:gold=566d5ecd266d8a76"),
+        "store=b1d2e6a0d75c632d probe=4de98d691908b6c4 baseline=480c7a5573b75f76 student:gold=f7cee5b00d97c044"),
     "arc_easy_letter.yaml:runtime": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=a3c1ecbfe714c4e9 student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=a3c1ecbfe714c4e9 student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:splits": (
-        "store=4d02aa97ec5da282 probe=d6f9f8d47b74e4f7 baseline=70627cd466dc3606 student:gold=f938578f65580862"),
+        "store=4d02aa97ec5da282 probe=d6f9f8d47b74e4f7 baseline=70627cd466dc3606 student:gold=1e25f4d32f015073"),
     "arc_easy_letter.yaml:head": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=5036ad568b3b977d"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=d4606ebfbbf386b6"),
     "arc_easy_letter.yaml:bf16": (
-        "store=a6a05c43ffed424d probe=49623d982cf70ddd baseline=458c56b8d0810bbb student:gold=8587076cfa796e13"),
+        "store=a6a05c43ffed424d probe=49623d982cf70ddd baseline=458c56b8d0810bbb student:gold=d1ebda976ea7a0c7"),
     "arc_easy_letter.yaml:gpu_auto": (
-        "store=a6a05c43ffed424d probe=49623d982cf70ddd baseline=458c56b8d0810bbb student:gold=8587076cfa796e13"),
+        "store=a6a05c43ffed424d probe=49623d982cf70ddd baseline=458c56b8d0810bbb student:gold=d1ebda976ea7a0c7"),
     "arc_easy_letter.yaml:baseline_fields": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=9d111282cfb2131d student:gold=64aad76fbc449bc4"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=9d111282cfb2131d student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:limit": (
-        "store=b6c9448982bd4181 probe=646c06896d97806c baseline=3c0ae3d3b1e0d452 student:gold=5b79b83c9be4ef64"),
+        "store=b6c9448982bd4181 probe=646c06896d97806c baseline=3c0ae3d3b1e0d452 student:gold=33c5fee1b8b6438d"),
     "arc_easy_letter.yaml:probe_fields": (
-        "store=b1d2e6a0d75c632d probe=c867792db394ffb8 baseline=e0a8d097766a283c student:gold=0e381b2664ffecd6"),
+        "store=b1d2e6a0d75c632d probe=c867792db394ffb8 baseline=e0a8d097766a283c student:gold=3dd56078fdd32bd5"),
     "arc_easy_letter.yaml:student_fields": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=1dece018066683ab"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=6cd0b2362512aaf2"),
     "arc_easy_letter.yaml:teacher_misc": (
-        "store=9ca2ed659d1b680f probe=07c41f6a0acd8ba5 baseline=c46320a5e8b889dd student:gold=eb3d2c23cd31f2d1"),
+        "store=9ca2ed659d1b680f probe=07c41f6a0acd8ba5 baseline=c46320a5e8b889dd student:gold=d04061ab23f201a1"),
     "bench.yaml:plain": (
         "store=912b232d07c7b6db probe=9a49bc389d171a34 baseline=398c2b393f8dbd0b student:gold=6b24b8ee3c2122cb "
         "student:logit=9d229bac9f400100 student:probe=8c1e0781a850a8c2"),
@@ -441,92 +441,92 @@ GOLDEN = {  # case -> 'artifact=hash ...' (the student ones per label source)
         "store=dab59663a78d3f90 probe=7beafdaa6039b0fa baseline=1eab621a6c2b3b1c student:gold=d912b87e79484a18 "
         "student:logit=ad7ed4b44922519a student:probe=b06e549d4ba66a51"),
     "default.yaml:plain": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:fewshot": (
-        "store=de768f0657b5137c probe=ef036663fed4446c baseline=18e1b18f0f069cc1 student:gold=6c40485cd3a33d2b "
-        "student:logit=8a26a19e69388b0b student:probe=e6fa7c770c1c069f"),
+        "store=de768f0657b5137c probe=ef036663fed4446c baseline=18e1b18f0f069cc1 student:gold=76769fd3632cc4b6 "
+        "student:logit=228452c08c0ec164 student:probe=dd719c8141db954a"),
     "default.yaml:fewshot_from": (
-        "store=5f5e17a8e96da0b4 probe=e2b6ea3a4bf0efaf baseline=45ee5d575c25bd23 student:gold=b2fcb6efecd9da0d "
-        "student:logit=095b22e61eef2e5b student:probe=a653ceef98a06c5a"),
+        "store=5f5e17a8e96da0b4 probe=e2b6ea3a4bf0efaf baseline=45ee5d575c25bd23 student:gold=e995fd2fb144668c "
+        "student:logit=f5a31162563a24fb student:probe=513741ae8af9e12c"),
     "default.yaml:fewshot_from_unused": (
-        "store=cba8040d52a228ae probe=03e8f3ad5be23c1e baseline=24d605261dd96fd0 student:gold=e909aa6c904a6c21 "
-        "student:logit=e561166835fd4424 student:probe=cfa09657885652c3"),
+        "store=cba8040d52a228ae probe=03e8f3ad5be23c1e baseline=24d605261dd96fd0 student:gold=739262c53cbd46c7 "
+        "student:logit=ecba048d8c5bb5ed student:probe=89f87c816736a68e"),
     "default.yaml:prompt_template": (
-        "store=166714d5a47154e6 probe=789f992bcd8e66d3 baseline=9c6d67b1b34c74af student:gold=585c7b65a9ae8066 "
-        "student:logit=21b3ce8e167a0424 student:probe=033493285c5767e2"),
+        "store=166714d5a47154e6 probe=789f992bcd8e66d3 baseline=9c6d67b1b34c74af student:gold=76799a6088e1a91b "
+        "student:logit=f8fb2a67bc8f18af student:probe=6b80676dfc0f17a1"),
     "default.yaml:chat": (
-        "store=2f4fc2ad2e432dd1 probe=07bec06e771f83b7 baseline=0e972ffc58a8d6cc student:gold=d54bfc0640d53a2b "
-        "student:logit=b073c4ecda819aec student:probe=22e2aefbfd284d68"),
+        "store=2f4fc2ad2e432dd1 probe=07bec06e771f83b7 baseline=0e972ffc58a8d6cc student:gold=60b7ab4002da1ad2 "
+        "student:logit=9441bb820d725227 student:probe=502bc00f173de5d5"),
     "default.yaml:task": (
-        "store=330a4d749fe98bb8 probe=ebb24ed785183956 baseline=18d03ca5480ea137 student:gold=a4d996b0d1182487 "
-        "student:logit=405a9e076855faf0 student:probe=c5153d2cf0dc8371"),
+        "store=330a4d749fe98bb8 probe=ebb24ed785183956 baseline=18d03ca5480ea137 student:gold=a5c741c12b4dd99c "
+        "student:logit=3ae6078d2aa85bbd student:probe=56ad5a8c1fc32421"),
     "default.yaml:task_empty": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:tokens": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=b8085f2f09c3b2aa "
-        "student:logit=94e5cc64d46ae3da student:probe=9cc63edd64e834cd"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=852b0192cb61bdf7 "
+        "student:logit=63e94d89a8e67d60 student:probe=232c233567481503"),
     "default.yaml:bytes": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=72213e160cff0418 "
-        "student:logit=d2a676d5c20dca9b student:probe=e1819f89e5289105"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=8a5c613328983341 "
+        "student:logit=c3c9fd4233d486eb student:probe=2c5db6d6296848bb"),
     "default.yaml:letter": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=b6c92943668ec12a student:gold=64aad76fbc449bc4 "
-        "student:logit=c36c0942de9c0598 student:probe=6dec9469f012d5b9"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=b6c92943668ec12a student:gold=a3d99fcf600994a3 "
+        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
     "default.yaml:letter_no_formats": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=629481fde207579f student:gold=64aad76fbc449bc4 "
-        "student:logit=c36c0942de9c0598 student:probe=6dec9469f012d5b9"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=629481fde207579f student:gold=a3d99fcf600994a3 "
+        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
     "default.yaml:letter_no_baseline": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=ce7e5c0bcc2419c3 student:gold=64aad76fbc449bc4 "
-        "student:logit=c36c0942de9c0598 student:probe=6dec9469f012d5b9"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=ce7e5c0bcc2419c3 student:gold=a3d99fcf600994a3 "
+        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
     "default.yaml:student_template": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=f1961e362616994a "
-        "student:logit=48e002b8536b3a95 student:probe=fbb6ea99339b6e3c"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=297deb13f3120d02 "
+        "student:logit=7416fb7ba9f5d30c student:probe=5781f620311effd5"),
     "default.yaml:max_failures": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:workers": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:fraction": (
-        "store=8e5f26ab08af5313 probe=2687a2df0ed4cf24 baseline=056e0bc3c37e49d7 student:gold=d9555eb598c466c8 "
-        "student:logit=78771018e0e8e7b0 student:probe=cc479ef545138c87"),
+        "store=8e5f26ab08af5313 probe=2687a2df0ed4cf24 baseline=056e0bc3c37e49d7 student:gold=720ac8a51010f03d "
+        "student:logit=ae0e65fcff0c95dd student:probe=fada0d79ec382261"),
     "default.yaml:pool": (
-        "store=8e5f26ab08af5313 probe=adbae2df77df3764 baseline=056e0bc3c37e49d7 student:gold=4963fa668471bf8b "
-        "student:probe_pseudo=fe492f79729eaf20"),
+        "store=8e5f26ab08af5313 probe=adbae2df77df3764 baseline=056e0bc3c37e49d7 student:gold=e8f96f50e8626087 "
+        "student:probe_pseudo=f83fa6425a6e6bb6"),
     "default.yaml:seed": (
-        "store=8e5f26ab08af5313 probe=828773274e0cc4f2 baseline=db09ad718851af0c student:gold=a9fd33eccf636c93 "
-        "student:logit=76dd10634edbdf38 student:probe=e37ae0f67158f981"),
+        "store=8e5f26ab08af5313 probe=828773274e0cc4f2 baseline=db09ad718851af0c student:gold=10ed272149752a61 "
+        "student:logit=56064cd5f23a5bf9 student:probe=9a1233d147baa299"),
     "default.yaml:runtime": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=0f4bcd1aa5c2073f student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=0f4bcd1aa5c2073f student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:splits": (
-        "store=a4b11b415b9519ef probe=b869c5940c075ce8 baseline=6d9f464da7e69fd8 student:gold=32ebcf580065d9ff "
-        "student:logit=1c780e0765796b3a student:probe=5075443945c2e4ef"),
+        "store=a4b11b415b9519ef probe=b869c5940c075ce8 baseline=6d9f464da7e69fd8 student:gold=ac5de7f0214e51de "
+        "student:logit=0ea2b95a8ffbec0d student:probe=8ca7019d15edb2c5"),
     "default.yaml:head": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=ef6d82a0b087785c "
-        "student:logit=fb792ee692fc10b5 student:probe=e32d5e0423a7bd18"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=eeec321d2fe5518b "
+        "student:logit=0aa907b456f49d90 student:probe=7a640f0ebfb615f8"),
     "default.yaml:bf16": (
-        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=552be4496f95733b "
-        "student:logit=3cdf5e15cfbb3b87 student:probe=2e04fa61c457efe5"),
+        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=ad72ba999b864552 "
+        "student:logit=36e397ab63697ca3 student:probe=b2f6c1faed0bfe58"),
     "default.yaml:gpu_auto": (
-        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=552be4496f95733b "
-        "student:logit=3cdf5e15cfbb3b87 student:probe=2e04fa61c457efe5"),
+        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=ad72ba999b864552 "
+        "student:logit=36e397ab63697ca3 student:probe=b2f6c1faed0bfe58"),
     "default.yaml:baseline_fields": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=a46ca59a615fac30 student:gold=69773ea057cb3314 "
-        "student:logit=91b5d443e299788c student:probe=beaf8a71433d5843"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=a46ca59a615fac30 student:gold=3a76eafbb6028b85 "
+        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
     "default.yaml:limit": (
-        "store=e04b023f8a5e7e33 probe=7102c3da8a79c622 baseline=f9c70d2fc393aeeb student:gold=c9d130e1ae9d05da "
-        "student:logit=a6167516d95859a4 student:probe=6cd9ed1f20db835e"),
+        "store=e04b023f8a5e7e33 probe=7102c3da8a79c622 baseline=f9c70d2fc393aeeb student:gold=1fa9b1da48b9b249 "
+        "student:logit=4e9a2ded46c376ba student:probe=00d5334a0f3e63bc"),
     "default.yaml:probe_fields": (
-        "store=8e5f26ab08af5313 probe=0d56487ba41f9148 baseline=056e0bc3c37e49d7 student:gold=113cb08e18c8754a "
-        "student:logit=e1e570494eaa223a student:probe=6eae6813c93bb4c6"),
+        "store=8e5f26ab08af5313 probe=0d56487ba41f9148 baseline=056e0bc3c37e49d7 student:gold=772260fb7b6b7be1 "
+        "student:logit=1a54fdb3726c5e62 student:probe=d33ceec6a04397f2"),
     "default.yaml:student_fields": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3b43fabe5b7c126f "
-        "student:logit=8ea0431383321c3d student:probe=54a0a45da05267ee"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=45b041d9a7f55283 "
+        "student:logit=1392a7f6b809ff9e student:probe=6a5b7c8944fa8fe0"),
     "default.yaml:teacher_misc": (
-        "store=2c7ce09f15f94374 probe=2ceebd7a063605e1 baseline=a91f273bb48ebac4 student:gold=cb3186bd98b579bf "
-        "student:logit=7c32a4ff33de3ac3 student:probe=47f38beddc6ec3fa"),
+        "store=2c7ce09f15f94374 probe=2ceebd7a063605e1 baseline=a91f273bb48ebac4 student:gold=71964d03c1d10529 "
+        "student:logit=52115110c055a720 student:probe=72a07cfdc720a613"),
     "tiny.yaml:plain": (
         "store=953233b9a48259ff probe=af64bcf21cf70259 baseline=c37521ed2cf4f01f student:gold=e2ee166cf0743a99 "
         "student:logit=c04a6f64326e07e3 student:probe=5aa9de25f917c8c0"),

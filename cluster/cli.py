@@ -68,14 +68,40 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("student_dir", help="a student folder, e.g. runs/default/students/gold-<id>/model")
     s.add_argument("questions", help="a .jsonl/.json/.parquet file in the shared schema (answer optional)")
     s.add_argument("--out", help="where to write the predictions as JSON lines (default: <questions>.predictions.jsonl)")
-    s.add_argument("--batch-size", type=int, default=16, help="questions per forward")
+    _student_run_args(s)
     s = sub.add_parser("eval", parents=[common], help="a trained student's accuracy on a split")
     s.add_argument("student_dir", help="a student folder, e.g. runs/default/students/gold-<id>/model")
     s.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="which of the run's splits (the same questions the run used; default test)")
     s.add_argument("--data", help="score every row of this file (shared schema, with answers) instead")
-    s.add_argument("--batch-size", type=int, default=16, help="questions per forward")
+    _student_run_args(s)
     return p
+
+
+def _student_run_args(s) -> None:
+    """Where and how `predict` and `eval` run a student."""
+    s.add_argument("--batch-size", type=int, default=16, help="questions per forward")
+    s.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', or 'auto' (default): a GPU when torch "
+                                                    "sees one, else the CPU")
+    s.add_argument("--dtype", default="trained", choices=("trained", "float32", "bfloat16"),
+                   help="compute dtype: 'trained' (default) is the one it was trained and tested in (student.json), "
+                        "which reproduces its reported accuracy; a bf16 student on a CPU without native bf16 runs "
+                        "faster with float32")
+
+
+def _student_device(args) -> tuple[str, str | None]:
+    """(device, dtype or None for the student's own) from `--device` and `--dtype`; an unusable device is
+    one clear error."""
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise StudentError(f"--device: {device!r} but torch sees no GPU here; use --device cpu (or auto)")
+    elif device != "cpu" and not device.startswith("cuda"):
+        raise StudentError(f"--device: {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return device, None if args.dtype == "trained" else args.dtype
 
 
 def predict(args) -> int:
@@ -93,8 +119,9 @@ def predict(args) -> int:
     out = Path(args.out) if args.out else src.with_name(src.stem + ".predictions.jsonl")
     if out.exists():
         raise StudentError(f"--out: {out} exists; refusing to overwrite it. Pass another --out or delete it")
+    device, dtype = _student_device(args)
     model, tok, info = load_student(args.student_dir)
-    probs = predict_examples(model, tok, info, questions, batch_size=args.batch_size)
+    probs = predict_examples(model, tok, info, questions, batch_size=args.batch_size, device=device, dtype=dtype)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         for ex, p in zip(questions, probs, strict=True):
@@ -121,6 +148,7 @@ def evaluate(args) -> int:
     from engine.student_folder import load_student, predict_examples
     from engine.tasks import load_role, read_questions
 
+    device, dtype = _student_device(args)
     model, tok, info = load_student(args.student_dir)
     if args.data:
         questions, what = read_questions(args.data), args.data
@@ -133,7 +161,7 @@ def evaluate(args) -> int:
         questions, what = load_role(data, args.split), f"{data.dataset} {args.split} ({data.source})"
     import numpy as np
 
-    probs = predict_examples(model, tok, info, questions, batch_size=args.batch_size)
+    probs = predict_examples(model, tok, info, questions, batch_size=args.batch_size, device=device, dtype=dtype)
     answer = np.asarray([ex.answer for ex in questions])
     acc, lo, hi = bootstrap_accuracy(probs.argmax(1) == answer)
     print(f"[eval] {args.student_dir}: accuracy {accuracy(probs, answer):.4f} [95% CI {lo:.4f}, {hi:.4f}] on "

@@ -2,6 +2,7 @@
 runs end to end through local Ray, Zarr, vLLM and Ray Train, all real."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -186,6 +187,9 @@ def test_predict_refuses_bad_input_and_writes_nothing(tmp_path, tiny_bert):
     (folder / "model.safetensors").unlink()
     good = tmp_path / "good.jsonl"
     write_questions(good, tiny_test_examples()[:2])
+    # A GPU asked for where there is none: one error naming --device, before anything is read.
+    res = distill("predict", str(folder), str(good), "--device", "cuda", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 2 and "--device: 'cuda' but torch sees no GPU here" in res.stderr
     res = distill("predict", str(folder), str(good))
     assert res.returncode == 2 and "weights are missing" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "one.jsonl", "s", "zero.jsonl"]
@@ -271,6 +275,8 @@ def test_tiny_config_end_to_end(tmp_path, tiny_model):
     ev = distill("eval", gold["model_dir"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"accuracy {gold['test_acc']:.4f}" in ev.stdout and "on 24 questions" in ev.stdout
+    ev32 = distill("eval", gold["model_dir"], "--device", "cpu", "--dtype", "float32")  # another dtype: it runs
+    assert ev32.returncode == 0 and "on 24 questions" in ev32.stdout, ev32.stderr[-3000:]
     questions = tmp_path / "test_questions.jsonl"
     write_questions(questions, tiny_test_examples())
     pred = distill("predict", gold["model_dir"], str(questions), "--out", str(tmp_path / "pred.jsonl"))

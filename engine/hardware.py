@@ -47,12 +47,13 @@ def resolve(cfg: Any) -> tuple[Any, dict[str, dict[str, str]]]:
     """`cfg` with every 'auto' dtype replaced by this machine's choice, and {section: {dtype, why}}.
 
     The teacher runs where extraction runs (GPUs when `extract.gpus_per_replica` > 0), the baseline
-    where vLLM runs (GPUs when CUDA is visible here, as vLLM needs), the student where Ray Train puts
-    it (`student.use_gpu`). Idempotent: a resolved config comes back unchanged."""
+    where the pipeline places the vLLM actor (on GPUs under the same condition, whatever the driver's
+    own node has), the student where Ray Train puts it (`student.use_gpu`). Idempotent: a resolved
+    config comes back unchanged."""
     choices: dict[str, dict[str, str]] = {}
     changes: dict[str, Any] = {}
     for section, gpu in (("teacher", cfg.extract.gpus_per_replica > 0),
-                         ("baseline", _cuda_here()),
+                         ("baseline", cfg.extract.gpus_per_replica > 0),
                          ("student", cfg.student.use_gpu)):
         sub = getattr(cfg, section)
         dtype, why = pick_dtype(sub.dtype, gpu=gpu)
@@ -60,14 +61,6 @@ def resolve(cfg: Any) -> tuple[Any, dict[str, dict[str, str]]]:
         if dtype != sub.dtype:
             changes[section] = dataclasses.replace(sub, dtype=dtype)
     return (dataclasses.replace(cfg, **changes) if changes else cfg), choices
-
-
-def _cuda_here() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return bool(torch.cuda.is_available())
 
 
 MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")

@@ -142,6 +142,11 @@ def test_dtype_auto_is_decided_by_a_checkable_fact():
     assert {resolved.teacher.dtype, resolved.student.dtype} <= {"float32", "bfloat16"} and set(why) == {
         "teacher", "baseline", "student"}
     assert resolve(resolved)[0] == resolved  # idempotent
+    # Each part's dtype follows where it runs: on GPUs with extract.gpus_per_replica (teacher, and the vLLM
+    # actor the pipeline places there) and student.use_gpu, whatever the driver's own node has.
+    on_gpus = from_dict({"extract": {"gpus_per_replica": 1}, "student": {"use_gpu": True}})
+    assert {c["dtype"] for c in resolve(on_gpus)[1].values()} == {"bfloat16"}
+    assert all(c["why"] == "auto: runs on a GPU" for c in resolve(on_gpus)[1].values())
     assert store_identity(cfg)["teacher.dtype"] == resolved.teacher.dtype  # a store never records 'auto'
 
 

@@ -603,15 +603,15 @@ def test_train_student_on_ray_and_resume(local_ray, tiny_model, tmp_path):
     print(f"ray fits: {first['wall_seconds']:.1f}s (1 worker), {second['wall_seconds']:.1f}s (2 workers)")
 
 
-def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path):
-    """finetune='head': the frozen encoder's features are computed once per split and reused by a later
-    run with other heads; heads train in one Ray Train run and come out as loadable folders."""
+def _frozen_part_run(tiny_bert, tmp_path, **student):
+    """A tiny-BERT gold student trained once on Ray in a regime with a frozen part (`student`): its
+    splits, config, gold job, the `train_students` keywords, its result, and the cache files it wrote."""
     from cluster.train import StudentJob, train_students
 
     splits, spec, pad = make_splits(tiny_bert, kind="encoder")
     train = splits["train"]
-    cfg = from_dict({"student": {"model": str(tiny_bert), "finetune": "head", "head_epochs": 5, "head_lr": 1e-2,
-                                 "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1}}).student
+    cfg = from_dict({"student": {"model": str(tiny_bert), "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1,
+                                 **student}}).student
     feats = tmp_path / "features"
     gold = StudentJob("gold", 0, np.arange(train.n_questions), st.one_hot(train.answer, 4), train.answer)
     kw = dict(model_path=str(tiny_bert), splits=splits, spec=spec, pad_id=pad, storage_dir=str(tmp_path / "rt"),
@@ -619,6 +619,16 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
     [a] = train_students(cfg, [gold], name="a", **kw)
     files = {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")}
     assert len(files) == 3  # one per split
+    return splits, cfg, gold, kw, a, files
+
+
+def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path):
+    """finetune='head': the frozen encoder's features are computed once per split and reused by a later
+    run with other heads; heads train in one Ray Train run and come out as loadable folders."""
+    from cluster.train import StudentJob, train_students
+
+    splits, cfg, gold, kw, a, files = _frozen_part_run(tiny_bert, tmp_path, finetune="head", head_epochs=5, head_lr=1e-2)
+    train, feats, pad = splits["train"], Path(kw["features_dir"]), kw["pad_id"]
     half = StudentJob("gold", 1, np.arange(12), st.one_hot(train.answer[:12], 4), train.answer[:12])
     b, c = train_students(cfg, [gold, half], name="b", **kw)
     assert {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")} == files  # read, not recomputed
@@ -635,19 +645,10 @@ def test_head_regime_caches_features_by_identity(local_ray, tiny_bert, tmp_path)
 def test_top_regime_runs_the_frozen_bottom_once(local_ray, tiny_bert, tmp_path):
     """finetune='top': the frozen bottom blocks' token states are computed once per split and cached; the
     workers run only the top blocks, and the student's folder (every block) reproduces its test scores."""
-    from cluster.train import StudentJob, train_students
+    from cluster.train import train_students
 
-    splits, spec, pad = make_splits(tiny_bert, kind="encoder")
-    train = splits["train"]
-    cfg = from_dict({"student": {"model": str(tiny_bert), "finetune": "top", "top_blocks": 1, "epochs": 2,
-                                 "lr": 3e-3, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1}}).student
-    feats = tmp_path / "features"
-    gold = StudentJob("gold", 0, np.arange(train.n_questions), st.one_hot(train.answer, 4), train.answer)
-    kw = dict(model_path=str(tiny_bert), splits=splits, spec=spec, pad_id=pad, storage_dir=str(tmp_path / "rt"),
-              features_dir=str(feats))
-    [a] = train_students(cfg, [gold], name="a", **kw)
-    files = {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")}
-    assert len(files) == 3  # one per split
+    splits, cfg, gold, kw, a, files = _frozen_part_run(tiny_bert, tmp_path, finetune="top", top_blocks=1, epochs=2, lr=3e-3)
+    feats = Path(kw["features_dir"])
     for role, seqs in splits.items():
         [f] = [p for p in feats.glob(f"{role}-*.npy")]
         assert np.load(f).shape[0] == int(seqs.lengths().sum())  # a state per real token

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.artifacts import link_tree
 from engine.heads import scoring_head
 from engine.models import ModelError
 from engine.modes import prompt_mode
@@ -72,6 +71,8 @@ def save_student(out: str | Path, model: StudentModel, tokenizer, spec: InputSpe
     try:
         if backbone_dir is not None:
             shutil.rmtree(tmp)
+            from engine.artifacts import link_tree  # here, not at import: loading a student needs no zarr
+
             link_tree(backbone_dir, tmp)
         else:
             model.backbone.save_pretrained(tmp, safe_serialization=True)

@@ -416,10 +416,10 @@ def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choi
     device = "cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu"
     model = st.build_student(model_path, scfg, max_choices=max_choices, answer_format=spec["answer_format"]).to(device)
     dtype, _ = pick_dtype(scfg.dtype, gpu=device == "cuda")
-    kw = dict(batch_size=4 * scfg.batch_size, pad_id=pad_id, device=device, dtype=dtype)
+    kw = dict(batch_size=4 * scfg.train_batch_size, pad_id=pad_id, device=device, dtype=dtype)
     if scfg.finetune == "top":
         return st.bottom_states(model, unpack_sequences(packed), top_blocks=scfg.top_blocks, **kw)
-    return st.pool_features(model, unpack_sequences(packed), **{**kw, "batch_size": 4 * scfg.train_batch_size})
+    return st.pool_features(model, unpack_sequences(packed), **kw)
 
 
 def frozen_bottom(student: StudentConfig, model_path: str) -> int:

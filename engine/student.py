@@ -298,10 +298,7 @@ def set_trainable(model: StudentModel, finetune: str, top_blocks: int = 2) -> li
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         if finetune == "top":
-            blocks = block_list(model.backbone)
-            if top_blocks > len(blocks):
-                raise ModelError(f"student.top_blocks: {top_blocks} > the student's {len(blocks)} blocks")
-            for block in list(blocks)[-top_blocks:]:
+            for block in list(block_list(model.backbone))[bottom_blocks(model, top_blocks):]:
                 for p in block.parameters():
                     p.requires_grad_(True)
             for p in scoring_head(model.scoring).top_parameters(model):  # the head, or the LM head

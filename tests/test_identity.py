@@ -212,92 +212,92 @@ GOLDEN = {  # case -> 'artifact=hash ...' (the student ones per label source)
     "arc_challenge_letter.yaml:teacher_misc": (
         "store=2619a4d19374d1da probe=30ab9c5ad5b80a18 baseline=0e9a7ce3f1410e0d student:gold=64411e2c5db8267c"),
     "arc_easy_full.yaml:plain": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:fewshot": (
-        "store=cdfa43dce14414de probe=75b890954de40100 baseline=0b1231096e946a23 student:gold=371a56803e12b963 "
-        "student:logit=0569895662c55f89 student:probe=0516cce1885f8dd4"),
+        "store=cdfa43dce14414de probe=75b890954de40100 baseline=1c9b573b8f9a3362 student:gold=f98ee13f23fcd08c "
+        "student:logit=fb94f62d91dce5ee student:probe=264e5dd694eb4e55"),
     "arc_easy_full.yaml:fewshot_from": (
-        "store=5eb40330bfc4ba47 probe=f715d6948d5f8a21 baseline=eae61a0288a277f4 student:gold=36e6294290a0ccaf "
-        "student:logit=a6366ba9a17abba3 student:probe=b8f35623eb2ed240"),
+        "store=5eb40330bfc4ba47 probe=f715d6948d5f8a21 baseline=4ae7be4fb24f159f student:gold=802fef8e98091131 "
+        "student:logit=212d0703947cc66b student:probe=816e6db47b689f32"),
     "arc_easy_full.yaml:fewshot_from_unused": (
-        "store=24773989b0d7bd95 probe=34261649895efa24 baseline=7476b25dbbb8f69a student:gold=3ef5692ee0ec5579 "
-        "student:logit=1445e9dd47ad415d student:probe=9311c2ba827cbdff"),
+        "store=24773989b0d7bd95 probe=34261649895efa24 baseline=bad12c55b5554b44 student:gold=5d8e554ed7de383e "
+        "student:logit=0f4e196f00c3778b student:probe=fd85bc0be354e015"),
     "arc_easy_full.yaml:prompt_template": (
-        "store=328444daf410d1a5 probe=5e71bcbab6415528 baseline=866f560f742feeea student:gold=da14bb999b9ea36b "
-        "student:logit=82dfb37293dd0773 student:probe=2d0fe7a88292cb6b"),
+        "store=328444daf410d1a5 probe=5e71bcbab6415528 baseline=7637fa290044f1f0 student:gold=a0aa4bc495e14fb3 "
+        "student:logit=2c97cb747ee2bf80 student:probe=5159fa4ad98ffbd0"),
     "arc_easy_full.yaml:chat": (
-        "store=e6150d46310c6637 probe=c6a725787253e3bd baseline=fda938dfd892aa75 student:gold=3e7100653b0a1568 "
-        "student:logit=a94b6e8e1c98e40b student:probe=3a734a582fb2e70f"),
+        "store=e6150d46310c6637 probe=c6a725787253e3bd baseline=a02cdf8b5cd3a565 student:gold=9812619c6d4fa75d "
+        "student:logit=13e1f7df08239989 student:probe=ddc94b8468c938c8"),
     "arc_easy_full.yaml:task": (
-        "store=5df30e64d9e4804f probe=545f60228419de0c baseline=501a160b050b769f student:gold=fe31e977b871b09d "
-        "student:logit=7e7b718a1cdd25f0 student:probe=39926bc799e71005"),
+        "store=5df30e64d9e4804f probe=545f60228419de0c baseline=3ff6061b58ce40a7 student:gold=fe910d6f71d185ab "
+        "student:logit=873eb68cf50cfb14 student:probe=a7628be3a4207e7e"),
     "arc_easy_full.yaml:task_empty": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:tokens": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=07df3704a0181e4a "
-        "student:logit=cec134947c8166cd student:probe=561febbbdc1d5cf3"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=2c87f4f43585325a "
+        "student:logit=10cff0cf3c87a121 student:probe=a8b0d4d1f42a556f"),
     "arc_easy_full.yaml:bytes": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=1aae727d2f1b90cc "
-        "student:logit=e15936cfe7c3c465 student:probe=21f0081a69e89480"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=d42761f0414d7eb8 "
+        "student:logit=de4e0a7c497ce5d2 student:probe=a5a96c4833ffb6c0"),
     "arc_easy_full.yaml:letter": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=56c6942d31feb71c student:gold=3157c9c1066303d1 "
-        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=b737fcaf548e3b4e student:gold=6fb9ac6bc1724977 "
+        "student:logit=a9af84e8b6ee0fb7 student:probe=3653519d7495a43f"),
     "arc_easy_full.yaml:letter_no_formats": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=75e83840dc2efbbe student:gold=3157c9c1066303d1 "
-        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=b737fcaf548e3b4e student:gold=6fb9ac6bc1724977 "
+        "student:logit=a9af84e8b6ee0fb7 student:probe=3653519d7495a43f"),
     "arc_easy_full.yaml:letter_no_baseline": (
-        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=c70c87bfce6b158f student:gold=3157c9c1066303d1 "
-        "student:logit=c8db4f681969b9b9 student:probe=1774e97e17256123"),
+        "store=a44dc753893d9e88 probe=a472d13978deba45 baseline=e9c68180481b0a0b student:gold=6fb9ac6bc1724977 "
+        "student:logit=a9af84e8b6ee0fb7 student:probe=3653519d7495a43f"),
     "arc_easy_full.yaml:student_template": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=f1df46e71e8660fb "
-        "student:logit=c88beb3f10b9e861 student:probe=dbe46a118fc1226c"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=818aa587b9b9b32b "
+        "student:logit=345bf8d83f1c1c83 student:probe=a3f43695327e5ed2"),
     "arc_easy_full.yaml:max_failures": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:workers": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:fraction": (
-        "store=e21e9cf1199d813b probe=8542f310c02098c2 baseline=2f8f9494ed46d8f5 student:gold=7d3483784c8eaebd "
-        "student:logit=b9f011fb381c08c5 student:probe=58864ff1c2ac0aa1"),
+        "store=e21e9cf1199d813b probe=8542f310c02098c2 baseline=93d3cdad137c50f2 student:gold=cb66dfce81cec69b "
+        "student:logit=05c7c579ff5cd267 student:probe=86e083f17d80c31a"),
     "arc_easy_full.yaml:pool": (
-        "store=e21e9cf1199d813b probe=da77ae274b7b273c baseline=2f8f9494ed46d8f5 student:gold=0fc2199db71378c4 "
-        "student:probe_pseudo=3aab71df9a95f105"),
+        "store=e21e9cf1199d813b probe=da77ae274b7b273c baseline=93d3cdad137c50f2 student:gold=5ee3852ced9481ad "
+        "student:probe_pseudo=1e8f62a270981925"),
     "arc_easy_full.yaml:seed": (
-        "store=e21e9cf1199d813b probe=096e908aa242ee13 baseline=eb5b7ec1f60ba89c student:gold=24e00701c5913163 "
-        "student:logit=26c5100ef2154c91 student:probe=f0b3e1fcdc664897"),
+        "store=e21e9cf1199d813b probe=096e908aa242ee13 baseline=f94d8e553605b71b student:gold=77a851af4439b83e "
+        "student:logit=dab9c488173bc04f student:probe=0558eea5cc52f41d"),
     "arc_easy_full.yaml:runtime": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=660c966fbe667f7e student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=07311ad40acb12fa student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:splits": (
-        "store=1b0a8241b188a82e probe=97c3481aeed5d550 baseline=aa1a622968ca7627 student:gold=94691dc7d297a4a9 "
-        "student:logit=e95c4a500c0f5493 student:probe=dda765eba1274c1f"),
+        "store=1b0a8241b188a82e probe=97c3481aeed5d550 baseline=e8022a8b476f90a9 student:gold=58ccd5470485f5b7 "
+        "student:logit=af3a9c1024a1d8c2 student:probe=6ef7340fff6f9ab2"),
     "arc_easy_full.yaml:head": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=9530fd789bcd7c42 "
-        "student:logit=8756b39cf70e242b student:probe=9b520c398703bc0e"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=ce05168ccb649351 "
+        "student:logit=4b3d5703d19f142a student:probe=46564a7faa452c08"),
     "arc_easy_full.yaml:bf16": (
-        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=82613ca92cdbabf8 "
-        "student:logit=1e88a6c995872b36 student:probe=d9a1f3275f30dcf7"),
+        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=4efa6c1f7115f8ac student:gold=0a761c20dbd99198 "
+        "student:logit=0d4ea903693753db student:probe=1ef7f3f9670eb202"),
     "arc_easy_full.yaml:gpu_auto": (
-        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=c69eef51e393d416 student:gold=82613ca92cdbabf8 "
-        "student:logit=1e88a6c995872b36 student:probe=d9a1f3275f30dcf7"),
+        "store=06ef23aa1127f3bb probe=10a66ad7b4ff8b7e baseline=4efa6c1f7115f8ac student:gold=0a761c20dbd99198 "
+        "student:logit=0d4ea903693753db student:probe=1ef7f3f9670eb202"),
     "arc_easy_full.yaml:baseline_fields": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=1f276fcfcb628ee9 student:gold=c825d4fde6399453 "
-        "student:logit=4599a2e846a210a5 student:probe=d8e70931dd348c49"),
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=d58415546e6b64d0 student:gold=e31baebfb18274df "
+        "student:logit=2cf4abbfb3c80ce0 student:probe=d4ba15b537e9f45c"),
     "arc_easy_full.yaml:limit": (
-        "store=a49f1f6a469a27a7 probe=48e9d8ae5d1d0e40 baseline=00631c33403887e8 student:gold=c3316b86ca746d24 "
-        "student:logit=5d5110c2a4f66511 student:probe=f954e1a824e18808"),
+        "store=a49f1f6a469a27a7 probe=48e9d8ae5d1d0e40 baseline=7e1faa57f6d3126e student:gold=04983fddbc736000 "
+        "student:logit=353abafe9635b40f student:probe=607b71b50c62f63f"),
     "arc_easy_full.yaml:probe_fields": (
-        "store=e21e9cf1199d813b probe=d82572eb52fa18a1 baseline=2f8f9494ed46d8f5 student:gold=e7158cd0e3a1a3b2 "
-        "student:logit=ba1009ece5ac7fd0 student:probe=24175dfdaa904399"),
+        "store=e21e9cf1199d813b probe=d82572eb52fa18a1 baseline=93d3cdad137c50f2 student:gold=f5a3bf5513379100 "
+        "student:logit=144186f9dc6d4b20 student:probe=9a60b8a592413b6d"),
     "arc_easy_full.yaml:student_fields": (
-        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=2f8f9494ed46d8f5 student:gold=e7cd7b4d174c5e43 "
+        "store=e21e9cf1199d813b probe=8127c5cf7c0ef544 baseline=93d3cdad137c50f2 student:gold=e7cd7b4d174c5e43 "
         "student:logit=353a924f49e2f353 student:probe=42c25f9cf7cc619d"),
     "arc_easy_full.yaml:teacher_misc": (
-        "store=a1690d8db1524f97 probe=a85706c281932e2f baseline=cc84f17a7d85ecbf student:gold=5c56265944554c3c "
-        "student:logit=51261bbbbf0de621 student:probe=dfc0c14ee571fe54"),
+        "store=a1690d8db1524f97 probe=a85706c281932e2f baseline=a356fd4fc4e14ae0 student:gold=93f2f0ede8bdd33e "
+        "student:logit=70be2c4f8614ba5d student:probe=9a40503674effbc5"),
     "arc_easy_letter.yaml:plain": (
         "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=34541bc1ba9a776c student:gold=a3d99fcf600994a3"),
     "arc_easy_letter.yaml:fewshot": (
@@ -441,92 +441,92 @@ GOLDEN = {  # case -> 'artifact=hash ...' (the student ones per label source)
         "store=dab59663a78d3f90 probe=7beafdaa6039b0fa baseline=1eab621a6c2b3b1c student:gold=d912b87e79484a18 "
         "student:logit=ad7ed4b44922519a student:probe=b06e549d4ba66a51"),
     "default.yaml:plain": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:fewshot": (
-        "store=de768f0657b5137c probe=ef036663fed4446c baseline=18e1b18f0f069cc1 student:gold=76769fd3632cc4b6 "
-        "student:logit=228452c08c0ec164 student:probe=dd719c8141db954a"),
+        "store=de768f0657b5137c probe=ef036663fed4446c baseline=264a9f33e7c8807c student:gold=cc0b8517e2401ee4 "
+        "student:logit=30800a739afd5621 student:probe=ba99e09a1851d5cd"),
     "default.yaml:fewshot_from": (
-        "store=5f5e17a8e96da0b4 probe=e2b6ea3a4bf0efaf baseline=45ee5d575c25bd23 student:gold=e995fd2fb144668c "
-        "student:logit=f5a31162563a24fb student:probe=513741ae8af9e12c"),
+        "store=5f5e17a8e96da0b4 probe=e2b6ea3a4bf0efaf baseline=a5364869f0a519c8 student:gold=a67c5ea76c3691af "
+        "student:logit=2720b5d0601d8f4b student:probe=b0cebdccccb8f712"),
     "default.yaml:fewshot_from_unused": (
-        "store=cba8040d52a228ae probe=03e8f3ad5be23c1e baseline=24d605261dd96fd0 student:gold=739262c53cbd46c7 "
-        "student:logit=ecba048d8c5bb5ed student:probe=89f87c816736a68e"),
+        "store=cba8040d52a228ae probe=03e8f3ad5be23c1e baseline=67622d9d70b4fbaa student:gold=a292a1f7901c2042 "
+        "student:logit=4bc7ca048dea52ba student:probe=eaae5a5adac23fca"),
     "default.yaml:prompt_template": (
-        "store=166714d5a47154e6 probe=789f992bcd8e66d3 baseline=9c6d67b1b34c74af student:gold=76799a6088e1a91b "
-        "student:logit=f8fb2a67bc8f18af student:probe=6b80676dfc0f17a1"),
+        "store=166714d5a47154e6 probe=789f992bcd8e66d3 baseline=ad7bd084ddf72ba6 student:gold=ea760dee75cf7904 "
+        "student:logit=cef5afb41111392a student:probe=120b462315dbf5f3"),
     "default.yaml:chat": (
-        "store=2f4fc2ad2e432dd1 probe=07bec06e771f83b7 baseline=0e972ffc58a8d6cc student:gold=60b7ab4002da1ad2 "
-        "student:logit=9441bb820d725227 student:probe=502bc00f173de5d5"),
+        "store=2f4fc2ad2e432dd1 probe=07bec06e771f83b7 baseline=f4d809f92bf82cbb student:gold=e0129d5e324315a0 "
+        "student:logit=61c9d44739ba3814 student:probe=8e4922bf7ea1b0d3"),
     "default.yaml:task": (
-        "store=330a4d749fe98bb8 probe=ebb24ed785183956 baseline=18d03ca5480ea137 student:gold=a5c741c12b4dd99c "
-        "student:logit=3ae6078d2aa85bbd student:probe=56ad5a8c1fc32421"),
+        "store=330a4d749fe98bb8 probe=ebb24ed785183956 baseline=5dc5de9a2b57af2c student:gold=e74d59db9d8e6c68 "
+        "student:logit=6d70c8055d7b58af student:probe=5bb10e32eda729a1"),
     "default.yaml:task_empty": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:tokens": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=852b0192cb61bdf7 "
-        "student:logit=63e94d89a8e67d60 student:probe=232c233567481503"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=10d25c1e72abcad2 "
+        "student:logit=b9f6603ce8b4fb2c student:probe=f5fe15132e2606be"),
     "default.yaml:bytes": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=8a5c613328983341 "
-        "student:logit=c3c9fd4233d486eb student:probe=2c5db6d6296848bb"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=793dc3cba9e28df4 "
+        "student:logit=df99b4668fe5d8c8 student:probe=b6add077cc47b633"),
     "default.yaml:letter": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=b6c92943668ec12a student:gold=a3d99fcf600994a3 "
-        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=5fa97ac5897e00e4 student:gold=3d9c0caacb22c490 "
+        "student:logit=7bdff8832a509589 student:probe=372c93aab01a2867"),
     "default.yaml:letter_no_formats": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=629481fde207579f student:gold=a3d99fcf600994a3 "
-        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=5fa97ac5897e00e4 student:gold=3d9c0caacb22c490 "
+        "student:logit=7bdff8832a509589 student:probe=372c93aab01a2867"),
     "default.yaml:letter_no_baseline": (
-        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=ce7e5c0bcc2419c3 student:gold=a3d99fcf600994a3 "
-        "student:logit=88e2aa4fc66bbe92 student:probe=3b51a430d7b7e82d"),
+        "store=b1d2e6a0d75c632d probe=0e817f3c1218e3ea baseline=118aabcad4fdfed2 student:gold=3d9c0caacb22c490 "
+        "student:logit=7bdff8832a509589 student:probe=372c93aab01a2867"),
     "default.yaml:student_template": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=297deb13f3120d02 "
-        "student:logit=7416fb7ba9f5d30c student:probe=5781f620311effd5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=24d9ecd07eb825a2 "
+        "student:logit=e3208bc3f14947d5 student:probe=dfc0584758399253"),
     "default.yaml:max_failures": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:workers": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:fraction": (
-        "store=8e5f26ab08af5313 probe=2687a2df0ed4cf24 baseline=056e0bc3c37e49d7 student:gold=720ac8a51010f03d "
-        "student:logit=ae0e65fcff0c95dd student:probe=fada0d79ec382261"),
+        "store=8e5f26ab08af5313 probe=2687a2df0ed4cf24 baseline=fb5b395eeba8645f student:gold=f3cef16140a40bc6 "
+        "student:logit=cfe4c2195ef31614 student:probe=9d9f26dd2cb256bc"),
     "default.yaml:pool": (
-        "store=8e5f26ab08af5313 probe=adbae2df77df3764 baseline=056e0bc3c37e49d7 student:gold=e8f96f50e8626087 "
-        "student:probe_pseudo=f83fa6425a6e6bb6"),
+        "store=8e5f26ab08af5313 probe=adbae2df77df3764 baseline=fb5b395eeba8645f student:gold=587c6090d6d7197a "
+        "student:probe_pseudo=14e841e911f44cf9"),
     "default.yaml:seed": (
-        "store=8e5f26ab08af5313 probe=828773274e0cc4f2 baseline=db09ad718851af0c student:gold=10ed272149752a61 "
-        "student:logit=56064cd5f23a5bf9 student:probe=9a1233d147baa299"),
+        "store=8e5f26ab08af5313 probe=828773274e0cc4f2 baseline=74eec3641bddcd71 student:gold=3afbe19e13676e76 "
+        "student:logit=6e38eac4d66227ce student:probe=00f2642b565ab2a0"),
     "default.yaml:runtime": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=0f4bcd1aa5c2073f student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=4f29173ffb90100d student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:splits": (
-        "store=a4b11b415b9519ef probe=b869c5940c075ce8 baseline=6d9f464da7e69fd8 student:gold=ac5de7f0214e51de "
-        "student:logit=0ea2b95a8ffbec0d student:probe=8ca7019d15edb2c5"),
+        "store=a4b11b415b9519ef probe=b869c5940c075ce8 baseline=c152d2fe1472d5d4 student:gold=28006c5a6fef2a3b "
+        "student:logit=e5198b64b8e8be87 student:probe=014b196d1ce69720"),
     "default.yaml:head": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=eeec321d2fe5518b "
-        "student:logit=0aa907b456f49d90 student:probe=7a640f0ebfb615f8"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=c0a6a403366e794d "
+        "student:logit=2aca32b24e3c3f11 student:probe=01611d56f1637f79"),
     "default.yaml:bf16": (
-        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=ad72ba999b864552 "
-        "student:logit=36e397ab63697ca3 student:probe=b2f6c1faed0bfe58"),
+        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=7fc4c706ee03f612 student:gold=f1ffeddde43e3b40 "
+        "student:logit=ef0b90177b9533b9 student:probe=3a2f6159c6dfba3b"),
     "default.yaml:gpu_auto": (
-        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=ac2a35fc15b36f28 student:gold=ad72ba999b864552 "
-        "student:logit=36e397ab63697ca3 student:probe=b2f6c1faed0bfe58"),
+        "store=873c60c6633f8cce probe=74397bf1bb8ee521 baseline=7fc4c706ee03f612 student:gold=f1ffeddde43e3b40 "
+        "student:logit=ef0b90177b9533b9 student:probe=3a2f6159c6dfba3b"),
     "default.yaml:baseline_fields": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=a46ca59a615fac30 student:gold=3a76eafbb6028b85 "
-        "student:logit=ec8756f937afedd7 student:probe=702ed527886244b5"),
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=eca00ea0c70b16b3 student:gold=6ffa58c4f62de35f "
+        "student:logit=dc33747ad26f91eb student:probe=ab62913e1bec0093"),
     "default.yaml:limit": (
-        "store=e04b023f8a5e7e33 probe=7102c3da8a79c622 baseline=f9c70d2fc393aeeb student:gold=1fa9b1da48b9b249 "
-        "student:logit=4e9a2ded46c376ba student:probe=00d5334a0f3e63bc"),
+        "store=e04b023f8a5e7e33 probe=7102c3da8a79c622 baseline=5b46dc5b965d5587 student:gold=67b298d546905a98 "
+        "student:logit=f800de0d2acc71a9 student:probe=46dc6365f2d40da0"),
     "default.yaml:probe_fields": (
-        "store=8e5f26ab08af5313 probe=0d56487ba41f9148 baseline=056e0bc3c37e49d7 student:gold=772260fb7b6b7be1 "
-        "student:logit=1a54fdb3726c5e62 student:probe=d33ceec6a04397f2"),
+        "store=8e5f26ab08af5313 probe=0d56487ba41f9148 baseline=fb5b395eeba8645f student:gold=db28fd62b6fe7c3b "
+        "student:logit=66621e8dbd93610d student:probe=824f43b2fc2ed922"),
     "default.yaml:student_fields": (
-        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=056e0bc3c37e49d7 student:gold=45b041d9a7f55283 "
+        "store=8e5f26ab08af5313 probe=4dc435914487cad0 baseline=fb5b395eeba8645f student:gold=45b041d9a7f55283 "
         "student:logit=1392a7f6b809ff9e student:probe=6a5b7c8944fa8fe0"),
     "default.yaml:teacher_misc": (
-        "store=2c7ce09f15f94374 probe=2ceebd7a063605e1 baseline=a91f273bb48ebac4 student:gold=71964d03c1d10529 "
-        "student:logit=52115110c055a720 student:probe=72a07cfdc720a613"),
+        "store=2c7ce09f15f94374 probe=2ceebd7a063605e1 baseline=9ef9015a0ef74ceb student:gold=3a685050cd009226 "
+        "student:logit=6f49b4d4335eb837 student:probe=1f77e980d62c0b11"),
     "tiny.yaml:plain": (
         "store=953233b9a48259ff probe=af64bcf21cf70259 baseline=c37521ed2cf4f01f student:gold=e2ee166cf0743a99 "
         "student:logit=c04a6f64326e07e3 student:probe=5aa9de25f917c8c0"),

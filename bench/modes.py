@@ -4,6 +4,11 @@
         .venv/bin/distill run configs/$c.yaml; done                      # about an hour on 2 cores
     .venv/bin/python bench/modes.py      # copies each report to bench/results/<run>/, writes modes.{json,md}
 
+`configs/default.yaml` no longer asks the brittleness table (a per-choice run never reads the letter
+prompts); its row's spread needs `baseline.formats='[" {letter}", "{letter}", "({letter})",
+"{number}."]' baseline.permutations=3` on its run. The committed `modes.md` was made before that
+change, when the default asked it.
+
 Per run: the teacher's letter/choice-logit accuracy on test, the best probe (chosen on validation) on
 test, the best single layer, the spread of teacher and probe accuracy across answer formats and
 choice orders (the brittleness table), and the out-of-fold soft labels' ECE before and after

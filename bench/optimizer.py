@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="student.dtype: 'auto', 'float32' or 'bfloat16'")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    cfg = load(args.config, [f"student.dtype={args.dtype}", "student.finetune=full"])  # as its committed reading
+    cfg = load(args.config, [f"student.dtype={args.dtype}", "student.finetune=full", "student.lr=3e-5"])  # as its committed reading
     s = cfg.student
     torch.set_num_threads(s.cpus_per_worker)
     dtype, why = pick_dtype(s.dtype, gpu=False)

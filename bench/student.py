@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cfg = load(args.config, [f"student.epochs={args.epochs}", "student.num_workers=1", "student.label_sources=[gold]",
-                           "student.finetune=full"])  # the whole student, as every reading in bench/results
+                           "student.finetune=full", "student.lr=3e-5"])  # the whole student at the lr of every reading in bench/results
     model_path = st.resolve_student_path(cfg.student, resolve_model(cfg.teacher))
     tok, spec = st.student_inputs(cfg.student, model_path, cfg.prompt.answer_format)
     examples = {"train": load_role(cfg.data, "train")[: args.train_questions],

@@ -46,7 +46,7 @@ def in_thread(*a):
 
 def main() -> None:
     cfg = load("configs/default.yaml", ["student.epochs=3", "student.num_workers=1", "student.label_sources=[gold]",
-                                         "student.finetune=full"])
+                                         "student.finetune=full", "student.lr=3e-5"])
     model_path = st.resolve_student_path(cfg.student, resolve_model(cfg.teacher))
     tok, spec = st.student_inputs(cfg.student, model_path, cfg.prompt.answer_format)
     ex = {"train": load_role(cfg.data, "train")[:400], "validation": load_role(cfg.data, "validation"),

@@ -42,7 +42,7 @@ WRITERS = {"save_file": lambda t, p: save_file(t, str(p)), "tensorfile": write_s
 
 def checkpoint_tensors(config: str, steps: int) -> dict[str, dict]:
     """The default student's trainable weights and AdamW state after `steps` training steps."""
-    cfg = load(config, ["student.finetune=full"])  # the whole student, as its committed reading
+    cfg = load(config, ["student.finetune=full", "student.lr=3e-5"])  # the whole student, as its committed reading
     s = cfg.student
     torch.set_num_threads(s.cpus_per_worker)
     path = st.resolve_student_path(s, resolve_model(cfg.teacher))

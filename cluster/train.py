@@ -422,17 +422,6 @@ def _features(model_path: str, student: dict, spec: dict, packed: dict, max_choi
     return st.pool_features(model, unpack_sequences(packed), **kw)
 
 
-def frozen_bottom(student: StudentConfig, model_path: str) -> int:
-    """How many blocks stay frozen below the trained ones under finetune='top' (0 in other regimes)."""
-    if student.finetune != "top":
-        return 0
-    from engine import student as st
-
-    config = st.load_config(model_path, revision=student.revision, trust_remote_code=student.trust_remote_code)
-    depth = int(student.num_layers or config.num_hidden_layers)
-    return max(0, depth - student.top_blocks)
-
-
 def cached_features(student: StudentConfig, model_path: str, spec: dict, packed: dict[str, dict], max_choices: int,
                     pad_id: int, features_dir: str) -> dict[str, np.ndarray]:
     """What the frozen part of the student computes, per split: the pooled features of the frozen
@@ -535,13 +524,15 @@ def _loop_config(student: StudentConfig, jobs: list[StudentJob], model_path: str
     tokenized splits, the head regime's cached features and each job's questions and targets."""
     import ray
 
+    from engine import student as st
+
     max_choices = max(s.max_choices for s in splits.values())
     packed = {r: pack_sequences(splits[r]) for r in ROLES}
     digests = {r: _split_digest(p) for r, p in packed.items()}
     spec_d = spec.to_dict()
     prints = [fit.fingerprint(student, j, model_path, digests, spec_d, max_choices, pad_id) for j in jobs]
     feature_refs = {}
-    if student.finetune == "head" or frozen_bottom(student, model_path):
+    if student.finetune == "head" or st.frozen_bottom(student, model_path):
         if features_dir is None:
             raise ValueError(f"features_dir: student.finetune={student.finetune!r} caches what the frozen part of the "
                              "student computes there; pass a folder")

@@ -325,6 +325,16 @@ def bottom_blocks(model: StudentModel, top_blocks: int) -> int:
     return n - top_blocks
 
 
+def frozen_bottom(student: StudentConfig, model_path: str) -> int:
+    """`bottom_blocks` before the model is built, from its config alone: how many blocks stay frozen below
+    the trained ones under finetune='top' (0 in other regimes, or where every block trains)."""
+    if student.finetune != "top":
+        return 0
+    config = load_config(model_path, revision=student.revision, trust_remote_code=student.trust_remote_code)
+    depth = int(student.num_layers or config.num_hidden_layers)
+    return max(0, depth - student.top_blocks)
+
+
 def _run_to(model: StudentModel, block: nn.Module, kw: dict):
     """The output of `block` (its hidden states) when the backbone runs on `kw`; nothing above it runs."""
     got = []

@@ -105,18 +105,21 @@ def load_causal_lm(
     path: str, dtype: str, *, trust_remote_code: bool = False, revision: str | None = None, device_map: str | None = None,
 ):
     """Load weights from safetensors only, in eval mode. `device_map='auto'` spreads a big model over
-    the visible GPUs (accelerate)."""
+    the visible GPUs (accelerate). Attention is `engine.attention`'s (transformers' SDPA with faster CPU
+    paths) where the architecture supports SDPA, else transformers' own choice."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=getattr(torch, dtype),
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        device_map=device_map,
-    )
+    from engine.attention import register
+
+    kwargs = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+                  revision=revision, device_map=device_map)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register(), **kwargs)
+    except ValueError as e:  # an architecture without SDPA support
+        if "sdpa" not in str(e).lower():
+            raise
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.eval()
 
 

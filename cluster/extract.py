@@ -55,7 +55,7 @@ class TeacherActor:
         ctx = ray.get_runtime_context()
         self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
                       "gpus": [str(g) for g in ray.get_gpu_ids()],
-                      "malloc": runtime.malloc_settings()}
+                      "malloc": runtime.malloc_settings(), "attention": self.model.config._attn_implementation}
 
     def info(self) -> dict:
         return self.where

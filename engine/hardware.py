@@ -127,8 +127,15 @@ def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int
 def forward_flops_per_token(model, mean_context: float, *, layers: int | None = None) -> float:
     """FLOPs one token costs in a causal LM's forward through `layers` blocks (all by default): 2 per
     weight of the blocks' matrices, plus attention's QK^T and AV over `mean_context` earlier positions
-    (2 * 2 * context * hidden per block). Embedding lookups and the vocabulary projection are left out."""
+    (2 * 2 * context * hidden per block). Embedding lookups and the vocabulary projection are left out:
+    the teacher forward projects only the positions it scores (`vocab_projection_flops` each)."""
     blocks = list(model.get_decoder().layers)[: layers or None]
     weights = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
     attn = 4.0 * mean_context * model.config.hidden_size * len(blocks)
     return 2.0 * weights + attn
+
+
+def vocab_projection_flops(model) -> float:
+    """FLOPs of projecting one position's final state onto the vocabulary: 2 per weight of the output
+    embedding (the per-position cost of the teacher's scores, `engine.teacher.ForwardOut.projected`)."""
+    return 2.0 * model.get_output_embeddings().weight.numel()

@@ -31,6 +31,8 @@ class ForwardOut:
     mode; [sum log-prob of the choice, number of choice tokens] in per-choice mode."""
     tokens: int
     """Real (non-pad) tokens run through the model, after packing."""
+    projected: int = 0
+    """Positions projected onto the vocabulary for the teacher's scores (0 without scores)."""
 
 
 @dataclass
@@ -206,6 +208,7 @@ def forward_rows(
     if scores:
         out_scores = np.full((len(rows), seqs.score_width), mode.score_fill, dtype=np.float32)
     mean_len = float(np.mean([len(seqs.ids[r]) for r in rows])) if len(rows) else 1.0
+    projected = 0
     for batch in length_batches(units, batch_size, mean_len):
         ids, pos, mask = (t.to(device) for t in _batch(batch, pad_id))
         slots = [where[r] for u in batch for r in u.rows]
@@ -220,17 +223,19 @@ def forward_rows(
         for li, layer in enumerate(layers):
             states[slots, li] = hs[layer].float().cpu().numpy().astype(np.float16)
         if out_scores is not None:
-            _score(seqs, rows, batch, slots, lm_head, final, out_scores)
+            projected += _score(seqs, rows, batch, slots, lm_head, final, out_scores)
     tokens = int(sum(len(u.tokens) for u in units))
-    return ForwardOut(states=states, scores=out_scores, tokens=tokens)
+    return ForwardOut(states=states, scores=out_scores, tokens=tokens, projected=projected)
 
 
 def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[int], lm_head, final: torch.Tensor,
-           out: np.ndarray) -> None:
-    """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed."""
+           out: np.ndarray) -> int:
+    """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed.
+    Returns how many positions were projected."""
     bi, at, tok, owner = _targets(seqs, batch)
     logp = torch.log_softmax(lm_head(final[bi, at]).float(), -1).cpu()
     prompt_mode(seqs.mode).fill_scores(seqs, rows, slots, logp, tok, owner, out)
+    return len(at)
 
 
 def choice_chars(examples) -> np.ndarray:

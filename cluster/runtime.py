@@ -47,6 +47,17 @@ def compute_env(gpu: bool, *, one_arena: bool = True) -> dict[str, str]:
     return {**(ONE_ARENA_ENV if one_arena else {}), **({} if gpu else KEEP_MEMORY_ENV)}
 
 
+def as_cpu_worker() -> None:
+    """Re-execute this process (a bench script, same arguments) under the glibc settings a CPU teacher
+    replica starts with (`compute_env(False)`), unless it has them already: its timings then measure the
+    forward as the engine runs it, not the faulting-in of fresh pages."""
+    import sys
+
+    want = compute_env(False)
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
+
+
 def malloc_settings() -> dict[str, str]:
     """The glibc malloc settings this process runs with (recorded by workers that got `compute_env`)."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}

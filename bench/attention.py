@@ -1,0 +1,166 @@
+"""The teacher's CPU attention (`engine.attention`) against transformers' `sdpa`: kernels, forwards, numerics.
+
+    .venv/bin/python bench/attention.py        # about 6 min on 2 cores; writes bench/results/attention.json
+
+1. kernels: one attention call per shape (rows x 9 query heads / 3 key-value heads x tokens, head 64, a
+   causal boolean mask), in bf16 and float32: transformers' `sdpa` route (key/value heads repeated,
+   then SDPA), SDPA reading grouped heads (`enable_gqa`), and `engine.attention.grouped`. Best of 3
+   timings of 20 calls, in milliseconds per call.
+2. forwards: `engine.teacher.forward_rows` (all layers, teacher scores, batch 32) over the first 200
+   ARC-Easy train questions in each prompt mode, the packaged teacher in bf16 loaded twice (engine
+   attention, `sdpa`), the two runs alternating `--reps` times; the ratio engine / sdpa per pair.
+3. numerics: each bf16 forward's teacher scores and stored (fp16) states against a float32 forward of
+   the same rows, and the float32 forwards of the two implementations against each other.
+The script runs under a CPU teacher replica's allocator settings (`cluster.runtime.as_cpu_worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster.runtime import as_cpu_worker, malloc_settings  # noqa: E402
+from engine.attention import ATTENTION, grouped, register  # noqa: E402
+from engine.config import DataConfig, PromptConfig, TeacherConfig  # noqa: E402
+from engine.hardware import kernel_isa, matmul_flags  # noqa: E402
+from engine.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from engine.sequences import build_sequences  # noqa: E402
+from engine.tasks import load_split  # noqa: E402
+from engine.teacher import forward_rows  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "attention.json"
+DATA = REPO.parent / "shared" / "data" / "arc_easy"
+SHAPES = [(30, 32), (20, 45), (12, 80), (8, 110), (4, 256), (1, 1024)]
+
+
+def _ms(f, n: int = 20) -> float:
+    f()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        best = min(best, time.perf_counter() - t)
+    return round(best / n * 1e3, 3)
+
+
+def _kernel_row(dtype: torch.dtype, B: int, T: int) -> dict:
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, T, 64, generator=g).to(dtype) for h in (9, 3, 3))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T).contiguous()
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "rows": B, "tokens": T,
+        "transformers_sdpa_ms": _ms(lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask, scale=0.125)),
+        "sdpa_gqa_ms": _ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)),
+        "grouped_ms": _ms(lambda: grouped(q, k, v, mask, 0.125)),
+    }
+
+
+def kernels() -> list[dict]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for B, T in SHAPES:
+            rows.append(_kernel_row(dtype, B, T))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _sdpa_model(path: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa",
+                                                use_safetensors=True).eval()
+
+
+def _run(model, seqs, pad: int):
+    n = model.config.num_hidden_layers
+    t = time.perf_counter()
+    out = forward_rows(model, seqs, np.arange(seqs.n_rows), list(range(1, n + 1)), pad_id=pad, batch_size=32)
+    return out, time.perf_counter() - t
+
+
+def _gap(a, b) -> dict:
+    s = np.abs(a.scores[np.isfinite(b.scores)] - b.scores[np.isfinite(b.scores)])
+    st = np.abs(a.states.astype(np.float32) - b.states.astype(np.float32))
+    return {"scores_mean_abs": float(s.mean()), "scores_max_abs": float(s.max()),
+            "states_mean_abs": float(st.mean()), "states_max_abs": float(st.max())}
+
+
+def forwards(questions: int, reps: int) -> list[dict]:
+    path = resolve_model(TeacherConfig())
+    tok = load_tokenizer(path)
+    examples = load_split(DataConfig(source=str(DATA)), "train")[:questions]
+    ours, theirs = load_causal_lm(path, "bfloat16"), _sdpa_model(path, "bfloat16")
+    ours32, theirs32 = load_causal_lm(path, "float32"), _sdpa_model(path, "float32")
+    assert ours.config._attn_implementation == ATTENTION
+    res = []
+    for mode in ("per_choice", "letter"):
+        seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
+        pad = tok.pad_token_id
+        ref, _ = _run(ours32, seqs, pad)
+        ref_sdpa, _ = _run(theirs32, seqs, pad)
+        warm = seqs.rows_view(0, 16)
+        _run(ours, warm, pad), _run(theirs, warm, pad)
+        models = {"engine": ours, "sdpa": theirs}
+        seconds, first = {"engine": [], "sdpa": []}, {}
+        for r in range(reps):
+            for name in (("engine", "sdpa") if r % 2 == 0 else ("sdpa", "engine")):
+                out, s = _run(models[name], seqs, pad)
+                seconds[name].append(round(s, 3))
+                first.setdefault(name, out)
+        ratios = np.asarray(seconds["engine"]) / np.asarray(seconds["sdpa"])
+        res.append({
+            "mode": mode, "questions": questions, "rows": seqs.n_rows, "reps": reps,
+            "engine_seconds": seconds["engine"], "sdpa_seconds": seconds["sdpa"],
+            "ratio_engine_over_sdpa_median": round(float(np.median(ratios)), 3),
+            "ratio_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)],
+            "bf16_engine_vs_fp32": _gap(first["engine"], ref), "bf16_sdpa_vs_fp32": _gap(first["sdpa"], ref),
+            "fp32_engine_equals_fp32_sdpa": bool(np.array_equal(ref.scores, ref_sdpa.scores)
+                                                 and np.array_equal(ref.states, ref_sdpa.states)),
+        })
+        print({k: v for k, v in res[-1].items() if "seconds" not in k}, flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    as_cpu_worker()
+    torch.set_num_threads(args.threads)
+    register()
+    t0 = time.perf_counter()
+    results = {
+        "command": "python bench/attention.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_flags": matmul_flags(),
+                    "kernel_isa": kernel_isa(), "malloc": malloc_settings()},
+        "versions": {k: md.version(k) for k in ("torch", "transformers")},
+        "kernels": kernels(),
+        "forwards": forwards(args.questions, args.reps),
+    }
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

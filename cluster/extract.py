@@ -42,6 +42,7 @@ class TeacherActor:
         import torch
 
         from engine.models import load_causal_lm
+        from engine.packed import pack_linears
 
         e, t = cfg.extract, cfg.teacher
         torch.set_num_threads(e.cpus_per_replica)
@@ -50,12 +51,14 @@ class TeacherActor:
                                     device_map=device_map)
         if device:
             self.model = self.model.to(device)
+        packed = pack_linears(self.model) if device_map is None and device is None else 0  # CPU: weights laid out once
         self.layers, self.pad_id, self.cfg = layers, pad_id, cfg
         self.forward_lock = threading.Lock()
         ctx = ray.get_runtime_context()
         self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
                       "gpus": [str(g) for g in ray.get_gpu_ids()],
-                      "malloc": runtime.malloc_settings(), "attention": self.model.config._attn_implementation}
+                      "malloc": runtime.malloc_settings(), "attention": self.model.config._attn_implementation,
+                      "packed_linears": packed}
 
     def info(self) -> dict:
         return self.where

@@ -3,8 +3,9 @@
 The teacher forward runs packed rows of a few dozen tokens (a per-choice question and its choices:
 about 45 on ARC-Easy) under an explicit mask. There torch's flash-attention kernel for CPUs spends its
 time on per-block bookkeeping, not arithmetic: on the 2-core EPYC (avx512_bf16) it ran a (20 rows x
-9 heads x 45 tokens) bf16 call in 1.53 ms where the two matmuls and the softmax take 0.43 ms
-(`bench/results/attention.json`), and the teacher's bf16 forward ran 9% faster per-choice, 14% letter. So on a CPU, 16-bit rows of at most `GROUPED_MAX_TOKENS` keys take
+9 heads x 45 tokens) bf16 call in 1.48 ms where the two matmuls and the softmax take 0.45 ms
+(`bench/results/cpu_forward.json`); the teacher's whole bf16 forward took 0.87 of transformers' `sdpa`
+time per-choice, 0.85 letter (medians of 9 alternating runs). So on a CPU, 16-bit rows of at most `GROUPED_MAX_TOKENS` keys take
 the materialised path (`grouped`): scores = QK^T in the model's dtype, scaled, masked and soft-maxed in
 float32, then one matmul with V, each key/value head shared by its query heads without copies. That is
 the arithmetic of transformers' `eager` attention, with the softmax input kept in float32. Against a
@@ -29,7 +30,7 @@ ATTENTION = "engine_sdpa"
 
 GROUPED_MAX_TOKENS = 128
 """The most keys a 16-bit row may have for the materialised path on a CPU; beyond it SDPA's flash
-kernel, whose cost per token stops being bookkeeping (`bench/results/attention.json`)."""
+kernel, whose cost per token stops being bookkeeping (`bench/results/cpu_forward.json`)."""
 
 
 def grouped(query, key, value, mask, scaling: float):

@@ -104,9 +104,10 @@ def free_page_reporting(sys_root: str = "/sys") -> dict:
 
 
 def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int = 1536, reps: int = 3,
-                  trials: int = 5) -> float:
+                  trials: int = 5, packed: bool = False) -> float:
     """Measured GEMM rate (GFLOP/s) of one (m, k) x (k, n) matmul in `dtype` with torch's current threads:
     the ceiling a forward in that dtype is held against (default shape: the packaged teacher's MLP).
+    `packed`: through oneDNN with the weight prepacked (`engine.packed`), instead of `a @ w.T`.
     The best of `trials` timings of `reps` matmuls each: a ceiling is a maximum, and one short timing on a
     shared 2-core machine reads it 10-20% low."""
     import time
@@ -114,14 +115,34 @@ def matmul_gflops(dtype: str = "float32", *, m: int = 3072, k: int = 576, n: int
     import torch
 
     a, w = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(n, k, dtype=getattr(torch, dtype))
-    a @ w.T  # warm-up: kernels chosen, pages touched
+    if packed:
+        p = torch.ops.mkldnn._reorder_linear_weight(w, m)
+
+        def run():
+            return torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], "")
+    else:
+        def run():
+            return a @ w.T
+    run()  # warm-up: kernels chosen, pages touched
     best = float("inf")
     for _ in range(trials):
         t = time.perf_counter()
         for _ in range(reps):
-            a @ w.T
+            run()
         best = min(best, time.perf_counter() - t)
     return reps * 2 * m * k * n / best / 1e9
+
+
+def gemm_ceiling(dtype: str) -> dict[str, float]:
+    """The GEMM limit a forward in `dtype` is held against: the faster of torch's plain matmul and the
+    prepacked oneDNN one (`matmul_gflops`), whichever the forward itself uses, so that no kernel of
+    torch's runs above it. {'matmul', 'packed' (0 where oneDNN cannot run it), 'ceiling'}."""
+    plain = matmul_gflops(dtype)
+    try:
+        packed = matmul_gflops(dtype, packed=True)
+    except (RuntimeError, NotImplementedError):
+        packed = 0.0
+    return {"matmul": plain, "packed": packed, "ceiling": max(plain, packed)}
 
 
 def forward_flops_per_token(model, mean_context: float, *, layers: int | None = None) -> float:
@@ -130,7 +151,7 @@ def forward_flops_per_token(model, mean_context: float, *, layers: int | None = 
     (2 * 2 * context * hidden per block). Embedding lookups and the vocabulary projection are left out:
     the teacher forward projects only the positions it scores (`vocab_projection_flops` each)."""
     blocks = list(model.get_decoder().layers)[: layers or None]
-    weights = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
+    weights = sum(_matrix_weights(m) for b in blocks for m in b.modules())
     attn = 4.0 * mean_context * model.config.hidden_size * len(blocks)
     return 2.0 * weights + attn
 
@@ -138,4 +159,12 @@ def forward_flops_per_token(model, mean_context: float, *, layers: int | None = 
 def vocab_projection_flops(model) -> float:
     """FLOPs of projecting one position's final state onto the vocabulary: 2 per weight of the output
     embedding (the per-position cost of the teacher's scores, `engine.teacher.ForwardOut.projected`)."""
-    return 2.0 * model.get_output_embeddings().weight.numel()
+    return 2.0 * _matrix_weights(model.get_output_embeddings())
+
+
+def _matrix_weights(module) -> int:
+    """Weights of a module's own matrix: a linear's in x out (also when packed, `engine.packed`), else
+    its 2-D parameters (not its children's)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features) * int(module.out_features)
+    return sum(p.numel() for p in module.parameters(recurse=False) if p.dim() == 2)

@@ -1,16 +1,22 @@
-"""The teacher's CPU attention (`engine.attention`) against transformers' `sdpa`: kernels, forwards, numerics.
+"""The teacher's CPU forward paths against transformers' defaults: attention, packed linears, numerics.
 
-    .venv/bin/python bench/attention.py        # about 6 min on 2 cores; writes bench/results/attention.json
+    .venv/bin/python bench/cpu_forward.py      # about 8 min on 2 cores; writes bench/results/cpu_forward.json
 
 1. kernels: one attention call per shape (rows x 9 query heads / 3 key-value heads x tokens, head 64, a
    causal boolean mask), in bf16 and float32: transformers' `sdpa` route (key/value heads repeated,
    then SDPA), SDPA reading grouped heads (`enable_gqa`), and `engine.attention.grouped`. Best of 3
    timings of 20 calls, in milliseconds per call.
-2. forwards: `engine.teacher.forward_rows` (all layers, teacher scores, batch 32) over the first 200
-   ARC-Easy train questions in each prompt mode, the packaged teacher in bf16 loaded twice (engine
-   attention, `sdpa`), the two runs alternating `--reps` times; the ratio engine / sdpa per pair.
-3. numerics: each bf16 forward's teacher scores and stored (fp16) states against a float32 forward of
-   the same rows, and the float32 forwards of the two implementations against each other.
+2. gemms: torch's plain matmul (`a @ w.T`) against oneDNN's with the weight prepacked
+   (`engine.hardware.matmul_gflops(packed=True)`), at the teacher's MLP shape for 950 and 3072 rows;
+   best of 3 readings.
+3. forwards: `engine.teacher.forward_rows` (all layers, teacher scores, batch 32) over the first 200
+   ARC-Easy train questions in each prompt mode, the packaged teacher in bf16 three ways: as
+   transformers loads it (`sdpa`), as `engine.models.load_causal_lm` loads it (`engine`: its
+   attention), and that with `engine.packed.pack_linears` (`packed`: what a CPU teacher replica runs);
+   `--reps` rounds, each variant first, second and third in turn; ratios per round.
+4. numerics: each bf16 forward's teacher scores and stored (fp16) states against a float32 forward of
+   the same rows, whether packing changed any bit, and whether the float32 forwards of `engine` and
+   `sdpa` are equal.
 The script runs under a CPU teacher replica's allocator settings (`cluster.runtime.as_cpu_worker`).
 """
 
@@ -34,13 +40,14 @@ sys.path.insert(0, str(REPO))
 from cluster.runtime import as_cpu_worker, malloc_settings  # noqa: E402
 from engine.attention import ATTENTION, grouped, register  # noqa: E402
 from engine.config import DataConfig, PromptConfig, TeacherConfig  # noqa: E402
-from engine.hardware import kernel_isa, matmul_flags  # noqa: E402
+from engine.hardware import kernel_isa, matmul_flags, matmul_gflops  # noqa: E402
 from engine.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from engine.packed import pack_linears  # noqa: E402
 from engine.sequences import build_sequences  # noqa: E402
 from engine.tasks import load_split  # noqa: E402
 from engine.teacher import forward_rows  # noqa: E402
 
-OUT = REPO / "bench" / "results" / "attention.json"
+OUT = REPO / "bench" / "results" / "cpu_forward.json"
 DATA = REPO.parent / "shared" / "data" / "arc_easy"
 SHAPES = [(30, 32), (20, 45), (12, 80), (8, 110), (4, 256), (1, 1024)]
 
@@ -100,40 +107,61 @@ def _gap(a, b) -> dict:
             "states_mean_abs": float(st.mean()), "states_max_abs": float(st.max())}
 
 
+def _ratio(num: list[float], den: list[float]) -> dict:
+    r = np.asarray(num) / np.asarray(den)
+    return {"median": round(float(np.median(r)), 3), "range": [round(float(r.min()), 3), round(float(r.max()), 3)]}
+
+
 def forwards(questions: int, reps: int) -> list[dict]:
     path = resolve_model(TeacherConfig())
     tok = load_tokenizer(path)
     examples = load_split(DataConfig(source=str(DATA)), "train")[:questions]
-    ours, theirs = load_causal_lm(path, "bfloat16"), _sdpa_model(path, "bfloat16")
+    models = {"sdpa": _sdpa_model(path, "bfloat16"), "engine": load_causal_lm(path, "bfloat16"),
+              "packed": load_causal_lm(path, "bfloat16")}
+    assert models["engine"].config._attn_implementation == ATTENTION
+    assert pack_linears(models["packed"]) > 0
     ours32, theirs32 = load_causal_lm(path, "float32"), _sdpa_model(path, "float32")
-    assert ours.config._attn_implementation == ATTENTION
     res = []
     for mode in ("per_choice", "letter"):
         seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
         pad = tok.pad_token_id
         ref, _ = _run(ours32, seqs, pad)
         ref_sdpa, _ = _run(theirs32, seqs, pad)
-        warm = seqs.rows_view(0, 16)
-        _run(ours, warm, pad), _run(theirs, warm, pad)
-        models = {"engine": ours, "sdpa": theirs}
-        seconds, first = {"engine": [], "sdpa": []}, {}
+        for m in models.values():
+            _run(m, seqs.rows_view(0, 16), pad)
+        seconds, first = {k: [] for k in models}, {}
+        names = list(models)
         for r in range(reps):
-            for name in (("engine", "sdpa") if r % 2 == 0 else ("sdpa", "engine")):
-                out, s = _run(models[name], seqs, pad)
-                seconds[name].append(round(s, 3))
+            for name in names[r % 3:] + names[: r % 3]:  # each variant first, second and third in turn
+                out, sec = _run(models[name], seqs, pad)
+                seconds[name].append(round(sec, 3))
                 first.setdefault(name, out)
-        ratios = np.asarray(seconds["engine"]) / np.asarray(seconds["sdpa"])
         res.append({
-            "mode": mode, "questions": questions, "rows": seqs.n_rows, "reps": reps,
-            "engine_seconds": seconds["engine"], "sdpa_seconds": seconds["sdpa"],
-            "ratio_engine_over_sdpa_median": round(float(np.median(ratios)), 3),
-            "ratio_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)],
-            "bf16_engine_vs_fp32": _gap(first["engine"], ref), "bf16_sdpa_vs_fp32": _gap(first["sdpa"], ref),
+            "mode": mode, "questions": questions, "rows": seqs.n_rows, "reps": reps, "seconds": seconds,
+            "engine_over_sdpa": _ratio(seconds["engine"], seconds["sdpa"]),
+            "packed_over_engine": _ratio(seconds["packed"], seconds["engine"]),
+            "packed_over_sdpa": _ratio(seconds["packed"], seconds["sdpa"]),
+            "bf16_vs_fp32": {k: _gap(first[k], ref) for k in models},
+            "packed_equals_engine": bool(np.array_equal(first["packed"].states, first["engine"].states)
+                                         and np.array_equal(first["packed"].scores, first["engine"].scores)),
             "fp32_engine_equals_fp32_sdpa": bool(np.array_equal(ref.scores, ref_sdpa.scores)
                                                  and np.array_equal(ref.states, ref_sdpa.states)),
         })
-        print({k: v for k, v in res[-1].items() if "seconds" not in k}, flush=True)
+        print({k: v for k, v in res[-1].items() if k != "seconds"}, flush=True)
     return res
+
+
+def gemms() -> list[dict]:
+    """torch's plain matmul against the prepacked oneDNN one, at the teacher's MLP shape."""
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        for m in (950, 3072):
+            plain = max(matmul_gflops(dtype, m=m) for _ in range(3))
+            packed = max(matmul_gflops(dtype, m=m, packed=True) for _ in range(3))
+            rows.append({"dtype": dtype, "m": m, "k": 576, "n": 1536, "matmul_gflops": round(plain, 1),
+                         "packed_gflops": round(packed, 1)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -154,6 +182,7 @@ def main() -> None:
                     "kernel_isa": kernel_isa(), "malloc": malloc_settings()},
         "versions": {k: md.version(k) for k in ("torch", "transformers")},
         "kernels": kernels(),
+        "gemms": gemms(),
         "forwards": forwards(args.questions, args.reps),
     }
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)

@@ -233,7 +233,7 @@ def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[in
     """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed.
     Returns how many positions were projected."""
     bi, at, tok, owner = _targets(seqs, batch)
-    logp = torch.log_softmax(lm_head(final[bi, at]).float(), -1).cpu()
+    logp = torch.log_softmax(lm_head(final[bi, at]), -1, dtype=torch.float32).cpu()  # = of .float(), one copy fewer
     prompt_mode(seqs.mode).fill_scores(seqs, rows, slots, logp, tok, owner, out)
     return len(at)
 

@@ -4,8 +4,10 @@
 
 For each mode, over the same ARC-Easy train questions and the same token ids:
   (a) plain:   the loop a user would write: batches of 32 rows in data order, left-padded,
-               `output_hidden_states=True`, full logits, log-softmax over the vocabulary;
-  (b) engine:  `forward_rows` over balanced chunks written to a real store (all layers + teacher scores);
+               `output_hidden_states=True`, full logits, log-softmax over the vocabulary, with the
+               model as transformers loads it (its `sdpa` attention, plain linears);
+  (b) engine:  `forward_rows` over balanced chunks written to a real store (all layers + teacher scores),
+               the model as a CPU teacher replica runs it (`engine.attention`, `engine.packed`);
   (c) half:    the engine storing layers 1..n/2 without teacher scores: the forward stops at n/2.
 "Real tokens" are the rows' own tokens (prefix + choice per row, no padding): the same numerator for
 all three, so tokens/s compare the time to do the same work. The store's bytes on disk are divided
@@ -13,8 +15,22 @@ by the raw fp16 payload (rows x layers x hidden x 2).
 
 GEMM share: how close the engine's forward comes to the machine's matmul ceiling in the chosen dtype,
     FLOPs per token (`engine.hardware.forward_flops_per_token`: 2 per block weight, plus attention over
-    half the mean row length) x tokens run per second / the GEMM rate measured here (`matmul_gflops`,
-    the teacher's MLP shape, same dtype and threads). Target: at least 0.6.
+    half the mean row length) x tokens run per second / the GEMM rate measured here
+    (`engine.hardware.gemm_ceiling`: the faster of torch's plain and prepacked matmuls at the teacher's
+    MLP shape, same dtype and threads; before stop 31 the plain one only). Target: at least 0.6.
+    - `gemm_share_b`, `gemm_share_c`: runs (b) and (c), store writes included, against one ceiling read
+      at the start (as committed before stop 31).
+    - `forward_share`: `forward_rows` alone (all layers and the teacher's scores, as (b) without the
+      store), `--share-reps` times, each run between two readings of the ceiling and held against their
+      mean: on a shared 2-core VM the ceiling itself drifts by 15% within minutes, so a ceiling read
+      once, at another moment, moves the share as much as any change to the forward. Its median is
+      given twice: over the blocks' FLOPs only (as above), and over all the matmul FLOPs the forward
+      runs, adding the vocabulary projection at the positions it scores
+      (`engine.hardware.vocab_projection_flops` x `ForwardOut.projected`: about 40% of the per-choice
+      tokens, 1 position per letter row).
+The script runs under a CPU teacher replica's allocator settings (`cluster.runtime.as_cpu_worker`
+re-executes it with them; `--plain-malloc` to not), since without them a forward's large temporaries
+fault in fresh pages and the timings measure the host, not the forward (before stop 31 it ran without).
 `--dtype auto` (the default) is what `teacher.dtype: auto` picks here: bf16 with native bf16, else fp32.
 To time an AVX2-only machine's kernels on a newer CPU, set `engine.hardware.ISA_LIMITS` to AVX2 and pass
 `--dtype float32` (what auto picks there); the results record them (`kernel_isa`):
@@ -37,11 +53,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
+from cluster.runtime import as_cpu_worker, malloc_settings
 from engine import store
 from engine.config import DataConfig, PromptConfig, TeacherConfig
-from engine.hardware import forward_flops_per_token, kernel_isa, matmul_flags, matmul_gflops, pick_dtype
+from engine.hardware import (
+    forward_flops_per_token,
+    gemm_ceiling,
+    kernel_isa,
+    matmul_flags,
+    pick_dtype,
+    vocab_projection_flops,
+)
 from engine.models import load_causal_lm, load_tokenizer, resolve_model
+from engine.packed import pack_linears
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import load_split
 from engine.teacher import forward_rows
@@ -118,7 +144,31 @@ def gemm_share(model, seqs: Sequences, run: dict, gemm: float, layers: int) -> d
     return {"flops_per_token": round(per_token), "gflops": round(achieved, 1), "share": round(achieved / gemm, 3)}
 
 
-def bench_mode(model, tok, mode: str, n_questions: int, gemm: float) -> dict:
+def forward_share(model, seqs: Sequences, pad_id: int, dtype: str, reps: int, batch_size: int = 32) -> dict:
+    """`forward_rows` (all layers, teacher scores) `reps` times, each between two readings of the GEMM
+    ceiling; the share of each run against their mean, over block FLOPs and over all matmul FLOPs."""
+    n = model.config.num_hidden_layers
+    per_token = forward_flops_per_token(model, 0.5 * float(seqs.lengths().mean()))
+    runs = []
+    for _ in range(reps):
+        before = gemm_ceiling(dtype)["ceiling"]
+        t0 = time.perf_counter()
+        out = forward_rows(model, seqs, np.arange(seqs.n_rows), list(range(1, n + 1)), pad_id=pad_id,
+                           batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        ceiling = 0.5 * (before + gemm_ceiling(dtype)["ceiling"])
+        blocks = per_token * out.tokens
+        every = blocks + vocab_projection_flops(model) * out.projected
+        runs.append({"seconds": round(seconds, 3), "ceiling_gflops": round(ceiling, 1),
+                     "share_blocks": round(blocks / seconds / 1e9 / ceiling, 3),
+                     "share_all_matmuls": round(every / seconds / 1e9 / ceiling, 3)})
+    return {"reps": reps, "batch_size": batch_size, "tokens_run": out.tokens, "projected_positions": out.projected,
+            "block_flops_per_token": round(per_token), "vocab_projection_flops": round(vocab_projection_flops(model)),
+            "median_share_blocks": float(np.median([r["share_blocks"] for r in runs])),
+            "median_share_all_matmuls": float(np.median([r["share_all_matmuls"] for r in runs])), "runs": runs}
+
+
+def bench_mode(model, plain, tok, mode: str, n_questions: int, gemm: float, dtype: str, share_reps: int) -> dict:
     examples = load_split(DataConfig(source=str(DATA)), "train")[:n_questions]
     t0 = time.perf_counter()
     seqs = build_sequences(examples, tok, PromptConfig(mode=mode))
@@ -127,10 +177,10 @@ def bench_mode(model, tok, mode: str, n_questions: int, gemm: float) -> dict:
     n = model.config.num_hidden_layers
     pad = tok.pad_token_id
     warm = seqs.rows_view(0, min(8, seqs.n_rows))
-    plain_loop(model, warm, pad), forward_rows(model, warm, np.arange(warm.n_rows), [1, n], pad_id=pad)
+    plain_loop(plain, warm, pad), forward_rows(model, warm, np.arange(warm.n_rows), [1, n], pad_id=pad)
 
     t0 = time.perf_counter()
-    a_states, a_scores, a_padded = plain_loop(model, seqs, pad)
+    a_states, a_scores, a_padded = plain_loop(plain, seqs, pad)
     a_s = time.perf_counter() - t0
     b = engine_run(model, seqs, list(range(1, n + 1)), pad, scores=True)
     c = engine_run(model, seqs, list(range(1, n // 2 + 1)), pad, scores=False)
@@ -148,6 +198,7 @@ def bench_mode(model, tok, mode: str, n_questions: int, gemm: float) -> dict:
                                 "real_tokens_per_s": round(real / c["seconds"], 1), "bytes_ratio": round(c["bytes_ratio"], 4)},
         "gemm_share_b": gemm_share(model, seqs, b, gemm, n),
         "gemm_share_c": gemm_share(model, seqs, c, gemm, n // 2),
+        "forward_share": forward_share(model, seqs, pad, dtype, share_reps),
         "b_over_a": round(a_s / b["seconds"], 2),
         "c_over_a": round(a_s / c["seconds"], 2),
         "check": {
@@ -166,23 +217,34 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="'auto' (as teacher.dtype: bf16 with native bf16, else fp32), "
                                                     "'float32' or 'bfloat16'")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--share-reps", type=int, default=5, help="runs of the forward-share measurement per mode")
+    p.add_argument("--plain-malloc", action="store_true", help="keep this process's allocator settings")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
+    if not args.plain_malloc:
+        as_cpu_worker()
     torch.set_num_threads(args.threads)
     teacher = TeacherConfig()
     path = resolve_model(teacher)
     args.dtype, why = pick_dtype(args.dtype, gpu=False)
     model, tok = load_causal_lm(path, args.dtype), load_tokenizer(path)
-    gemm = matmul_gflops(args.dtype)
-    print(f"dtype {args.dtype} ({why}); GEMM {gemm:.1f} GFLOP/s", flush=True)
+    packed = pack_linears(model)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), use_safetensors=True).eval()
+    limit = gemm_ceiling(args.dtype)
+    gemm = limit["ceiling"]
+    print(f"dtype {args.dtype} ({why}); {packed} linears packed; GEMM ceiling {gemm:.1f} GFLOP/s "
+          f"(matmul {limit['matmul']:.1f}, packed {limit['packed']:.1f})", flush=True)
     results = {
         "command": "python bench/extract.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        "malloc": malloc_settings(),
+        "attention": model.config._attn_implementation,
         "teacher": teacher.model, "dtype": args.dtype, "dtype_why": why, "gemm_gflops": round(gemm, 1),
+        "gemm_ceiling_parts": {k: round(v, 1) for k, v in limit.items()}, "packed_linears": packed,
         "cpu_flags": matmul_flags(), "kernel_isa": kernel_isa(), "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "versions": {k: md.version(k) for k in ("torch", "transformers", "zarr")},
-        "modes": [bench_mode(model, tok, "letter", args.letter_questions, gemm),
-                  bench_mode(model, tok, "per_choice", args.per_choice_questions, gemm)],
+        "modes": [bench_mode(model, plain, tok, m, q, gemm, args.dtype, args.share_reps)
+                  for m, q in (("letter", args.letter_questions), ("per_choice", args.per_choice_questions))],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -196,6 +258,10 @@ def main() -> None:
         print(f"{'':<11}checks: {m['check']}; tokenize {m['tokenize_s']}s")
         print(f"{'':<11}GEMM share (target >= 0.6): all layers {m['gemm_share_b']['share']}, "
               f"half depth {m['gemm_share_c']['share']} of {results['gemm_gflops']} GFLOP/s")
+        f = m["forward_share"]
+        print(f"{'':<11}forward alone, each run against the ceiling read around it (median of {f['reps']}): "
+              f"blocks {f['median_share_blocks']}, all matmuls {f['median_share_all_matmuls']} "
+              f"(runs {[r['share_blocks'] for r in f['runs']]})")
     print(f"wrote {args.out}")
 
 

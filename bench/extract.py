@@ -22,7 +22,8 @@ GEMM share: how close the engine's forward comes to the machine's matmul ceiling
       at the start (as committed before stop 31).
     - `forward_share`: `forward_rows` alone (all layers and the teacher's scores, as (b) without the
       store), `--share-reps` times, each run between two readings of the ceiling and held against their
-      mean: on a shared 2-core VM the ceiling itself drifts by 15% within minutes, so a ceiling read
+      mean: on a shared 2-core VM the ceiling itself drifts (976-1038 GFLOP/s within one committed
+      run, 739-987 in earlier ones), so a ceiling read
       once, at another moment, moves the share as much as any change to the forward. Its median is
       given twice: over the blocks' FLOPs only (as above), and over all the matmul FLOPs the forward
       runs, adding the vocabulary projection at the positions it scores

@@ -25,6 +25,11 @@ transformers' `sdpa` unchanged: GPUs, caches, position biases, dropout.
 
 from __future__ import annotations
 
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
 ATTENTION = "engine_sdpa"
 """The attention implementation's name, as `attn_implementation` and the model config spell it."""
 
@@ -37,8 +42,6 @@ def grouped(query, key, value, mask, scaling: float):
     """softmax(QK^T * scaling, masked) V with the scores in float32: (B, H, T, D) query, (B, G, S, D) key
     and value (H a multiple of G: query head h reads key/value head h // (H/G), as transformers'
     `repeat_kv`), boolean mask (B or 1, 1, T, S) (True = may attend). Returns (B, H, T, D)."""
-    import torch
-
     B, H, T, D = query.shape
     G, S = key.shape[1], key.shape[2]
     r = H // G
@@ -52,9 +55,6 @@ def engine_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                 is_causal: bool | None = None, **kwargs):
     """transformers' attention-function contract: (B, H, T, D) query, (B, G, T, D) key and value;
     returns ((B, T, H, D) output, None)."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plain = (query.device.type == "cpu" and attention_mask is not None and attention_mask.dtype == torch.bool
              and not dropout and kwargs.get("position_bias") is None and kwargs.get("cache") is None
              and not kwargs.get("output_attentions", False) and query.shape[1] % key.shape[1] == 0
@@ -73,9 +73,6 @@ def engine_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 
 def register() -> str:
     """Make `ATTENTION` known to transformers (idempotent); returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, engine_sdpa)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     return ATTENTION

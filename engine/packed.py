@@ -41,10 +41,11 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _packed_or_none(linear: torch.nn.Linear, rows_hint: int) -> PackedLinear | None:
-    w = linear.weight
-    if type(linear) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype not in DTYPES:
+def _packed_or_none(linear: torch.nn.Module, rows_hint: int) -> PackedLinear | None:
+    """`linear` packed, if it is a plain CPU `nn.Linear` in a 16-bit dtype that packing leaves bit-equal."""
+    if type(linear) is not torch.nn.Linear or linear.weight.device.type != "cpu" or linear.weight.dtype not in DTYPES:
         return None
+    w = linear.weight
     try:
         packed = PackedLinear(linear, rows_hint)
         probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
@@ -65,12 +66,12 @@ def pack_linears(model, rows_hint: int = 1024) -> int:
     for block in getattr(model.get_decoder(), "layers", []):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
-                packed = _packed_or_none(child, rows_hint) if isinstance(child, torch.nn.Linear) else None
+                packed = _packed_or_none(child, rows_hint)
                 if packed is not None:
                     setattr(parent, name, packed)
                     swapped += 1
     head = model.get_output_embeddings()
-    packed = _packed_or_none(head, rows_hint // 2) if isinstance(head, torch.nn.Linear) else None
+    packed = _packed_or_none(head, rows_hint // 2) if head is not None else None
     if packed is not None:
         model.set_output_embeddings(packed)
         swapped += 1

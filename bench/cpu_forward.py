@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.runtime import as_cpu_worker, malloc_settings  # noqa: E402
-from engine.attention import ATTENTION, grouped, register  # noqa: E402
+from engine.attention import ATTENTION, grouped, mask_bias, register  # noqa: E402
 from engine.config import DataConfig, PromptConfig, TeacherConfig  # noqa: E402
 from engine.hardware import kernel_isa, matmul_flags, matmul_gflops  # noqa: E402
 from engine.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
@@ -73,7 +73,7 @@ def _kernel_row(dtype: torch.dtype, B: int, T: int) -> dict:
         "transformers_sdpa_ms": _ms(lambda: F.scaled_dot_product_attention(
             q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask, scale=0.125)),
         "sdpa_gqa_ms": _ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)),
-        "grouped_ms": _ms(lambda: grouped(q, k, v, mask, 0.125)),
+        "grouped_ms": _ms(lambda: grouped(q, k, v, mask_bias(mask), 0.125)),
     }
 
 

@@ -7,7 +7,8 @@ For each mode, over the same ARC-Easy train questions and the same token ids:
                `output_hidden_states=True`, full logits, log-softmax over the vocabulary, with the
                model as transformers loads it (its `sdpa` attention, plain linears);
   (b) engine:  `forward_rows` over balanced chunks written to a real store (all layers + teacher scores),
-               the model as a CPU teacher replica runs it (`engine.attention`, `engine.packed`);
+               the model as a CPU teacher replica runs it (`engine.attention`, `engine.packed`, and in
+               16 bits `engine.decoder`'s blocks over unpadded tokens, since stop 32);
   (c) half:    the engine storing layers 1..n/2 without teacher scores: the forward stops at n/2.
 "Real tokens" are the rows' own tokens (prefix + choice per row, no padding): the same numerator for
 all three, so tokens/s compare the time to do the same work. The store's bytes on disk are divided
@@ -59,6 +60,7 @@ from transformers import AutoModelForCausalLM
 from cluster.runtime import as_cpu_worker, malloc_settings
 from engine import store
 from engine.config import DataConfig, PromptConfig, TeacherConfig
+from engine.decoder import attach
 from engine.hardware import (
     forward_flops_per_token,
     gemm_ceiling,
@@ -230,17 +232,18 @@ def main() -> None:
     args.dtype, why = pick_dtype(args.dtype, gpu=False)
     model, tok = load_causal_lm(path, args.dtype), load_tokenizer(path)
     packed = pack_linears(model)
+    decoder = attach(model)
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), use_safetensors=True).eval()
     limit = gemm_ceiling(args.dtype)
     gemm = limit["ceiling"]
-    print(f"dtype {args.dtype} ({why}); {packed} linears packed; GEMM ceiling {gemm:.1f} GFLOP/s "
+    print(f"dtype {args.dtype} ({why}); {packed} linears packed; blocks: {decoder}; GEMM ceiling {gemm:.1f} GFLOP/s "
           f"(matmul {limit['matmul']:.1f}, packed {limit['packed']:.1f})", flush=True)
     results = {
         "command": "python bench/extract.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
         "malloc": malloc_settings(),
         "attention": model.config._attn_implementation,
         "teacher": teacher.model, "dtype": args.dtype, "dtype_why": why, "gemm_gflops": round(gemm, 1),
-        "gemm_ceiling_parts": {k: round(v, 1) for k, v in limit.items()}, "packed_linears": packed,
+        "gemm_ceiling_parts": {k: round(v, 1) for k, v in limit.items()}, "packed_linears": packed, "decoder": decoder,
         "cpu_flags": matmul_flags(), "kernel_isa": kernel_isa(), "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "versions": {k: md.version(k) for k in ("torch", "transformers", "zarr")},

@@ -41,6 +41,7 @@ class TeacherActor:
     def __init__(self, model_path: str, cfg: Config, layers: list[int], pad_id: int, replica: int) -> None:
         import torch
 
+        from engine.decoder import attach
         from engine.models import load_causal_lm
         from engine.packed import pack_linears
 
@@ -51,14 +52,16 @@ class TeacherActor:
                                     device_map=device_map)
         if device:
             self.model = self.model.to(device)
-        packed = pack_linears(self.model) if device_map is None and device is None else 0  # CPU: weights laid out once
+        on_cpu = device_map is None and device is None
+        packed = pack_linears(self.model) if on_cpu else 0  # CPU: weights laid out once
+        decoder = attach(self.model) if on_cpu else "transformers (not on a CPU)"  # CPU 16-bit: unpadded blocks
         self.layers, self.pad_id, self.cfg = layers, pad_id, cfg
         self.forward_lock = threading.Lock()
         ctx = ray.get_runtime_context()
         self.where = {"replica": replica, "node": ctx.get_node_id(), "pid": os.getpid(),
                       "gpus": [str(g) for g in ray.get_gpu_ids()],
                       "malloc": runtime.malloc_settings(), "attention": self.model.config._attn_implementation,
-                      "packed_linears": packed}
+                      "packed_linears": packed, "decoder": decoder}
 
     def info(self) -> dict:
         return self.where

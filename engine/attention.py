@@ -38,15 +38,21 @@ GROUPED_MAX_TOKENS = 128
 kernel, whose cost per token stops being bookkeeping (`bench/results/cpu_forward.json`)."""
 
 
-def grouped(query, key, value, mask, scaling: float):
-    """softmax(QK^T * scaling, masked) V with the scores in float32: (B, H, T, D) query, (B, G, S, D) key
+def mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True = may attend) as an additive float32 bias: 0 where True, float32's
+    smallest value elsewhere (what transformers' `eager` attention adds)."""
+    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
+def grouped(query, key, value, bias, scaling: float):
+    """softmax(QK^T * scaling + bias) V with the scores in float32: (B, H, T, D) query, (B, G, S, D) key
     and value (H a multiple of G: query head h reads key/value head h // (H/G), as transformers'
-    `repeat_kv`), boolean mask (B or 1, 1, T, S) (True = may attend). Returns (B, H, T, D)."""
+    `repeat_kv`), float32 `bias` (B or 1, 1, T, S) from `mask_bias`. Returns (B, H, T, D)."""
     B, H, T, D = query.shape
     G, S = key.shape[1], key.shape[2]
     r = H // G
-    scores = torch.matmul(query.reshape(B, G, r * T, D), key.transpose(-1, -2)).view(B, G, r, T, S).float()
-    scores.mul_(scaling).masked_fill_(~mask[:, :, None], torch.finfo(torch.float32).min)
+    scores = torch.matmul(query.reshape(B, G, r * T, D), key.transpose(-1, -2)).view(B, G, r, T, S)
+    scores = torch.add(bias[:, :, None], scores, alpha=scaling)  # = scores.float() * scaling, masked
     probs = torch.softmax(scores, -1).to(query.dtype).view(B, G, r * T, S)
     return torch.matmul(probs, value).view(B, H, T, D)
 
@@ -64,7 +70,7 @@ def engine_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                                       is_causal=is_causal, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if query.dtype in (torch.bfloat16, torch.float16) and key.shape[2] <= GROUPED_MAX_TOKENS:
-        out = grouped(query, key, value, attention_mask, scaling)
+        out = grouped(query, key, value, mask_bias(attention_mask), scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])

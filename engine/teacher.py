@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.decoder import decoder_of
 from engine.modes import prompt_mode
 from engine.sequences import Sequences
 
@@ -197,6 +198,7 @@ def forward_rows(
     vocabulary projection.
     """
     base, lm_head = model.get_decoder(), model.get_output_embeddings()
+    fast = decoder_of(model)  # `engine.decoder.attach`: the blocks over unpadded tokens
     device = next(base.parameters()).device
     depth = forward_depth(layers, len(_blocks(base)), scores)
     rows = np.asarray(rows, dtype=np.int64)
@@ -219,7 +221,10 @@ def forward_rows(
                 return torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
             return h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
 
-        hs, final = _states(base, ids, pos, mask, layers, depth, pick)
+        if fast is not None:
+            hs, final = fast.states(ids, pos, mask, [len(u.tokens) for u in batch], layers, depth, pick)
+        else:
+            hs, final = _states(base, ids, pos, mask, layers, depth, pick)
         for li, layer in enumerate(layers):
             states[slots, li] = hs[layer].float().cpu().numpy().astype(np.float16)
         if out_scores is not None:

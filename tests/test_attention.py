@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import ATTENTION, GROUPED_MAX_TOKENS, engine_sdpa, grouped
+from engine.attention import ATTENTION, GROUPED_MAX_TOKENS, engine_sdpa, grouped, mask_bias
 from engine.models import load_causal_lm
 from engine.teacher import _batch, pack_units
 
@@ -41,7 +41,7 @@ def test_grouped_equals_sdpa_on_packed_rows(H, G):
     B, T = 3, 23
     q, k, v = _qkv(B, H, G, T, torch.float32)
     mask = _packed_mask([23, 17, 9], T)
-    got = grouped(q, k, v, mask, 0.125)
+    got = grouped(q, k, v, mask_bias(mask), 0.125)
     want = _reference(q, k, v, mask, 0.125)
     np.testing.assert_allclose(got.double().numpy(), want.numpy(), atol=1e-5)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
@@ -52,7 +52,7 @@ def test_grouped_in_bf16_is_as_close_to_exact_as_sdpa():
     q, k, v = _qkv(4, 9, 3, 40, torch.bfloat16, seed=1)
     mask = _packed_mask([40, 33, 21, 8], 40)
     want = _reference(q, k, v, mask, 0.125)
-    err = (grouped(q, k, v, mask, 0.125).double() - want).abs().mean()
+    err = (grouped(q, k, v, mask_bias(mask), 0.125).double() - want).abs().mean()
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
     assert err <= 3 * (sdpa.double() - want).abs().mean()
 
@@ -69,7 +69,7 @@ def test_engine_sdpa_dispatch():
         out, weights = engine_sdpa(module, q, k, v, mask, scaling=0.125)
         assert weights is None and out.shape == (2, T, 9, 64)
         if path == "grouped":
-            want = grouped(q, k, v, mask, 0.125)
+            want = grouped(q, k, v, mask_bias(mask), 0.125)
         else:
             want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask,
                                                   scale=0.125)

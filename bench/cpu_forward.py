@@ -10,13 +10,14 @@
    (`engine.hardware.matmul_gflops(packed=True)`), at the teacher's MLP shape for 950 and 3072 rows;
    best of 3 readings.
 3. forwards: `engine.teacher.forward_rows` (all layers, teacher scores, batch 32) over the first 200
-   ARC-Easy train questions in each prompt mode, the packaged teacher in bf16 three ways: as
+   ARC-Easy train questions in each prompt mode, the packaged teacher in bf16 four ways: as
    transformers loads it (`sdpa`), as `engine.models.load_causal_lm` loads it (`engine`: its
-   attention), and that with `engine.packed.pack_linears` (`packed`: what a CPU teacher replica runs);
-   `--reps` rounds, each variant first, second and third in turn; ratios per round.
+   attention), that with `engine.packed.pack_linears` (`packed`: what a CPU teacher replica ran at
+   stop 31), and that with `engine.decoder.attach` (`unpadded`: what a CPU teacher replica runs since
+   stop 32); `--reps` rounds, each variant first, second, third and fourth in turn; ratios per round.
 4. numerics: each bf16 forward's teacher scores and stored (fp16) states against a float32 forward of
    the same rows, whether packing changed any bit, and whether the float32 forwards of `engine` and
-   `sdpa` are equal.
+   `sdpa` are equal (`engine.decoder` leaves float32 models to transformers, so they are still).
 The script runs under a CPU teacher replica's allocator settings (`cluster.runtime.as_cpu_worker`).
 """
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from cluster.runtime import as_cpu_worker, malloc_settings  # noqa: E402
 from engine.attention import ATTENTION, grouped, mask_bias, register  # noqa: E402
 from engine.config import DataConfig, PromptConfig, TeacherConfig  # noqa: E402
+from engine.decoder import attach  # noqa: E402
 from engine.hardware import kernel_isa, matmul_flags, matmul_gflops  # noqa: E402
 from engine.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 from engine.packed import pack_linears  # noqa: E402
@@ -117,9 +119,10 @@ def forwards(questions: int, reps: int) -> list[dict]:
     tok = load_tokenizer(path)
     examples = load_split(DataConfig(source=str(DATA)), "train")[:questions]
     models = {"sdpa": _sdpa_model(path, "bfloat16"), "engine": load_causal_lm(path, "bfloat16"),
-              "packed": load_causal_lm(path, "bfloat16")}
+              "packed": load_causal_lm(path, "bfloat16"), "unpadded": load_causal_lm(path, "bfloat16")}
     assert models["engine"].config._attn_implementation == ATTENTION
-    assert pack_linears(models["packed"]) > 0
+    assert pack_linears(models["packed"]) > 0 and pack_linears(models["unpadded"]) > 0
+    assert attach(models["unpadded"]) == "unpadded"
     ours32, theirs32 = load_causal_lm(path, "float32"), _sdpa_model(path, "float32")
     res = []
     for mode in ("per_choice", "letter"):
@@ -132,7 +135,7 @@ def forwards(questions: int, reps: int) -> list[dict]:
         seconds, first = {k: [] for k in models}, {}
         names = list(models)
         for r in range(reps):
-            for name in names[r % 3:] + names[: r % 3]:  # each variant first, second and third in turn
+            for name in names[r % len(names):] + names[: r % len(names)]:  # each variant first, second, ... in turn
                 out, sec = _run(models[name], seqs, pad)
                 seconds[name].append(round(sec, 3))
                 first.setdefault(name, out)
@@ -141,6 +144,8 @@ def forwards(questions: int, reps: int) -> list[dict]:
             "engine_over_sdpa": _ratio(seconds["engine"], seconds["sdpa"]),
             "packed_over_engine": _ratio(seconds["packed"], seconds["engine"]),
             "packed_over_sdpa": _ratio(seconds["packed"], seconds["sdpa"]),
+            "unpadded_over_packed": _ratio(seconds["unpadded"], seconds["packed"]),
+            "unpadded_over_sdpa": _ratio(seconds["unpadded"], seconds["sdpa"]),
             "bf16_vs_fp32": {k: _gap(first[k], ref) for k in models},
             "packed_equals_engine": bool(np.array_equal(first["packed"].states, first["engine"].states)
                                          and np.array_equal(first["packed"].scores, first["engine"].scores)),
@@ -176,7 +181,7 @@ def main() -> None:
     register()
     t0 = time.perf_counter()
     results = {
-        "command": "python bench/attention.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+        "command": "python bench/cpu_forward.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_flags": matmul_flags(),
                     "kernel_isa": kernel_isa(), "malloc": malloc_settings()},

@@ -73,7 +73,7 @@ from engine.models import load_causal_lm, load_tokenizer, resolve_model
 from engine.packed import pack_linears
 from engine.sequences import Sequences, build_sequences
 from engine.tasks import load_split
-from engine.teacher import forward_rows
+from engine.teacher import forward_rows, length_batches, pack_units
 
 OUT = Path(__file__).parent / "results" / "extract.json"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc_easy"
@@ -147,6 +147,14 @@ def gemm_share(model, seqs: Sequences, run: dict, gemm: float, layers: int) -> d
     return {"flops_per_token": round(per_token), "gflops": round(achieved, 1), "share": round(achieved / gemm, 3)}
 
 
+def padded_tokens(seqs: Sequences, batch_size: int) -> int:
+    """Tokens in `forward_rows`' padded batches (units x the batch's longest): what a forward over
+    padded batches runs, against `ForwardOut.tokens` real ones."""
+    rows = np.arange(seqs.n_rows)
+    mean_len = float(np.mean([len(seqs.ids[r]) for r in rows]))
+    return sum(len(b) * max(len(u.tokens) for u in b) for b in length_batches(pack_units(seqs, rows), batch_size, mean_len))
+
+
 def forward_share(model, seqs: Sequences, pad_id: int, dtype: str, reps: int, batch_size: int = 32) -> dict:
     """`forward_rows` (all layers, teacher scores) `reps` times, each between two readings of the GEMM
     ceiling; the share of each run against their mean, over block FLOPs and over all matmul FLOPs."""
@@ -165,7 +173,8 @@ def forward_share(model, seqs: Sequences, pad_id: int, dtype: str, reps: int, ba
         runs.append({"seconds": round(seconds, 3), "ceiling_gflops": round(ceiling, 1),
                      "share_blocks": round(blocks / seconds / 1e9 / ceiling, 3),
                      "share_all_matmuls": round(every / seconds / 1e9 / ceiling, 3)})
-    return {"reps": reps, "batch_size": batch_size, "tokens_run": out.tokens, "projected_positions": out.projected,
+    return {"reps": reps, "batch_size": batch_size, "tokens_run": out.tokens, "padded_tokens": padded_tokens(seqs, batch_size),
+            "projected_positions": out.projected,
             "block_flops_per_token": round(per_token), "vocab_projection_flops": round(vocab_projection_flops(model)),
             "median_share_blocks": float(np.median([r["share_blocks"] for r in runs])),
             "median_share_all_matmuls": float(np.median([r["share_all_matmuls"] for r in runs])), "runs": runs}

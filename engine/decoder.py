@@ -63,10 +63,12 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' `apply_rotary_pos_emb` on (..., heads, head_dim): x*cos + rotate_half(x)*sin, where
-    rotate_half(x)*sin = (second half, first half) * (-sin first half, sin second half)."""
+    """transformers' `apply_rotary_pos_emb` on (B, heads, T, head_dim) (a transposed view is fine): x*cos +
+    rotate_half(x)*sin, where rotate_half(x)*sin = (second half, first half) * (-sin first half, sin
+    second half). The result is contiguous (`torch.cat` lays it out), so the attention reads it without
+    another copy."""
     half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
+    return torch.addcmul(torch.cat((x[..., half:], x[..., :half]), -1).mul_(signed_sin), x, cos)
 
 
 def _is_silu(act) -> bool:
@@ -111,11 +113,13 @@ class _Layout:
         self.B, self.T = B, T = ids.shape
         self.flat = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)])
         self.rows, self.cols = self.flat // T, self.flat % T
+        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        """Unit b's first row in the (tokens, hidden) matrix."""
         self.mask = mask
         self.bias = mask_bias(mask) if T <= GROUPED_MAX_TOKENS else None  # once per batch, not per block
         cos, sin = base.rotary_emb(torch.empty(0, dtype=dtype), pos.reshape(1, -1))
         D = cos.shape[-1]
-        self.cos, self.sin = cos.view(B, T, 1, D), sin.view(B, T, 1, D).clone()
+        self.cos, self.sin = cos.view(B, 1, T, D), sin.view(B, 1, T, D).clone()  # for (B, heads, T, D)
         self.sin[..., : D // 2].neg_()
         self.x_pad = torch.zeros(B * T, base.config.hidden_size, dtype=dtype)
 
@@ -137,8 +141,8 @@ class UnpaddedDecoder:
         """One decoder block on the (tokens, hidden) residual stream `h`."""
         attn, mlp, (B, T), H, G = block.self_attn, block.mlp, (lay.B, lay.T), self.heads, self.kv_heads
         x = lay.x_pad.index_copy_(0, lay.flat, rms_norm(h, block.input_layernorm)).view(B, T, -1)
-        q = rotate(attn.q_proj(x).view(B, T, H, -1), lay.cos, lay.sin).transpose(1, 2)
-        k = rotate(attn.k_proj(x).view(B, T, G, -1), lay.cos, lay.sin).transpose(1, 2)
+        q = rotate(attn.q_proj(x).view(B, T, H, -1).transpose(1, 2), lay.cos, lay.sin)
+        k = rotate(attn.k_proj(x).view(B, T, G, -1).transpose(1, 2), lay.cos, lay.sin)
         v = attn.v_proj(x).view(B, T, G, -1).transpose(1, 2)
         if lay.bias is not None:
             o = grouped(q, k, v, lay.bias, attn.scaling)
@@ -154,8 +158,9 @@ class UnpaddedDecoder:
     def states(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, lengths: list[int], layers: list[int],
                depth: int, pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """`engine.teacher._states`' contract for right-padded (B, T) `ids` and `pos` whose row b holds
-        `lengths[b]` real tokens, and the boolean (B, 1, T, T) `mask`: `pick(h)` of each block in
-        `layers`, h in the padded (B, T, hidden) layout, and the final normed state when all blocks ran."""
+        `lengths[b]` real tokens, and the boolean (B, 1, T, T) `mask`: `pick(h, starts)` of each block in
+        `layers` and the final normed state when all blocks ran, as (tokens, hidden) real tokens only,
+        unit b's from row `starts[b]` on; and `starts`."""
         base = self.base
         h = base.embed_tokens(ids.reshape(-1)[torch.cat([torch.arange(n) + b * ids.shape[1]
                                                            for b, n in enumerate(lengths)])])
@@ -164,12 +169,12 @@ class UnpaddedDecoder:
         for i, block in enumerate(blocks[:depth], 1):
             h = self.block(block, h, lay)
             if i in layers and i < len(blocks):
-                got[i] = pick(lay.padded(h))
+                got[i] = pick(h, lay.starts)
         if depth == len(blocks):
-            final = lay.padded(base.norm(h))
+            final = base.norm(h)
             if depth in layers:
-                got[depth] = pick(final)
-        return got, final
+                got[depth] = pick(final, lay.starts)
+        return got, final, lay.starts
 
 
 def attach(model) -> str:

@@ -132,18 +132,24 @@ def forward_depth(layers: list[int], n_blocks: int, scores: bool) -> int:
     return n_blocks if scores or max(layers) >= n_blocks else max(layers)
 
 
-def _states(base, ids, pos, mask, layers: list[int], depth: int, pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-    """`pick(h)` of the outputs of the blocks in `layers` (layer n = after the final norm, as
-    transformers numbers hidden states) and, when all blocks ran, the final normed state. Each block's
-    output is reduced to the rows' vectors as soon as it exists, so a batch never holds more than one
-    full hidden-state tensor per block. Stops after block `depth`."""
+def _states(base, ids, pos, mask, layers: list[int], depth: int,
+            pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, list[int]]:
+    """`pick(h, starts)` of the outputs of the blocks in `layers` (layer n = after the final norm, as
+    transformers numbers hidden states) and, when all blocks ran, the final normed state; both as
+    (B*T, hidden) rows, unit b's tokens from row `starts[b]` = b*T on. Each block's output is reduced
+    to the rows' vectors as soon as it exists, so a batch never holds more than one full hidden-state
+    tensor per block. Stops after block `depth`."""
     blocks, got, hooks = _blocks(base), {}, []
     n = len(blocks)
+    starts = [b * ids.shape[1] for b in range(ids.shape[0])]
+
+    def flat(h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, h.shape[-1])
 
     def grab(i: int):
         def hook(_mod, _args, out):
             if i in layers:
-                got[i] = pick(out[0] if isinstance(out, tuple) else out)
+                got[i] = pick(flat(out[0] if isinstance(out, tuple) else out), starts)
             if i == depth < n:
                 raise _EarlyExit
         return hook
@@ -152,15 +158,15 @@ def _states(base, ids, pos, mask, layers: list[int], depth: int, pick) -> tuple[
         hooks.append(blocks[i - 1].register_forward_hook(grab(i)))
     final = None
     try:
-        final = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        final = flat(base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state)
     except _EarlyExit:
         pass
     finally:
         for h in hooks:
             h.remove()
     if final is not None and n in layers:
-        got[n] = pick(final)
-    return got, final
+        got[n] = pick(final, starts)
+    return got, final, starts
 
 
 def length_batches(units: list[_Unit], batch_size: int, mean_len: float) -> list[list[_Unit]]:
@@ -216,29 +222,32 @@ def forward_rows(
         slots = [where[r] for u in batch for r in u.rows]
         spans = [(b, a, z) for b, u in enumerate(batch) for (a, z) in u.spans]
 
-        def pick(h: torch.Tensor, spans=spans) -> torch.Tensor:
+        def pick(h: torch.Tensor, starts: list[int], spans=spans) -> torch.Tensor:
+            """Each row's vector from (tokens, hidden) `h`, unit b's tokens from row starts[b] on."""
             if pool == "mean" and mode.row_per_choice:
-                return torch.stack([h[b, a:z].mean(0) for b, a, z in spans])
-            return h[[b for b, _, _ in spans], [z - 1 for _, _, z in spans]]
+                return torch.stack([h[starts[b] + a: starts[b] + z].mean(0) for b, a, z in spans])
+            return h[[starts[b] + z - 1 for b, _, z in spans]]
 
         if fast is not None:
-            hs, final = fast.states(ids, pos, mask, [len(u.tokens) for u in batch], layers, depth, pick)
+            hs, final, starts = fast.states(ids, pos, mask, [len(u.tokens) for u in batch], layers, depth, pick)
         else:
-            hs, final = _states(base, ids, pos, mask, layers, depth, pick)
+            hs, final, starts = _states(base, ids, pos, mask, layers, depth, pick)
         for li, layer in enumerate(layers):
             states[slots, li] = hs[layer].float().cpu().numpy().astype(np.float16)
         if out_scores is not None:
-            projected += _score(seqs, rows, batch, slots, lm_head, final, out_scores)
+            projected += _score(seqs, rows, batch, slots, lm_head, final, starts, out_scores)
     tokens = int(sum(len(u.tokens) for u in units))
     return ForwardOut(states=states, scores=out_scores, tokens=tokens, projected=projected)
 
 
 def _score(seqs: Sequences, rows: np.ndarray, batch: list[_Unit], slots: list[int], lm_head, final: torch.Tensor,
-           out: np.ndarray) -> int:
-    """Teacher scores of one batch, projecting onto the vocabulary only where a score is needed.
-    Returns how many positions were projected."""
+           starts: list[int], out: np.ndarray) -> int:
+    """Teacher scores of one batch from its final normed states (tokens, hidden), unit b's from row
+    starts[b] on, projecting onto the vocabulary only where a score is needed. Returns how many
+    positions were projected."""
     bi, at, tok, owner = _targets(seqs, batch)
-    logp = torch.log_softmax(lm_head(final[bi, at]), -1, dtype=torch.float32).cpu()  # = of .float(), one copy fewer
+    where = [starts[b] + t for b, t in zip(bi, at)]
+    logp = torch.log_softmax(lm_head(final[where]), -1, dtype=torch.float32).cpu()  # = of .float(), one copy fewer
     prompt_mode(seqs.mode).fill_scores(seqs, rows, slots, logp, tok, owner, out)
     return len(at)
 

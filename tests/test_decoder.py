@@ -73,12 +73,17 @@ def test_rows_longer_than_the_grouped_path_go_through_sdpa(tiny_model):
     ids, pos, mask = _batch(units, 0)
     n = model.config.num_hidden_layers
     with torch.inference_mode():
-        got = decoder_of(model).states(ids, pos, mask, list(lengths), [1, n], n, lambda h: h)
-        want = _states(model.get_decoder(), ids, pos, mask, [1, n], n, lambda h: h)
-    for g, w in ((got[0][1], want[0][1]), (got[1], want[1])):
-        real = [(b, slice(0, m)) for b, m in enumerate(lengths)]
-        assert close(torch.cat([g[b, s] for b, s in real]).float().numpy(), torch.cat([w[b, s] for b, s in real]).float().numpy())
-        assert not g[1, lengths[1]:].any()  # padding stays zero in the padded view
+        got, got_final, got_starts = decoder_of(model).states(ids, pos, mask, list(lengths), [1, n], n, _whole)
+        want, want_final, want_starts = _states(model.get_decoder(), ids, pos, mask, [1, n], n, _whole)
+    assert got_starts == [0, lengths[0]] and want_starts == [0, ids.shape[1]]
+    for g, w in ((got[1], want[1]), (got[n], want[n]), (got_final, want_final)):
+        # the unpadded rows are the real tokens, unit after unit; transformers' hold each unit's padding too
+        w = torch.cat([w[s: s + m] for s, m in zip(want_starts, lengths)])
+        assert g.shape == w.shape and close(g.float().numpy(), w.float().numpy())
+
+
+def _whole(h: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    return h
 
 
 def test_float32_and_unknown_layouts_stay_on_transformers(tiny_model, shared_data):

@@ -16,11 +16,11 @@ tokens only, as one (tokens, hidden) matrix:
 - the rotary embedding is two passes (`x * cos + swap(x) * signed_sin`) instead of seven, and the
   RMSNorm reads its input once for the variance.
 
-On the 2-core EPYC (avx512_bf16), the teacher's bf16 forward took 0.95 of the packed transformers
-forward's time per-choice (0.85-1.01 over 8 rotating rounds) and 0.94 letter (0.87-0.96); against a
-float32 forward its per-choice teacher scores are 0.056 off on average (0.053 before, 0.057 with
-transformers' `sdpa`), its letter scores 0.120 (0.108, 0.110), the stored states as before (0.076,
-0.106) (`bench/results/cpu_forward.json`).
+On the 2-core EPYC (avx512_bf16), the teacher's bf16 forward took 0.94 of the packed transformers
+forward's time per-choice (0.92-1.04 over 8 rotating rounds) and 0.93 letter (0.91-0.98); against a
+float32 forward its teacher scores are 0.058 off on average per-choice (0.053 before, 0.057 with
+transformers' `sdpa`) and 0.111 letter (0.108, 0.110), the stored states 0.077 and 0.105 (0.076 and
+0.106 before) (`bench/results/cpu_forward.json`).
 
 It calls the model's own modules for the embedding, the projections (packed or not:
 `engine.packed`), the rotary table and the final norm, so it holds no weights of its own. It is used

@@ -156,15 +156,14 @@ class UnpaddedDecoder:
 
     @torch.inference_mode()
     def states(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, lengths: list[int], layers: list[int],
-               depth: int, pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+               depth: int, pick) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, list[int]]:
         """`engine.teacher._states`' contract for right-padded (B, T) `ids` and `pos` whose row b holds
         `lengths[b]` real tokens, and the boolean (B, 1, T, T) `mask`: `pick(h, starts)` of each block in
         `layers` and the final normed state when all blocks ran, as (tokens, hidden) real tokens only,
         unit b's from row `starts[b]` on; and `starts`."""
         base = self.base
-        h = base.embed_tokens(ids.reshape(-1)[torch.cat([torch.arange(n) + b * ids.shape[1]
-                                                           for b, n in enumerate(lengths)])])
-        lay = _Layout(base, ids, pos, mask, lengths, h.dtype)
+        lay = _Layout(base, ids, pos, mask, lengths, base.embed_tokens.weight.dtype)
+        h = base.embed_tokens(ids.reshape(-1)[lay.flat])
         blocks, got, final = base.layers, {}, None
         for i, block in enumerate(blocks[:depth], 1):
             h = self.block(block, h, lay)

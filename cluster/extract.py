@@ -54,7 +54,7 @@ class TeacherActor:
             self.model = self.model.to(device)
         on_cpu = device_map is None and device is None
         packed = pack_linears(self.model) if on_cpu else 0  # CPU: weights laid out once
-        decoder = attach(self.model) if on_cpu else "transformers (not on a CPU)"  # CPU 16-bit: unpadded blocks
+        decoder = attach(self.model)  # CPU 16-bit Llama-layout blocks: over unpadded tokens; else why not
         self.layers, self.pad_id, self.cfg = layers, pad_id, cfg
         self.forward_lock = threading.Lock()
         ctx = ray.get_runtime_context()

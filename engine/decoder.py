@@ -204,17 +204,16 @@ def _probe(model, fast: UnpaddedDecoder) -> str | None:
     from engine.teacher import _batch, _Unit  # engine.teacher imports this module; no cycle at load time
 
     gen = torch.Generator().manual_seed(0)
-    units = []
-    for n, prefix, choices in ((13, 6, 2), (9, 9, 0)):
-        toks = torch.randint(0, model.config.vocab_size, (n,), generator=gen).numpy()
-        seg = [0] * prefix + [1 + min(choices - 1, (t - prefix) * choices // (n - prefix)) for t in range(prefix, n)]
-        starts = {c: min(t for t in range(n) if seg[t] == c) for c in set(seg[prefix:])}
-        pos = [t if seg[t] == 0 else prefix + t - starts[seg[t]] for t in range(n)]
-        units.append(_Unit(toks, np.asarray(pos), np.asarray(seg), [], [], prefix))
+    layouts = (  # (segments, positions): a 6-token prefix with choices of 4 and 3 tokens; a bare 9-token row
+        ([0] * 6 + [1] * 4 + [2] * 3, [*range(6), 6, 7, 8, 9, 6, 7, 8]),
+        ([0] * 9, [*range(9)]),
+    )
+    units = [_Unit(torch.randint(0, model.config.vocab_size, (len(seg),), generator=gen).numpy(), np.asarray(pos),
+                   np.asarray(seg), [], [], seg.count(0)) for seg, pos in layouts]
     ids, pos, mask = _batch(units, 0)
     lengths = [len(u.tokens) for u in units]
     base = fast.base
-    lay = _Layout(base, ids, pos, mask, lengths, next(base.parameters()).dtype)
+    lay = _Layout(base, ids, pos, mask, lengths, base.embed_tokens.weight.dtype)
     h = base.embed_tokens(ids.reshape(-1)[lay.flat])
     h_pad = lay.padded(h)
     cos_sin = base.rotary_emb(h_pad, pos)
